@@ -1,0 +1,106 @@
+"""The web service: ``create_app()`` builds it; gunicorn serves ``app:create_app()``.
+
+Nothing is loaded or read at import time. Each gunicorn worker calls ``create_app()`` after the
+fork, which starts loading the model in the background: ``/healthz`` answers at once, ``/readyz``
+and ``/classify`` answer 503 until the model is loaded and warmed up. If loading fails the worker
+exits with gunicorn's boot-error status and the whole server stops with a clear message.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from flask import Flask
+
+from common import errors
+from common.classifier import (Classifier, ClassifierHolder, configure_threads,
+                               load_classifier)
+from common.config import Config
+from common.fetch import UrlFetcher
+from common.logs import configure_logging
+from common.storage import ImageStore
+from common.views import InMemoryUploadRequest, bp
+
+WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this
+
+
+@dataclass
+class ServiceState:
+    """What the routes need, attached to the app as ``app.extensions['classifier_service']``."""
+
+    config: Config
+    holder: ClassifierHolder
+    store: ImageStore
+    fetcher: UrlFetcher
+
+
+def create_app(config: Config | Mapping[str, Any] | None = None,
+               classifier: Classifier | None = None) -> Flask:
+    """Build the app.
+
+    Args:
+        config: a Config, or a mapping of Config field names to override the defaults (tests);
+            None reads the environment (``Config.from_env``).
+        classifier: an already loaded classifier (tests); None loads ``config.model_path`` in
+            the background.
+    """
+    if config is None:
+        config = Config.from_env(os.environ)
+    elif not isinstance(config, Config):
+        config = Config.from_mapping(config)
+    configure_logging(config.log_level)
+
+    app = Flask(__name__)
+    app.request_class = InMemoryUploadRequest
+    app.json.sort_keys = False  # "labels" keeps the ranked order
+    app.config.update(
+        MAX_CONTENT_LENGTH=config.max_upload_bytes + 64 * 1024,  # room for multipart framing
+        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        MAX_FORM_PARTS=16,
+    )
+    store = ImageStore(config.temp_dir, max_files=config.temp_max_files,
+                       max_bytes=config.temp_max_bytes)
+    try:
+        store.ensure()
+    except OSError as exc:
+        logging.getLogger(__name__).error("cannot create TEMP_DIR %s: %s", config.temp_dir, exc)
+    fetcher = UrlFetcher(max_bytes=config.max_upload_bytes, timeout=config.url_fetch_timeout,
+                         connect_timeout=config.url_connect_timeout,
+                         max_redirects=config.url_max_redirects,
+                         max_url_length=config.max_url_length,
+                         allow_hosts=config.url_allow_hosts)
+    holder = ClassifierHolder(classifier)
+    if classifier is None:
+        holder.start(lambda: _load(config), on_failure=_exit_on_failure(config))
+    elif not classifier.warmed_up:
+        classifier.warm_up()
+
+    app.extensions["classifier_service"] = ServiceState(config, holder, store, fetcher)
+    errors.init_app(app)
+    app.register_blueprint(bp)
+    return app
+
+
+def _load(config: Config) -> Classifier:
+    configure_threads(config.tf_intra_op_threads, config.tf_inter_op_threads)
+    return load_classifier(config.model_path, labels_path=config.labels_path,
+                           input_layer=config.input_layer, output_layer=config.output_layer,
+                           input_size=config.input_size, input_mean=config.input_mean,
+                           input_std=config.input_std)
+
+
+def _exit_on_failure(config: Config):
+    def on_failure(exc: BaseException) -> None:
+        if config.exit_on_load_failure:
+            logging.getLogger(__name__).critical(
+                "cannot serve without a model (MODEL_PATH=%s): %s; exiting", config.model_path, exc)
+            logging.shutdown()
+            os._exit(WORKER_BOOT_ERROR)
+    return on_failure
+
+
+if __name__ == "__main__":  # development server; production runs gunicorn (see README)
+    settings = Config.from_env(os.environ)
+    create_app(settings).run(host=settings.host, port=settings.port, threaded=True)

@@ -1,0 +1,162 @@
+"""Settings: the one place that reads environment variables.
+
+``Config.from_env(os.environ)`` is called by ``create_app()`` and ``gunicorn.conf.py`` at start-up,
+never at import time. Every variable is validated and a bad value stops start-up with a message
+that names the variable. Tests build a ``Config`` directly or with ``Config.from_mapping``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def _int(lo: int | None = None):
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if lo is not None and value < lo:
+            raise ValueError(f"must be >= {lo}")
+        return value
+    return parse
+
+
+def _float(lo: float = 0.0, lo_open: bool = True):
+    def parse(raw: str) -> float:
+        value = float(raw)
+        if value < lo or (lo_open and value == lo):
+            raise ValueError(f"must be {'>' if lo_open else '>='} {lo}")
+        return value
+    return parse
+
+
+def _optional(parse: Callable[[str], Any]):
+    return lambda raw: None if raw.strip() == "" else parse(raw)
+
+
+def _size(raw: str) -> tuple[int, int]:
+    """'299' or '299x299' or '224,224' -> (height, width)."""
+    parts = [p for p in raw.replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError("expected N or HxW")
+    h, w = (int(p) for p in parts)
+    if h < 1 or w < 1:
+        raise ValueError("must be positive")
+    return h, w
+
+
+def _host_list(raw: str) -> tuple[str, ...]:
+    items = tuple(p.strip().lower() for p in raw.replace(";", ",").split(",") if p.strip())
+    for item in items:
+        if "/" in item:
+            ipaddress.ip_network(item, strict=False)  # raises ValueError when malformed
+    return items
+
+
+def _level(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("debug", "info", "warning", "error", "critical"):
+        raise ValueError("expected debug, info, warning, error or critical")
+    return value
+
+
+def _precision(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ("fp32", "bf16"):
+        raise ValueError("expected fp32 or bf16")
+    return value
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def env(name: str, parse: Callable[[str], Any] = str, **kwargs):
+    """A config field read from environment variable ``name`` and parsed with ``parse``."""
+    return field(metadata={"env": name, "parse": parse}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the service; field metadata names its environment variable."""
+
+    model_path: str = env("MODEL_PATH", default="tf_files/demo")
+    labels_path: str | None = env("LABELS_PATH", _optional(str), default=None)
+    input_layer: str = env("INPUT_LAYER", default="Placeholder")
+    output_layer: str = env("OUTPUT_LAYER", default="final_result")
+    input_size: tuple[int, int] | None = env("INPUT_SIZE", _optional(_size), default=None)
+    input_mean: float = env("INPUT_MEAN", float, default=0.0)
+    input_std: float = env("INPUT_STD", _float(), default=255.0)
+    host: str = env("HOST", default="127.0.0.1")
+    port: int = env("PORT", _int(0), default=8000)
+    temp_dir: str = env("TEMP_DIR", default="temp")
+    temp_max_files: int = env("TEMP_MAX_FILES", _int(1), default=1000)
+    temp_max_mb: float = env("TEMP_MAX_MB", _float(), default=512.0)
+    max_upload_mb: float = env("MAX_UPLOAD_MB", _float(), default=16.0)
+    max_image_pixels: int = env("MAX_IMAGE_PIXELS", _int(1), default=50_000_000)
+    max_url_length: int = env("MAX_URL_LENGTH", _int(16), default=2048)
+    url_fetch_timeout: float = env("URL_FETCH_TIMEOUT", _float(), default=10.0)
+    url_connect_timeout: float = env("URL_CONNECT_TIMEOUT", _float(), default=3.0)
+    url_max_redirects: int = env("URL_MAX_REDIRECTS", _int(0), default=3)
+    url_allow_hosts: tuple[str, ...] = env("URL_ALLOW_HOSTS", _host_list, default=())
+    top_k: int | None = env("TOP_K", _optional(_int(1)), default=None)
+    workers: int = env("WORKERS", _int(1), default=1)
+    threads: int = env("THREADS", _int(1), default=8)
+    tf_intra_op_threads: int = env("TF_INTRA_OP_THREADS", _int(0), default=0)
+    tf_inter_op_threads: int = env("TF_INTER_OP_THREADS", _int(0), default=0)
+    precision: str = env("PRECISION", _precision, default="fp32")
+    log_level: str = env("LOG_LEVEL", _level, default="info")
+    exit_on_load_failure: bool = env("EXIT_ON_LOAD_FAILURE", _bool, default=True)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def temp_max_bytes(self) -> int:
+        return int(self.temp_max_mb * MIB)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> "Config":
+        """Read every field's variable from ``environ``; unset or empty means the default."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            raw = environ.get(name)
+            if raw is None or (raw.strip() == "" and f.default is not None):
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_mapping(cls, overrides: Mapping[str, Any]) -> "Config":
+        """Defaults plus ``overrides`` keyed by field name (as tests pass them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return cls(**dict(overrides))
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def documented_variables() -> dict[str, Any]:
+    """Environment variable -> default, for the README check and ``--help`` style listings."""
+    return {f.metadata["env"]: f.default for f in dataclasses.fields(Config)}

@@ -1,0 +1,128 @@
+"""Bytes -> RGB image, decided by the bytes' content and bounded in cost.
+
+The client's file name and Content-Type are never consulted. Pillow is only asked to try the
+formats in the allow-list, the pixel count is checked from the header before any pixel is decoded,
+and large JPEGs are decoded in draft mode straight to a size near the model input.
+"""
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
+from .preprocessing import to_model_input
+
+log = logging.getLogger(__name__)
+
+#: Pillow format name -> file extension used when the image is stored.
+FORMATS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # multi-picture JPEG from cameras; Pillow's JPEG opener may return it
+    "PNG": "png",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "WEBP": "webp",
+    "TIFF": "tiff",
+}
+DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upload after decoding: ``image`` is mode RGB, ``format`` is Pillow's format name."""
+
+    image: Image.Image
+    format: str
+    original_size: tuple[int, int]  # (width, height) as stated in the file header
+
+    @property
+    def extension(self) -> str:
+        return FORMATS[self.format]
+
+
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000,
+                 formats: tuple[str, ...] = DEFAULT_FORMATS,
+                 target_size: tuple[int, int] | None = None) -> DecodedImage:
+    """Decode image bytes to an upright RGB image.
+
+    Args:
+        data: the raw bytes of the file.
+        max_pixels: images whose header states more pixels are refused before decoding.
+        formats: Pillow format names to try; nothing else is even attempted.
+        target_size: ``(height, width)`` the image will be resized to; lets JPEG decode in draft
+            mode at a reduced scale that is still at least this size.
+
+    Raises:
+        UnsupportedMediaType (415): the bytes are not an image in one of ``formats``.
+        ImageTooLarge (413): the header states more than ``max_pixels`` pixels.
+        UndecodableImage (422): recognised, but truncated or corrupt.
+    """
+    try:
+        im = Image.open(io.BytesIO(data), formats=list(formats))
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise UnsupportedMediaType(
+            f"the upload is not an image Pillow can read (accepted: {', '.join(formats)})") from None
+    except Exception as exc:  # Pillow's plugins raise a zoo of types for a broken header
+        log.debug("header parse failed: %r", exc)
+        raise UndecodableImage("the image header is corrupt") from None
+
+    fmt = im.format or ""
+    if fmt not in FORMATS:
+        raise UnsupportedMediaType(f"image format {fmt or 'unknown'} is not accepted")
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
+    if width < 1 or height < 1:
+        raise UndecodableImage("the image has no pixels")
+
+    try:
+        if target_size is not None and fmt in ("JPEG", "MPO"):
+            # Scale by 1/2, 1/4 or 1/8 in the decoder while staying >= the target size.
+            im.draft("RGB", (target_size[1], target_size[0]))
+        im.load()  # decodes the first frame only (GIF, WebP, TIFF, MPO)
+    except Exception as exc:  # truncated data, bad chunks, broken codecs: all the client's bytes
+        log.debug("decode failed: %r", exc)
+        raise UndecodableImage("the image is truncated or corrupt") from None
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception as exc:  # a broken EXIF block should not reject a good picture
+        log.debug("ignoring bad EXIF orientation: %r", exc)
+    try:
+        rgb = _to_rgb(im)
+    except Exception as exc:
+        log.debug("mode conversion failed: %r", exc)
+        raise UndecodableImage(f"cannot convert image mode {im.mode} to RGB") from None
+    return DecodedImage(image=rgb, format=fmt, original_size=(width, height))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; 16-bit scaled to 8-bit; transparency composited on white."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float32) / 257.0
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), mode="L")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return im.convert("RGB")
+
+
+def load_for_model(data: bytes, size: tuple[int, int], *, max_pixels: int = 50_000_000,
+                   formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[np.ndarray, DecodedImage]:
+    """Decode bytes and preprocess them for a model of input ``size`` = (height, width).
+
+    Returns ``(array, decoded)`` where ``array`` is float32 ``[height, width, 3]`` in ``[0, 1]``.
+    """
+    decoded = decode_image(data, max_pixels=max_pixels, formats=formats, target_size=size)
+    return to_model_input(decoded.image, size), decoded

@@ -1,0 +1,59 @@
+"""The plain functions behind the routes: bytes in, the response dict out. No web framework."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from .classifier import Classifier
+from .errors import EmptyImage, InvalidParameter
+from .images import load_for_model
+from .storage import ImageStore
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-request options: ``top_k`` (>= 1, None = all) and ``threshold`` (0..1, None = none)."""
+
+    top_k: int | None = None
+    threshold: float | None = None
+
+
+def parse_options(args: Mapping[str, str], default_top_k: int | None = None) -> Options:
+    """Validate the ``top_k`` and ``threshold`` query parameters (400 when bad)."""
+    top_k = _parameter(args, "top_k", int, lambda v: v >= 1, "an integer >= 1")
+    threshold = _parameter(args, "threshold", float, lambda v: 0.0 <= v <= 1.0,  # refuses nan
+                           "a number in [0, 1]")
+    return Options(top_k=default_top_k if top_k is None else top_k, threshold=threshold)
+
+
+def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
+    raw = args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = cast(raw)
+    except ValueError:
+        value = None
+    if value is None or not valid(value):
+        raise InvalidParameter(f"{name} must be {expected}, got {raw[:40]!r}")
+    return value
+
+
+def classify_bytes(data: bytes, *, classifier: Classifier, store: ImageStore, options: Options,
+                   max_pixels: int, started: float | None = None) -> dict:
+    """Decode, store and classify one image; returns the JSON body of DESIGN.md's 200 answer."""
+    started = time.perf_counter() if started is None else started
+    if not data:
+        raise EmptyImage()
+    array, decoded = load_for_model(data, classifier.input_size, max_pixels=max_pixels)
+    filename = store.save(data, decoded.extension)
+    scores = classifier.predict(array[None])[0]
+    ranked = classifier.rank(scores, options.top_k, options.threshold)
+    return {
+        "filename": filename,
+        "model": classifier.describe(),
+        "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in ranked],
+        "labels": {p.label: round(p.score, 6) for p in ranked},
+        "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
+    }

@@ -1,0 +1,121 @@
+"""HTTP routes: parse the request, call a plain function, answer JSON. Nothing else lives here."""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+import uuid
+
+from flask import Blueprint, Request, current_app, g, jsonify, render_template, request
+
+from . import service
+from .errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+
+log = logging.getLogger("classifier.access")
+bp = Blueprint("api", __name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class InMemoryUploadRequest(Request):
+    """Keeps multipart file parts in memory (bounded by MAX_CONTENT_LENGTH) instead of spooling
+    them to the system temp folder: nothing is written outside TEMP_DIR."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None,
+                         content_length=None):
+        return io.BytesIO()
+
+
+def _state():
+    return current_app.extensions["classifier_service"]
+
+
+@bp.before_app_request
+def _start_request():
+    g.started = time.perf_counter()
+    incoming = request.headers.get("X-Request-ID", "")
+    g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+@bp.after_app_request
+def _finish_request(response):
+    response.headers["X-Request-ID"] = g.get("request_id", "-")
+    log.info("request", extra={
+        "request_id": g.get("request_id", "-"), "method": request.method,
+        "route": request.url_rule.rule if request.url_rule else request.path[:100],
+        "status": response.status_code,
+        "latency_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1e3, 1),
+        "bytes_in": request.content_length or 0, "source": g.get("source", "-"),
+    })
+    return response
+
+
+def _classifier():
+    clf = _state().holder.classifier
+    if clf is None:
+        raise ModelNotReady()
+    return clf
+
+
+def _classify(data: bytes):
+    state = _state()
+    clf = _classifier()
+    options = service.parse_options(request.args, state.config.top_k)
+    body = service.classify_bytes(data, classifier=clf, store=state.store, options=options,
+                                  max_pixels=state.config.max_image_pixels, started=g.started)
+    return jsonify(body)
+
+
+@bp.post("/classify")
+def classify_upload():
+    """Multipart field ``image``, or the raw image as the body with an image/* Content-Type."""
+    g.source = "upload"
+    mimetype = request.mimetype or ""
+    if mimetype == "multipart/form-data":
+        upload = request.files.get("image")
+        if upload is None:
+            raise MissingImage()
+        data = upload.read()
+    elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
+        data = request.get_data(cache=False)
+    else:
+        raise UnsupportedMediaType(
+            f"send multipart/form-data with an 'image' field, or a raw image/* body "
+            f"(got {mimetype or 'no Content-Type'})")
+    return _classify(data)
+
+
+@bp.get("/classify")
+def classify_url():
+    """``?image_url=`` an http(s) URL that the service downloads under the rules in fetch.py."""
+    g.source = "url"
+    url = request.args.get("image_url")
+    if url is None:
+        raise InvalidParameter("give image_url=..., or POST the image as the field 'image'")
+    _classifier()  # refuse before downloading when the model is not ready
+    service.parse_options(request.args)  # validate before downloading
+    return _classify(_state().fetcher.fetch(url))
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz():
+    holder = _state().holder
+    clf = holder.classifier
+    if clf is None:
+        if holder.state == "failed":
+            raise ModelNotReady(f"the model failed to load: {holder.error}")
+        raise ModelNotReady()
+    return jsonify({"status": "ready", "model": clf.describe(), "labels": len(clf.labels),
+                    "input_size": list(clf.input_size)})
+
+
+@bp.get("/")
+def index():
+    clf = _state().holder.classifier
+    return render_template("index.html", model=clf.describe() if clf else None)

@@ -1,0 +1,45 @@
+"""gunicorn settings, from the same environment variables as the app (common/config.py).
+
+The model is loaded by each worker after the fork (no preload_app): TensorFlow's thread pools
+do not survive a fork, and each worker must own its runtime.
+"""
+import os
+
+from common.config import Config
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+
+_settings = Config.from_env(os.environ)  # fails start-up with a message naming a bad variable
+
+wsgi_app = "app:create_app()"
+bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
+    f"{_settings.host}:{_settings.port}"
+workers = _settings.workers
+worker_class = "gthread"
+threads = _settings.threads
+preload_app = False
+# The model loads in a background thread, so the worker keeps its heartbeat while it warms up;
+# the timeout still has to cover a slow first import of TensorFlow on a busy machine.
+timeout = 120
+graceful_timeout = 30
+keepalive = 5
+# Leak backstop: a worker is replaced after this many requests, spread out by the jitter.
+max_requests = 20000
+max_requests_jitter = 2000
+loglevel = _settings.log_level
+accesslog = None  # the app logs one JSON line per request itself
+errorlog = "-"
+
+
+def post_worker_init(worker):
+    """Hold the worker back from accepting requests until its model is loaded and warmed up.
+
+    The app loads the model in a background thread (so the dev server answers /readyz 503 while
+    loading); under gunicorn a worker that is still loading, at start or after a max_requests
+    restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
+    meanwhile, so a slow load is not mistaken for a hung worker.
+    """
+    holder = worker.wsgi.extensions["classifier_service"].holder
+    while holder.state == "loading":
+        holder.wait(1.0)
+        worker.notify()

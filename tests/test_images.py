@@ -1,0 +1,110 @@
+"""common/images.py: decoding by content, every format, limits, orientation, transparency."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imagegen as ig
+from common.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
+from common.images import decode_image, load_for_model
+from common.preprocessing import to_model_input
+
+
+@pytest.mark.parametrize("name", sorted(ig.ALL_FORMATS))
+def test_every_accepted_format_decodes_to_rgb(name):
+    data, ext = ig.ALL_FORMATS[name]
+    decoded = decode_image(data)
+    assert decoded.image.mode == "RGB"
+    assert decoded.extension == ext
+    r, g, b = np.asarray(decoded.image, dtype=np.float32).reshape(-1, 3).mean(axis=0)
+    assert r > 150 and g < 90 and b < 90, (name, r, g, b)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    decoded = decode_image(ig.png16((100, 0, 0)))
+    value = np.asarray(decoded.image)[0, 0]
+    assert 95 <= value[0] <= 105 and value[0] == value[1] == value[2]
+
+
+def test_gif_uses_first_frame():
+    decoded = decode_image(ig.gif(ig.GREEN, second=ig.BLUE))
+    r, g, b = np.asarray(decoded.image, np.float32).reshape(-1, 3).mean(axis=0)
+    assert g > r and g > b
+
+
+def test_transparent_pixels_are_composited_on_white():
+    decoded = decode_image(ig.alpha_png(ig.RED, alpha=0))
+    assert tuple(np.asarray(decoded.image)[0, 0]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), ig.RED)
+    image.paste(Image.new("RGB", (20, 20), ig.BLUE), (0, 0))  # blue on the left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = ig.encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(data)
+    assert decoded.image.size == (20, 40)
+    top = np.asarray(decoded.image, np.float32)[:10].reshape(-1, 3).mean(axis=0)
+    assert top[2] > top[0]  # blue ends up on top after a clockwise turn
+
+
+def test_not_an_image_is_415():
+    with pytest.raises(UnsupportedMediaType):
+        decode_image(b"hello, this is text")
+
+
+def test_svg_is_415():
+    with pytest.raises(UnsupportedMediaType):
+        decode_image(ig.SVG)
+
+
+def test_format_outside_allow_list_is_415():
+    with pytest.raises(UnsupportedMediaType):
+        decode_image(ig.png(), formats=("JPEG",))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.9])
+def test_truncated_jpeg_is_422(cut):
+    data = ig.encode(ig.noisy(ig.RED, (200, 200)), "JPEG")
+    with pytest.raises(UndecodableImage):
+        decode_image(data[: int(len(data) * cut)])
+
+
+def test_corrupt_png_is_422():
+    data = bytearray(ig.encode(ig.noisy(ig.RED, (50, 50)), "PNG"))
+    data[60:80] = b"\xff" * 20
+    with pytest.raises(UndecodableImage):
+        decode_image(bytes(data))
+
+
+def test_decompression_bomb_refused_before_decoding():
+    with pytest.raises(ImageTooLarge):
+        decode_image(ig.png_claiming(40000, 40000))
+
+
+def test_pixel_limit_is_configurable():
+    data = ig.png(size=(100, 100))
+    with pytest.raises(ImageTooLarge):
+        decode_image(data, max_pixels=9999)
+    assert decode_image(data, max_pixels=10000).image.size == (100, 100)
+
+
+def test_large_jpeg_is_decoded_in_draft_mode():
+    data = ig.jpeg(size=(4000, 3000))
+    decoded = decode_image(data, target_size=(299, 299))
+    assert decoded.original_size == (4000, 3000)
+    assert decoded.image.size == (500, 375)  # 1/8 scale, still >= 299 on both sides
+
+
+def test_load_for_model_gives_shape_and_range():
+    array, decoded = load_for_model(ig.jpeg(ig.BLUE, size=(300, 200)), (32, 48))
+    assert array.shape == (32, 48, 3) and array.dtype == np.float32
+    assert 0.0 <= array.min() and array.max() <= 1.0
+    assert np.allclose(array, to_model_input(decoded.image, (32, 48)))
+
+
+def test_preprocessing_refuses_non_rgb():
+    with pytest.raises(ValueError):
+        to_model_input(Image.new("L", (4, 4)), (4, 4))

@@ -1,0 +1,58 @@
+"""common/storage.py: safe names, atomic writes, caps with oldest-first eviction."""
+import os
+import time
+
+import pytest
+
+from common.errors import StorageUnavailable
+from common.storage import ImageStore
+
+
+def test_names_are_content_addressed(tmp_path):
+    store = ImageStore(str(tmp_path))
+    a = store.save(b"abc", "jpg")
+    assert a == ImageStore.name_for(b"abc", "jpg") and len(a) == 20
+    assert store.save(b"abc", "jpg") == a
+    assert store.save(b"abd", "jpg") != a
+    assert sorted(os.listdir(tmp_path)) == sorted([a, store.name_for(b"abd", "jpg")])
+
+
+def test_bad_extension_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        ImageStore(str(tmp_path)).save(b"x", "../x")
+
+
+def test_count_cap_evicts_oldest(tmp_path):
+    store = ImageStore(str(tmp_path), max_files=3)
+    names = []
+    for i in range(5):
+        names.append(store.save(bytes([i]) * 10, "png"))
+        os.utime(tmp_path / names[-1], ns=(i * 10**9, i * 10**9))
+        time.sleep(0.001)
+    store.trim()
+    assert sorted(os.listdir(tmp_path)) == sorted(names[-3:])
+
+
+def test_byte_cap_evicts_oldest(tmp_path):
+    store = ImageStore(str(tmp_path), max_files=100, max_bytes=250)
+    for i in range(4):
+        name = store.save(bytes([i]) * 100, "png")
+        os.utime(tmp_path / name, ns=(i * 10**9, i * 10**9))
+    store.trim()
+    count, total = store.usage()
+    assert count == 2 and total == 200
+
+
+def test_other_files_are_left_alone(tmp_path):
+    (tmp_path / ".gitkeep").write_text("")
+    store = ImageStore(str(tmp_path), max_files=1)
+    store.save(b"1", "png")
+    store.save(b"2", "png")
+    assert ".gitkeep" in os.listdir(tmp_path)
+
+
+def test_unwritable_folder_is_503(tmp_path):
+    store = ImageStore(str(tmp_path / "missing" / "deeper"))
+    with pytest.raises(StorageUnavailable) as info:
+        store.save(b"x", "png")
+    assert info.value.status == 503

@@ -1,0 +1,68 @@
+"""Models small enough to read their answer: the dominant colour of the image.
+
+The colour model averages the image's channels and softmaxes them (times a gain), so a red
+picture scores "red" highest. It is a real SavedModel with DESIGN.md's signature, saved in a few
+hundred milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+COLOUR_LABELS = ["red", "green", "blue"]
+
+
+class _ColourModel(tf.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.gain = tf.Variable(20.0)
+        self.size = size
+
+    def scores(self, images):
+        means = tf.reduce_mean(images, axis=[1, 2])  # [batch, 3]
+        return tf.nn.softmax(self.gain * means, axis=-1)
+
+
+def save_colour_model(folder: str, *, size=(32, 32), labels=COLOUR_LABELS, name="colours",
+                      extra_outputs: int = 0) -> str:
+    """Write a model folder (SavedModel + labels.txt + model.json) for the colour model.
+
+    ``extra_outputs`` pads the output with that many more columns: a model whose outputs and
+    labels disagree, for the start-up check.
+    """
+    model = _ColourModel(size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size[0], size[1], 3], tf.float32,
+                                                name="images")])
+    def serve(images):
+        probs = model.scores(images)
+        if extra_outputs:
+            probs = tf.concat([probs, tf.zeros([tf.shape(probs)[0], extra_outputs])], axis=1)
+        return {"probabilities": probs}
+
+    model.serve = serve
+    tf.saved_model.save(model, folder, signatures={"serving_default": serve})
+    with open(os.path.join(folder, "labels.txt"), "w") as fh:
+        fh.write("\n".join(labels) + "\n")
+    with open(os.path.join(folder, "model.json"), "w") as fh:
+        json.dump({"name": name, "version": "7", "input_size": list(size), "created": "test",
+                   "base_module": "none", "metrics": {}}, fh)
+    return folder
+
+
+def save_colour_frozen_graph(path: str, *, size=(32, 32), input_name="Placeholder",
+                             output_name="final_result", scale=1.0) -> str:
+    """A TF1-style frozen GraphDef of the colour model, with old retrain.py's tensor names.
+
+    ``scale`` is the value range the graph expects (1.0 = [0, 1], 255.0 = [0, 255]).
+    """
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, size[0], size[1], 3], name=input_name)
+        means = tf.reduce_mean(x, axis=[1, 2]) / scale
+        tf.nn.softmax(20.0 * means, axis=-1, name=output_name)
+    with open(path, "wb") as fh:
+        fh.write(graph.as_graph_def().SerializeToString())
+    return path
