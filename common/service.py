@@ -1,6 +1,8 @@
 """The plain functions behind the routes: bytes in, the response dict out. No web framework."""
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -57,3 +59,31 @@ def classify_bytes(data: bytes, *, classifier: Classifier, store: ImageStore, op
         "labels": {p.label: round(p.score, 6) for p in ranked},
         "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
     }
+
+
+def model_summary(classifier: Classifier) -> dict:
+    """Name, version, labels and, when the model folder has report.json, its evaluation summary."""
+    summary = {**classifier.describe(), "labels": list(classifier.labels),
+               "input_size": list(classifier.input_size),
+               "metrics": classifier.metadata.get("metrics", {}), "evaluation": None}
+    report_path = report_file(classifier, "report.json")
+    if report_path:
+        try:
+            with open(report_path, encoding="utf-8") as fh:
+                report = json.load(fh)
+            summary["evaluation"] = {
+                "accuracy": report.get("accuracy"), "test_images": report.get("test_images"),
+                "per_class": report.get("per_class", {}),
+                "confusion_matrix_png": bool(report_file(classifier, "confusion_matrix.png")),
+            }
+        except (OSError, ValueError):
+            pass
+    return summary
+
+
+def report_file(classifier: Classifier, name: str) -> str | None:
+    """Path of an evaluation file in the model folder, or None (also for frozen graphs)."""
+    if not classifier.source or not os.path.isdir(classifier.source):
+        return None
+    path = os.path.join(classifier.source, name)
+    return path if os.path.isfile(path) else None

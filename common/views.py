@@ -7,10 +7,12 @@ import re
 import time
 import uuid
 
-from flask import Blueprint, Request, current_app, g, jsonify, render_template, request
+from flask import (Blueprint, Request, current_app, g, jsonify, render_template, request,
+                   send_file)
 
 from . import service
-from .errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+from .errors import (InvalidParameter, MissingImage, ModelNotReady, NotFound,
+                     UnsupportedMediaType)
 
 log = logging.getLogger("classifier.access")
 bp = Blueprint("api", __name__)
@@ -115,7 +117,22 @@ def readyz():
                     "input_size": list(clf.input_size)})
 
 
+@bp.get("/model")
+def model_info():
+    """The loaded model: name, version, labels, metrics and its evaluation summary if any."""
+    return jsonify(service.model_summary(_classifier()))
+
+
+@bp.get("/model/confusion_matrix.png")
+def confusion_matrix():
+    path = service.report_file(_classifier(), "confusion_matrix.png")
+    if path is None:
+        raise NotFound("this model has no confusion matrix picture")
+    return send_file(path, mimetype="image/png", max_age=300)
+
+
 @bp.get("/")
 def index():
     clf = _state().holder.classifier
-    return render_template("index.html", model=clf.describe() if clf else None)
+    return render_template("index.html", model=clf.describe() if clf else None,
+                           max_upload_mb=_state().config.max_upload_mb)

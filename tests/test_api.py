@@ -119,3 +119,21 @@ def test_temp_not_writable_is_503(classifier, tmp_path):
 def test_index_page(client):
     response = client.get("/")
     assert response.status_code == 200 and b"<html" in response.data
+
+
+def test_model_route_without_a_report(client):
+    body = client.get("/model").get_json()
+    assert body["name"] == "colours" and body["labels"] == ["red", "green", "blue"]
+    assert body["evaluation"] is None
+    response = client.get("/model/confusion_matrix.png")
+    assert response.status_code == 404 and response.get_json()["error"]["code"] == "not_found"
+
+
+def test_model_route_with_the_demo_report(tmp_path):
+    demo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tf_files", "demo")
+    app = create_app({"temp_dir": str(tmp_path)}, classifier=load_classifier(demo))
+    client = app.test_client()
+    evaluation = client.get("/model").get_json()["evaluation"]
+    assert evaluation["accuracy"] >= 0.95 and evaluation["confusion_matrix_png"]
+    png = client.get("/model/confusion_matrix.png")
+    assert png.status_code == 200 and png.data.startswith(b"\x89PNG")

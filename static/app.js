@@ -1,0 +1,203 @@
+// The web page: drop, pick, paste, URL or draw -> POST/GET /classify -> ranked bars.
+// Plain JavaScript, no dependencies: the page works offline.
+(function () {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const fileInput = $("file"), drop = $("drop"), urlForm = $("url-form"), urlInput = $("url");
+  const canvas = $("canvas"), ctx = canvas.getContext("2d");
+  const preview = $("preview"), statusEl = $("status"), errorEl = $("error");
+  const bars = $("bars"), meta = $("meta");
+  const buttons = document.querySelectorAll("button");
+
+  // API error codes in plain words; the server's own message is the fallback.
+  const MESSAGES = {
+    forbidden_url: "That address is not allowed. Use a public http(s) address.",
+    invalid_url: "That does not look like a web address. Use one that starts with http:// or https://.",
+    unsupported_media_type: "That file is not an image. Try a JPEG, PNG, GIF, BMP, WebP or TIFF.",
+    undecodable_image: "That image is damaged or incomplete, so it could not be read.",
+    image_too_large: "That image has too many pixels. Try a smaller one.",
+    payload_too_large: "That file is too big. Try a smaller one.",
+    empty_image: "That file is empty.",
+    missing_image: "No image was sent.",
+    upstream_error: "The other website did not give us the image.",
+    upstream_timeout: "The other website took too long to answer.",
+    model_not_ready: "The model is still starting. Try again in a moment.",
+    overloaded: "The service is busy right now. Try again in a moment.",
+    storage_unavailable: "The service cannot store images right now. Try again later.",
+    invalid_parameter: "The request had a bad setting.",
+  };
+
+  function setBusy(busy, text) {
+    buttons.forEach((b) => { b.disabled = busy; });
+    if (text) statusEl.textContent = text;
+  }
+
+  function showError(message) {
+    errorEl.textContent = message;
+    errorEl.hidden = false;
+    bars.innerHTML = "";
+    meta.textContent = "";
+    statusEl.textContent = "Something went wrong.";
+  }
+
+  function showResult(body) {
+    errorEl.hidden = true;
+    bars.innerHTML = "";
+    for (const p of body.predictions) {
+      const pct = (p.score * 100);
+      const li = document.createElement("li");
+      const label = document.createElement("span");
+      label.className = "label";
+      label.textContent = p.label;
+      const track = document.createElement("span");
+      track.className = "track";
+      track.setAttribute("aria-hidden", "true");
+      const fill = document.createElement("span");
+      fill.className = "fill";
+      fill.style.display = "block";
+      fill.style.width = Math.max(0, Math.min(100, pct)).toFixed(1) + "%";
+      track.appendChild(fill);
+      const value = document.createElement("span");
+      value.className = "pct";
+      value.textContent = (pct >= 10 ? pct.toFixed(0) : pct.toFixed(1)) + "%";
+      li.append(label, track, value);
+      li.setAttribute("aria-label", p.label + " " + value.textContent);
+      bars.appendChild(li);
+    }
+    const top = body.predictions[0];
+    statusEl.textContent = top ? "It looks like: " + top.label : "No label passed the threshold.";
+    meta.textContent = "Model " + body.model.name + " v" + body.model.version +
+      " · " + body.elapsed_ms.toFixed(1) + " ms on the server";
+  }
+
+  async function call(request, busyText) {
+    setBusy(true, busyText);
+    try {
+      const response = await request;
+      let body = null;
+      try { body = await response.json(); } catch (e) { body = null; }
+      if (response.ok && body) {
+        showResult(body);
+      } else {
+        const err = body && body.error;
+        showError((err && MESSAGES[err.code]) || (err && err.message) ||
+                  "The server answered " + response.status + ".");
+      }
+    } catch (e) {
+      showError("Could not reach the service. Check your connection and try again.");
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  function classifyBlob(blob, name) {
+    if (!blob) return;
+    preview.src = URL.createObjectURL(blob);
+    preview.hidden = false;
+    const form = new FormData();
+    form.append("image", blob, name || "image");
+    call(fetch("/classify", { method: "POST", body: form }), "Classifying…");
+  }
+
+  // Pick a file (the drop zone is the input's label, so it is keyboard-accessible too).
+  fileInput.addEventListener("change", () => {
+    if (fileInput.files.length) classifyBlob(fileInput.files[0], fileInput.files[0].name);
+  });
+
+  // Drag and drop.
+  ["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => drop.classList.remove("over")));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    const file = e.dataTransfer && e.dataTransfer.files[0];
+    if (file) classifyBlob(file, file.name);
+  });
+
+  // Paste from the clipboard anywhere on the page.
+  document.addEventListener("paste", (e) => {
+    const items = (e.clipboardData && e.clipboardData.items) || [];
+    for (const item of items) {
+      if (item.kind === "file" && item.type.startsWith("image/")) {
+        e.preventDefault();
+        classifyBlob(item.getAsFile(), "pasted");
+        return;
+      }
+    }
+  });
+
+  // An image address.
+  urlForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const address = urlInput.value.trim();
+    if (!address) { showError("Type or paste an image address first."); return; }
+    preview.hidden = true;
+    call(fetch("/classify?image_url=" + encodeURIComponent(address)), "Downloading and classifying…");
+  });
+
+  // Drawing canvas: pointer events cover mouse, pen and touch.
+  function clearCanvas() {
+    ctx.fillStyle = "#ffffff";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+  }
+  clearCanvas();
+  ctx.lineCap = "round";
+  ctx.lineJoin = "round";
+  ctx.strokeStyle = "#111111";
+  ctx.lineWidth = 12;
+  let drawing = false, drawn = false;
+
+  function point(e) {
+    const r = canvas.getBoundingClientRect();
+    return [(e.clientX - r.left) * canvas.width / r.width, (e.clientY - r.top) * canvas.height / r.height];
+  }
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    drawn = true;
+    canvas.setPointerCapture && canvas.setPointerCapture(e.pointerId);
+    const [x, y] = point(e);
+    ctx.beginPath();
+    ctx.moveTo(x, y);
+    ctx.lineTo(x + 0.01, y);
+    ctx.stroke();
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!drawing) return;
+    const [x, y] = point(e);
+    ctx.lineTo(x, y);
+    ctx.stroke();
+  });
+  ["pointerup", "pointercancel", "pointerleave"].forEach((type) =>
+    canvas.addEventListener(type, () => { drawing = false; }));
+
+  $("draw-clear").addEventListener("click", () => {
+    clearCanvas();
+    drawn = false;
+    statusEl.textContent = "Canvas cleared.";
+  });
+  $("draw-classify").addEventListener("click", () => {
+    if (!drawn) { showError("Draw something first."); return; }
+    canvas.toBlob((blob) => classifyBlob(blob, "drawing.png"), "image/png");
+  });
+
+  // The model's evaluation summary, when its folder has one.
+  fetch("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
+    if (!model) return;
+    $("model-name").innerHTML = "";
+    $("model-name").append("Model ", Object.assign(document.createElement("strong"), { textContent: model.name }),
+      " v" + model.version + " · " + model.labels.length + " labels");
+    const ev = model.evaluation;
+    if (!ev || ev.accuracy == null) return;
+    $("eval-summary").textContent = "Accuracy " + (ev.accuracy * 100).toFixed(1) + "% on " +
+      ev.test_images + " test images it never saw in training.";
+    if (ev.confusion_matrix_png) {
+      const img = $("confusion");
+      img.src = "/model/confusion_matrix.png";
+      img.hidden = false;
+    }
+    $("evaluation").hidden = false;
+  }).catch(() => {});
+})();
