@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from flask import Flask
 
 from common import errors
+from common.batching import Batcher, bucket_sizes
 from common.classifier import (Classifier, ClassifierHolder, configure_threads,
                                load_classifier)
 from common.config import Config
@@ -34,6 +35,18 @@ class ServiceState:
     holder: ClassifierHolder
     store: ImageStore
     fetcher: UrlFetcher
+    batcher: Batcher | None = None  # set once the model is ready
+
+    def start_batcher(self, classifier: Classifier) -> None:
+        self.batcher = Batcher(classifier.predict, max_batch_size=self.config.batch_max_size,
+                               max_wait_ms=self.config.batch_max_wait_ms,
+                               max_queue=self.config.batch_queue_size,
+                               timeout=self.config.request_timeout)
+
+    def close(self) -> None:
+        """Drain the batcher (gunicorn's worker_exit hook calls this)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None,
@@ -72,12 +85,16 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          max_url_length=config.max_url_length,
                          allow_hosts=config.url_allow_hosts)
     holder = ClassifierHolder(classifier)
+    state = ServiceState(config, holder, store, fetcher)
+    warmup_sizes = bucket_sizes(config.batch_max_size)
     if classifier is None:
-        holder.start(lambda: _load(config), on_failure=_exit_on_failure(config))
-    elif not classifier.warmed_up:
-        classifier.warm_up()
+        holder.start(lambda: _load(config), warmup_batch_sizes=warmup_sizes,
+                     on_failure=_exit_on_failure(config), on_ready=state.start_batcher)
+    else:
+        classifier.warm_up(warmup_sizes)
+        state.start_batcher(classifier)
 
-    app.extensions["classifier_service"] = ServiceState(config, holder, store, fetcher)
+    app.extensions["classifier_service"] = state
     errors.init_app(app)
     app.register_blueprint(bp)
     return app

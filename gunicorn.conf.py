@@ -43,3 +43,10 @@ def post_worker_init(worker):
     while holder.state == "loading":
         holder.wait(1.0)
         worker.notify()
+
+
+def worker_exit(server, worker):
+    """On a graceful stop, answer what is still queued before the worker goes."""
+    state = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("classifier_service")
+    if state is not None:
+        state.close()

@@ -309,13 +309,17 @@ class ClassifierHolder:
         self._thread: threading.Thread | None = None
 
     def start(self, loader: Callable[[], Classifier], *, warmup_batch_sizes=(1,),
-              on_failure: Callable[[BaseException], None] | None = None) -> None:
+              on_failure: Callable[[BaseException], None] | None = None,
+              on_ready: Callable[[Classifier], None] | None = None) -> None:
+        """Load, warm up for ``warmup_batch_sizes``, call ``on_ready``, then report ready."""
         def run():
             try:
                 t0 = time.perf_counter()
                 clf = loader()
                 self.load_seconds = time.perf_counter() - t0
                 self.warmup_seconds = clf.warm_up(warmup_batch_sizes)
+                if on_ready is not None:
+                    on_ready(clf)
                 self._classifier = clf
                 self.state = "ready"
                 log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s",

@@ -105,6 +105,10 @@ class Overloaded(ServiceUnavailable):
     code, message = "overloaded", "the service is overloaded, retry later"
 
 
+class ModelTimeout(ServiceUnavailable):
+    code, message = "model_timeout", "the model did not answer in time"
+
+
 class StorageUnavailable(ServiceUnavailable):
     code, message = "storage_unavailable", "the image store is not writable"
 

@@ -5,7 +5,9 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
+
+import numpy as np
 
 from .classifier import Classifier
 from .errors import EmptyImage, InvalidParameter
@@ -43,14 +45,19 @@ def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
 
 
 def classify_bytes(data: bytes, *, classifier: Classifier, store: ImageStore, options: Options,
-                   max_pixels: int, started: float | None = None) -> dict:
-    """Decode, store and classify one image; returns the JSON body of DESIGN.md's 200 answer."""
+                   max_pixels: int, started: float | None = None,
+                   predict: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Decode, store and classify one image; returns the JSON body of DESIGN.md's 200 answer.
+
+    ``predict`` maps one float32 ``[h, w, 3]`` image to its scores (the worker's Batcher);
+    by default the classifier is called directly with a batch of one.
+    """
     started = time.perf_counter() if started is None else started
     if not data:
         raise EmptyImage()
     array, decoded = load_for_model(data, classifier.input_size, max_pixels=max_pixels)
     filename = store.save(data, decoded.extension)
-    scores = classifier.predict(array[None])[0]
+    scores = predict(array) if predict else classifier.predict(array[None])[0]
     ranked = classifier.rank(scores, options.top_k, options.threshold)
     return {
         "filename": filename,

@@ -65,7 +65,8 @@ def _classify(data: bytes):
     clf = _classifier()
     options = service.parse_options(request.args, state.config.top_k)
     body = service.classify_bytes(data, classifier=clf, store=state.store, options=options,
-                                  max_pixels=state.config.max_image_pixels, started=g.started)
+                                  max_pixels=state.config.max_image_pixels, started=g.started,
+                                  predict=state.batcher.predict)
     return jsonify(body)
 
 

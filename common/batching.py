@@ -1,0 +1,181 @@
+"""Dynamic batching: concurrent requests of one worker share model calls.
+
+Request threads decode their image and call :meth:`Batcher.predict`; one model thread takes
+whatever has queued up (up to ``max_batch_size``) and runs it as one batch. Nothing waits on
+purpose when the queue is empty (``max_wait_ms`` = 0), so a lone request goes straight to the
+model: batching costs nothing at concurrency 1 and batches form by themselves while the model is
+busy. The queue is bounded: when it is full the request is refused at once with 503 and
+Retry-After (load shedding) instead of waiting behind work that cannot finish in time. Each
+request has a deadline; one that passes it gets 503 and its image is dropped from any batch not
+yet started. Batches are padded to a few fixed sizes so the model never sees a new shape after
+warm-up. No web framework here.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .errors import ModelTimeout, Overloaded, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """Padded batch sizes: powers of two up to, and including, ``max_batch_size``."""
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    sizes.append(max_batch_size)
+    return tuple(sizes)
+
+
+@dataclass
+class _Job:
+    image: np.ndarray
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """Counters since start (read without a lock: they only grow)."""
+
+    batches: int = 0
+    images: int = 0
+    shed: int = 0
+    expired: int = 0
+    sizes: dict = field(default_factory=dict)  # real batch size -> count
+
+
+class Batcher:
+    """One model thread serving many request threads.
+
+    Args:
+        predict_fn: float32 ``[n, h, w, 3]`` -> ``[n, num_labels]`` (``Classifier.predict``).
+        max_batch_size: most images in one model call.
+        max_wait_ms: how long the model thread may wait for more images once it has one
+            (0: never wait, run what is queued).
+        max_queue: images waiting beyond the running batch before new ones are refused (503).
+        timeout: seconds a request may wait for its result before it is answered 503.
+        on_batch: called with each real batch size (metrics).
+    """
+
+    def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], *,
+                 max_batch_size: int = 16, max_wait_ms: float = 0.0, max_queue: int = 32,
+                 timeout: float = 15.0, on_batch: Callable[[int], None] | None = None):
+        if max_batch_size < 1 or max_queue < 1:
+            raise ValueError("max_batch_size and max_queue must be >= 1")
+        self.predict_fn = predict_fn
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.timeout = timeout
+        self.buckets = bucket_sizes(max_batch_size)
+        self.stats = BatchStats()
+        self.on_batch = on_batch
+        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
+        self._thread.start()
+
+    # -- request threads -------------------------------------------------------------------
+    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Scores of one image (float32 ``[h, w, 3]`` in [0, 1]) -> ``[num_labels]``.
+
+        Raises Overloaded (503) when the queue is full, ModelTimeout (503) after the deadline,
+        ServiceUnavailable (503) once the batcher is closed.
+        """
+        if self._closed:
+            raise ServiceUnavailable("the worker is shutting down")
+        timeout = self.timeout if timeout is None else timeout
+        job = _Job(image, time.monotonic() + timeout)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.stats.shed += 1
+            raise Overloaded() from None
+        try:
+            return job.future.result(timeout=timeout)
+        except FutureTimeout:
+            job.future.cancel()  # dropped if its batch has not started
+            self.stats.expired += 1
+            raise ModelTimeout(f"the model did not answer within {timeout:g} s") from None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    # -- the model thread ------------------------------------------------------------------
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        batch, stop = [first], False
+        wait_until = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                remaining = wait_until - time.monotonic()
+                job = self._queue.get(timeout=remaining) if remaining > 0 else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                stop = True
+                break
+            batch.append(job)
+        return batch, stop
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch, stop = self._collect(first)
+            now = time.monotonic()
+            live = [j for j in batch
+                    if j.deadline > now and j.future.set_running_or_notify_cancel()]
+            if live:
+                self._execute(live)
+            if stop:
+                return
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        n = len(jobs)
+        size = next(b for b in self.buckets if b >= n)
+        images = np.stack([j.image for j in jobs])
+        if size > n:  # pad to a warmed-up shape
+            images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]),
+                                                      images.dtype)])
+        try:
+            scores = self.predict_fn(images)[:n]
+        except BaseException as exc:  # every waiting request must hear about it
+            log.exception("model call failed for a batch of %d", n)
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        self.stats.batches += 1
+        self.stats.images += n
+        self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+        if self.on_batch is not None:
+            self.on_batch(n)
+        for job, row in zip(jobs, scores):
+            job.future.set_result(row)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, finish what is queued, and end the model thread."""
+        if self._closed:
+            return
+        self._closed = True
+        try:  # behind the queued jobs: they are drained first
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.warning("batcher queue still full at shutdown; model thread left running")
+            return
+        self._thread.join(timeout)

@@ -1,0 +1,146 @@
+"""common/batching.py: batches form under concurrency, results go to the right caller, the queue
+sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left behind."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from common.batching import Batcher, bucket_sizes
+from common.errors import ModelTimeout, Overloaded, ServiceUnavailable
+
+
+def image(value: float) -> np.ndarray:
+    return np.full((4, 4, 3), value, np.float32)
+
+
+class Recorder:
+    """A 'model' whose score is the image's mean value; it records the batch shapes it saw."""
+
+    def __init__(self, delay=0.0):
+        self.delay = delay
+        self.shapes = []
+
+    def __call__(self, x):
+        self.shapes.append(x.shape[0])
+        time.sleep(self.delay)
+        return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(16) == (1, 2, 4, 8, 16)
+    assert bucket_sizes(12) == (1, 2, 4, 8, 12)
+
+
+def test_lone_request_runs_at_once_in_a_batch_of_one():
+    model = Recorder()
+    batcher = Batcher(model, max_batch_size=8)
+    try:
+        for v in (0.1, 0.2, 0.3):
+            assert batcher.predict(image(v))[0] == pytest.approx(v)
+        assert model.shapes == [1, 1, 1] and batcher.stats.sizes == {1: 3}
+    finally:
+        batcher.close()
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_answer():
+    model = Recorder(delay=0.05)
+    batcher = Batcher(model, max_batch_size=8, max_queue=64)
+    values = [i / 100 for i in range(40)]
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            results = list(pool.map(lambda v: batcher.predict(image(v))[0], values))
+    finally:
+        batcher.close()
+    assert results == pytest.approx(values)
+    assert max(batcher.stats.sizes) > 1  # batches formed
+    assert set(model.shapes) <= set(bucket_sizes(8))  # always a padded, warmed-up size
+    assert batcher.stats.images == 40
+
+
+def test_full_queue_sheds_at_once():
+    gate = threading.Event()
+    batcher = Batcher(lambda x: (gate.wait(), np.zeros((len(x), 1)))[1], max_batch_size=1,
+                      max_queue=2, timeout=5)
+    pool = ThreadPoolExecutor(4)
+    try:
+        running = [pool.submit(batcher.predict, image(0))]
+        time.sleep(0.1)  # the first is in the model now; two more fill the queue
+        running += [pool.submit(batcher.predict, image(0)) for _ in range(2)]
+        time.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            batcher.predict(image(0))
+        assert time.monotonic() - started < 0.05
+        assert info.value.headers["Retry-After"] and info.value.status == 503
+        gate.set()
+        assert all(f.result(5).shape == (1,) for f in running)
+    finally:
+        gate.set()
+        batcher.close()
+        pool.shutdown()
+
+
+def test_hung_model_hits_the_deadline_and_the_batcher_recovers():
+    gate = threading.Event()
+    calls = []
+
+    def model(x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            gate.wait(10)
+        return np.ones((len(x), 1))
+
+    batcher = Batcher(model, max_batch_size=4, timeout=0.3)
+    try:
+        with pytest.raises(ModelTimeout):
+            batcher.predict(image(0))
+        gate.set()
+        assert batcher.predict(image(0))[0] == 1.0
+    finally:
+        batcher.close()
+
+
+def test_model_errors_reach_every_caller():
+    def broken(x):
+        time.sleep(0.05)
+        raise RuntimeError("kaput")
+
+    batcher = Batcher(broken, max_batch_size=4)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(batcher.predict, image(0)) for _ in range(4)]
+        for f in futures:
+            with pytest.raises(RuntimeError):
+                f.result(5)
+    finally:
+        batcher.close()
+
+
+def test_close_drains_the_queue_and_ends_the_thread():
+    before = threading.active_count()
+    model = Recorder(delay=0.05)
+    batcher = Batcher(model, max_batch_size=2, max_queue=16)
+    pool = ThreadPoolExecutor(8)
+    futures = [pool.submit(batcher.predict, image(0.5)) for _ in range(8)]
+    time.sleep(0.02)
+    batcher.close()
+    assert all(f.result(5)[0] == pytest.approx(0.5) for f in futures)
+    pool.shutdown()
+    with pytest.raises(ServiceUnavailable):
+        batcher.predict(image(0))
+    assert not batcher._thread.is_alive()
+    assert threading.active_count() <= before
+
+
+def test_max_wait_gathers_a_bigger_batch():
+    model = Recorder()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=200)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda v: batcher.predict(image(v)), [0.1, 0.2, 0.3, 0.4]))
+    finally:
+        batcher.close()
+    assert max(batcher.stats.sizes) >= 2
