@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test test-long demo clean
+.PHONY: venv serve test demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,20 @@ test: venv
 
 demo: venv
 	$(BIN)/python scripts/build_demo.py
+
+# Benchmarks (minutes, not part of the tests): random-weight Inception v3 / MobileNetV2 folders,
+# then the server against the in-process model; see docs/BENCHMARKS.md.
+build/models/inception_v3/saved_model.pb: | venv
+	$(BIN)/python scripts/make_inception_model.py --arch inception_v3 --output_dir build/models/inception_v3
+
+build/models/mobilenet_v2/saved_model.pb: | venv
+	$(BIN)/python scripts/make_inception_model.py --arch mobilenet_v2 --output_dir build/models/mobilenet_v2
+
+bench: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --duration 15 --json build/bench/inception_fp32.json
+	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --duration 10 --concurrency 1,16,64 --json build/bench/mobilenet_fp32.json
+	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --duration 10 --concurrency 1,16 --large_concurrency "" --env PRECISION=bf16 --json build/bench/inception_bf16.json
+	$(BIN)/python scripts/bf16_check.py --speed_model build/models/inception_v3
 
 clean:
 	rm -rf $(VENV) .pytest_cache build

@@ -16,7 +16,7 @@ from flask import Flask
 
 from common import errors
 from common.batching import Batcher, bucket_sizes
-from common.classifier import (Classifier, ClassifierHolder, configure_threads,
+from common.classifier import (Classifier, ClassifierHolder, configure_tensorflow,
                                load_classifier)
 from common.config import Config
 from common.fetch import UrlFetcher
@@ -101,7 +101,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
 
 
 def _load(config: Config) -> Classifier:
-    configure_threads(config.tf_intra_op_threads, config.tf_inter_op_threads)
+    configure_tensorflow(config.tf_intra_op_threads, config.tf_inter_op_threads, config.precision)
     return load_classifier(config.model_path, labels_path=config.labels_path,
                            input_layer=config.input_layer, output_layer=config.output_layer,
                            input_size=config.input_size, input_mean=config.input_mean,

@@ -50,3 +50,21 @@ def worker_exit(server, worker):
     state = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("classifier_service")
     if state is not None:
         state.close()
+
+
+
+def post_fork(server, worker):
+    """Cap glibc's malloc arenas in the worker: with dozens of request threads each would get
+    its own arena and keep freed image buffers, inflating RSS (measured in docs/BENCHMARKS.md)."""
+    limit_malloc_arenas(_settings.malloc_arena_max)
+
+
+def limit_malloc_arenas(count: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, count)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass

@@ -116,8 +116,8 @@ class Batcher:
         return self._queue.qsize()
 
     # -- the model thread ------------------------------------------------------------------
-    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
-        batch, stop = [first], False
+    def _collect(self, batch: list[_Job]) -> tuple[list[_Job], bool]:
+        """Top ``batch`` up from the queue (waiting at most max_wait); True if told to stop."""
         wait_until = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch_size:
             try:
@@ -127,26 +127,42 @@ class Batcher:
             except queue.Empty:
                 break
             if job is _STOP:
-                stop = True
-                break
+                return batch, True
             batch.append(job)
-        return batch, stop
+        return batch, False
 
     def _run(self) -> None:
+        pending: list[_Job] = []
+        stopping = False
         while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch, stop = self._collect(first)
+            if not pending:
+                if stopping:
+                    return
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                pending = [first]
+            batch, stop = self._collect(pending) if not stopping else (pending, False)
+            stopping = stopping or stop
             now = time.monotonic()
             live = [j for j in batch
                     if j.deadline > now and j.future.set_running_or_notify_cancel()]
-            if live:
-                self._execute(live)
-            if stop:
-                return
+            pending = []
+            if not live:
+                continue
+            scores, error = self._compute(live)
+            if not stopping:
+                # Take what queued up meanwhile *before* answering: the clients answered now
+                # come straight back, and must find room in the queue rather than a 503.
+                pending, stopping = self._collect([]) if self.max_wait == 0 else ([], False)
+            for i, job in enumerate(live):
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(scores[i])
 
-    def _execute(self, jobs: list[_Job]) -> None:
+    def _compute(self, jobs: list[_Job]):
+        """One padded model call; returns (scores, None) or (None, the error)."""
         n = len(jobs)
         size = next(b for b in self.buckets if b >= n)
         images = np.stack([j.image for j in jobs])
@@ -157,16 +173,13 @@ class Batcher:
             scores = self.predict_fn(images)[:n]
         except BaseException as exc:  # every waiting request must hear about it
             log.exception("model call failed for a batch of %d", n)
-            for job in jobs:
-                job.future.set_exception(exc)
-            return
+            return None, exc
         self.stats.batches += 1
         self.stats.images += n
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
         if self.on_batch is not None:
             self.on_batch(n)
-        for job, row in zip(jobs, scores):
-            job.future.set_result(row)
+        return scores, None
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking requests, finish what is queued, and end the model thread."""

@@ -107,12 +107,16 @@ class Classifier:
         below it. Ties keep label order.
         """
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-        order = np.argsort(-scores, kind="stable")
         k = self.num_labels if top_k is None else max(0, min(int(top_k), self.num_labels))
-        ranked = [Prediction(self.labels[i], float(scores[i])) for i in order]
         if threshold is not None:
-            ranked = [p for p in ranked if p.score >= threshold]
-        return ranked[:k]
+            candidates = np.flatnonzero(scores >= threshold)
+        else:
+            candidates = np.arange(scores.size)
+        if k < candidates.size:  # only the top k are sorted: cheap for 1000-class models
+            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]] if k else \
+                candidates[:0]
+        order = candidates[np.lexsort((candidates, -scores[candidates]))]
+        return [Prediction(self.labels[i], float(scores[i])) for i in order]
 
     def describe(self) -> dict:
         return {"name": self.name, "version": self.version}
@@ -143,8 +147,22 @@ def read_labels(path: str) -> list[str]:
     return labels
 
 
-def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
-    """Set TensorFlow's thread pools (0 = TensorFlow's choice). Must run before the first op."""
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def configure_tensorflow(intra_op: int = 0, inter_op: int = 0, precision: str = "fp32") -> str:
+    """Thread pools (0 = TensorFlow's choice) and precision; must run before the first op.
+
+    ``precision="bf16"`` turns on oneDNN's automatic bfloat16 mixed precision for graph
+    functions, only where the CPU supports bf16 natively. Returns the precision in effect.
+    """
     import tensorflow as tf
 
     try:
@@ -154,6 +172,13 @@ def configure_threads(intra_op: int = 0, inter_op: int = 0) -> None:
             tf.config.threading.set_inter_op_parallelism_threads(inter_op)
     except RuntimeError as exc:  # the runtime was already initialised in this process
         log.warning("TensorFlow thread settings not applied: %s", exc)
+    if precision == "bf16":
+        if not cpu_supports_bf16():
+            log.warning("PRECISION=bf16 asked for, but this CPU has no native bf16; using fp32")
+            return "fp32"
+        tf.config.optimizer.set_experimental_options(
+            {"auto_mixed_precision_onednn_bfloat16": True})
+    return precision
 
 
 def load_classifier(path: str, *, labels_path: str | None = None,

@@ -144,3 +144,21 @@ def test_max_wait_gathers_a_bigger_batch():
     finally:
         batcher.close()
     assert max(batcher.stats.sizes) >= 2
+
+
+def test_clients_coming_straight_back_find_room():
+    """Clients that resubmit at once are not shed while the queue holds all but one of them (the
+    model thread takes the next batch off the queue before it answers the last one, so answered
+    clients that come straight back find room)."""
+    batcher = Batcher(Recorder(delay=0.02), max_batch_size=2, max_queue=3)
+
+    def client(i):
+        for _ in range(15):
+            batcher.predict(image(i / 10))
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, range(4)))  # raises Overloaded if any request was shed
+    finally:
+        batcher.close()
+    assert batcher.stats.shed == 0 and batcher.stats.images == 60
