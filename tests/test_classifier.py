@@ -128,3 +128,14 @@ def test_holder_loads_in_background_and_reports_failure(colour_model_dir):
     bad.start(lambda: load_classifier("/nonexistent"), on_failure=failures.append)
     assert not bad.wait(60)
     assert bad.state == "failed" and isinstance(failures[0], ModelLoadError)
+
+
+def test_engine_imports_no_web_framework():
+    import subprocess
+    import sys
+    code = ("import sys; import common.classifier, common.batching, common.images, "
+            "common.fetch, common.storage, common.service, common.preprocessing, common.config; "
+            "bad = [m for m in ('flask', 'werkzeug') if m in sys.modules]; "
+            "assert not bad, bad")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
