@@ -29,6 +29,8 @@ FORMATS = {
     "TIFF": "tiff",
 }
 DEFAULT_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+#: File name endings the command-line tools pick up from folders (content still decides).
+FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -126,3 +128,11 @@ def load_for_model(data: bytes, size: tuple[int, int], *, max_pixels: int = 50_0
     """
     decoded = decode_image(data, max_pixels=max_pixels, formats=formats, target_size=size)
     return to_model_input(decoded.image, size), decoded
+
+
+def load_image_file(path: str, size: tuple[int, int], *,
+                    max_pixels: int = 50_000_000) -> np.ndarray:
+    """An image file -> float32 ``[height, width, 3]`` in [0, 1], exactly as the server would
+    preprocess its bytes (for retrain.py and label_image.py). Raises OSError or an ApiError."""
+    with open(path, "rb") as fh:
+        return load_for_model(fh.read(), size, max_pixels=max_pixels)[0]

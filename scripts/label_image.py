@@ -21,9 +21,7 @@ if __package__ in (None, ""):
 
 from common.classifier import Classifier, ModelLoadError, load_classifier  # noqa: E402
 from common.errors import ApiError  # noqa: E402
-from common.images import load_for_model  # noqa: E402
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
 
 
 def expand_images(items: list[str]) -> list[str]:
@@ -33,7 +31,7 @@ def expand_images(items: list[str]) -> list[str]:
         if os.path.isdir(item):
             for folder, _, files in sorted(os.walk(item)):
                 paths.extend(os.path.join(folder, f) for f in sorted(files)
-                             if f.lower().endswith(IMAGE_EXTENSIONS))
+                             if f.lower().endswith(FILE_EXTENSIONS))
         else:
             paths.append(item)
     return paths
@@ -57,9 +55,7 @@ def label_images(classifier: Classifier, paths: list[str], top_k: int | None = N
 
     for path in paths:
         try:
-            with open(path, "rb") as fh:
-                array, _ = load_for_model(fh.read(), classifier.input_size)
-            batch.append((path, array))
+            batch.append((path, load_image_file(path, classifier.input_size)))
         except (OSError, ApiError) as exc:
             flush()  # keep output in input order
             results.append({"image": path, "error": getattr(exc, "message", None) or str(exc)})

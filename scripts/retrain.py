@@ -31,13 +31,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.errors import ApiError  # noqa: E402
-from common.images import decode_image  # noqa: E402
-from common.preprocessing import to_model_input  # noqa: E402
+from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
 
 log = logging.getLogger("retrain")
 
 DEFAULT_MODULE = "https://tfhub.dev/google/imagenet/inception_v3/feature_vector/5"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 MAX_NUM_IMAGES_PER_CLASS = 2 ** 27 - 1  # as in the original retrain.py: keeps splits stable
 MIN_IMAGES_PER_CLASS = 3
 #: Input sizes of well-known TF Hub modules whose signature does not fix the size.
@@ -124,7 +122,7 @@ def create_image_lists(image_dir: str, validation_percentage: int = 10,
     for label in labels:
         folder = os.path.join(image_dir, label)
         files = sorted(f for f in os.listdir(folder)
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+                       if f.lower().endswith(FILE_EXTENSIONS) and not f.startswith("."))
         if not files:
             log.warning("skipping folder %s: no images in it", label)
             continue
@@ -187,13 +185,6 @@ def module_key(handle: str) -> str:
     return f"{slug}_{hashlib.sha1(ident.encode()).hexdigest()[:10]}"
 
 
-def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
-    """One image file -> float32 [h, w, 3] in [0, 1], through the server's decoder."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    return to_model_input(decode_image(data, target_size=size).image, size)
-
-
 def _cache_path(cache_dir: str, rel_path: str, data_hash: str) -> str:
     return os.path.join(cache_dir, rel_path + f".{data_hash[:12]}.npy")
 
@@ -237,7 +228,7 @@ def compute_features(module, lists: ImageLists, size: tuple[int, int], cache_dir
             chunk, arrays = [], []
             for rel, cached in pending[start:start + batch_size]:
                 try:
-                    arrays.append(load_image(os.path.join(lists.image_dir, rel), size))
+                    arrays.append(load_image_file(os.path.join(lists.image_dir, rel), size))
                     chunk.append((rel, cached))
                 except (ApiError, OSError) as exc:
                     log.warning("skipping unreadable image %s: %s", rel, exc)
@@ -335,7 +326,7 @@ def train_head(module, lists: ImageLists, features: dict, size: tuple[int, int],
         for i in range(params.how_many_training_steps):
             idx = rng.integers(0, len(train), params.train_batch_size)
             if params.augment:
-                images = np.stack([load_image(os.path.join(lists.image_dir, train[j][0]), size)
+                images = np.stack([load_image_file(os.path.join(lists.image_dir, train[j][0]), size)
                                    for j in idx])
                 x = module(distort(images, params, rng))
             else:
@@ -417,7 +408,7 @@ def evaluate(model_dir: str, lists: ImageLists, skipped: list[str], batch_size: 
     for start in tqdm(range(0, len(items), batch_size), desc="testing", unit="batch",
                       disable=not progress or not items):
         chunk = items[start:start + batch_size]
-        x = np.stack([load_image(os.path.join(lists.image_dir, p), clf.input_size)
+        x = np.stack([load_image_file(os.path.join(lists.image_dir, p), clf.input_size)
                       for p, _ in chunk])
         scores = clf.predict(x)
         for (path, truth), row in zip(chunk, scores):

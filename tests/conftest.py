@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from scripts.liveserver import LiveServer, dockerfile_command, free_port  # noqa: E402,F401
+from scripts.liveserver import LiveServer  # noqa: E402,F401 (re-exported to the tests)
 from tiny_models import save_colour_model  # noqa: E402
 
 

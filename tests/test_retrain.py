@@ -218,7 +218,9 @@ def test_label_image_matches_the_server_path(trained, data_dir):
     array, _ = load_for_model(open(path, "rb").read(), clf.input_size)
     served = clf.rank(clf.predict(array[None])[0])
     assert [p["label"] for p in labelled["predictions"]] == [p.label for p in served]
-    assert retrain.to_model_input is preprocessing.to_model_input
+    from common import images
+    assert retrain.load_image_file is label_image.load_image_file is images.load_image_file
+    assert images.to_model_input is preprocessing.to_model_input
 
 
 def test_legacy_graph_from_retrain_and_label_image(trained, data_dir, capsys):
