@@ -21,6 +21,8 @@ from common.classifier import (Classifier, ClassifierHolder, configure_tensorflo
 from common.config import Config
 from common.fetch import UrlFetcher
 from common.logs import configure_logging
+from common.metrics import Metrics
+from common.slowclients import UploadDeadline
 from common.storage import ImageStore
 from common.views import InMemoryUploadRequest, bp
 
@@ -35,13 +37,20 @@ class ServiceState:
     holder: ClassifierHolder
     store: ImageStore
     fetcher: UrlFetcher
+    metrics: Metrics
     batcher: Batcher | None = None  # set once the model is ready
 
     def start_batcher(self, classifier: Classifier) -> None:
         self.batcher = Batcher(classifier.predict, max_batch_size=self.config.batch_max_size,
                                max_wait_ms=self.config.batch_max_wait_ms,
                                max_queue=self.config.batch_queue_size,
-                               timeout=self.config.request_timeout)
+                               timeout=self.config.request_timeout, metrics=self.metrics)
+
+    def model_ready(self, classifier: Classifier) -> None:
+        """The holder's on_ready: start batching, then publish the load and warm-up times."""
+        self.start_batcher(classifier)
+        self.metrics.model_ready(classifier.name, classifier.version, self.holder.load_seconds,
+                                 self.holder.warmup_seconds)
 
     def close(self) -> None:
         """Drain the batcher (gunicorn's worker_exit hook calls this)."""
@@ -85,18 +94,21 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          max_url_length=config.max_url_length,
                          allow_hosts=config.url_allow_hosts)
     holder = ClassifierHolder(classifier)
-    state = ServiceState(config, holder, store, fetcher)
+    metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
+    state = ServiceState(config, holder, store, fetcher, metrics)
     warmup_sizes = bucket_sizes(config.batch_max_size)
     if classifier is None:
         holder.start(lambda: _load(config), warmup_batch_sizes=warmup_sizes,
-                     on_failure=_exit_on_failure(config), on_ready=state.start_batcher)
+                     on_failure=_exit_on_failure(config), on_ready=state.model_ready)
     else:
-        classifier.warm_up(warmup_sizes)
-        state.start_batcher(classifier)
+        holder.warmup_seconds = classifier.warm_up(warmup_sizes)
+        state.model_ready(classifier)
 
     app.extensions["classifier_service"] = state
     errors.init_app(app)
     app.register_blueprint(bp)
+    app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
+                                  min_rate=config.upload_min_rate_kb * 1024)
     return app
 
 

@@ -3,7 +3,10 @@
 The model is loaded by each worker after the fork (no preload_app): TensorFlow's thread pools
 do not survive a fork, and each worker must own its runtime.
 """
+import glob
 import os
+import shutil
+import tempfile
 
 from common.config import Config
 
@@ -11,11 +14,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 _settings = Config.from_env(os.environ)  # fails start-up with a message naming a bad variable
 
+# Metrics of all workers (prometheus_client's multiprocess mode): the folder must be named in
+# the environment before any worker imports prometheus_client, and be empty at start.
+_metrics_dir = _settings.metrics_dir or tempfile.mkdtemp(prefix="classifier-metrics-")
+_own_metrics_dir = _settings.metrics_dir is None
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
 wsgi_app = "app:create_app()"
 bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
     f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "gthread"
+worker_class = "common.gunicorn_worker.JsonErrorWorker"  # gthread + JSON protocol errors
 threads = _settings.threads
 preload_app = False
 # The model loads in a background thread, so the worker keeps its heartbeat while it warms up;
@@ -29,6 +38,24 @@ max_requests_jitter = 2000
 loglevel = _settings.log_level
 accesslog = None  # the app logs one JSON line per request itself
 errorlog = "-"
+
+
+def on_starting(server):
+    """Clear metrics files a previous run left in PROMETHEUS_MULTIPROC_DIR."""
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        os.unlink(path)
+
+
+def child_exit(server, worker):
+    """A worker is gone (also after kill -9): drop its live gauges from /metrics."""
+    from common.metrics import mark_process_dead
+    mark_process_dead(worker.pid, _metrics_dir)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_metrics_dir, ignore_errors=True)
 
 
 def post_worker_init(worker):
@@ -50,7 +77,6 @@ def worker_exit(server, worker):
     state = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("classifier_service")
     if state is not None:
         state.close()
-
 
 
 def post_fork(server, worker):

@@ -68,12 +68,13 @@ class Batcher:
             (0: never wait, run what is queued).
         max_queue: images waiting beyond the running batch before new ones are refused (503).
         timeout: seconds a request may wait for its result before it is answered 503.
-        on_batch: called with each real batch size (metrics).
+        metrics: optional hooks (``common.metrics.Metrics``): ``queue_changed(delta)``,
+            ``batch_done(size, seconds)``, ``rejected_request(reason)``.
     """
 
     def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], *,
                  max_batch_size: int = 16, max_wait_ms: float = 0.0, max_queue: int = 32,
-                 timeout: float = 15.0, on_batch: Callable[[int], None] | None = None):
+                 timeout: float = 15.0, metrics=None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.predict_fn = predict_fn
@@ -82,7 +83,8 @@ class Batcher:
         self.timeout = timeout
         self.buckets = bucket_sizes(max_batch_size)
         self.stats = BatchStats()
-        self.on_batch = on_batch
+        self.metrics = metrics
+        self.busy_since: float | None = None  # monotonic start of the running model call
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
@@ -103,17 +105,30 @@ class Batcher:
             self._queue.put_nowait(job)
         except queue.Full:
             self.stats.shed += 1
+            self._event("rejected_request", "overloaded")
             raise Overloaded() from None
+        self._event("queue_changed", 1)
         try:
             return job.future.result(timeout=timeout)
         except FutureTimeout:
             job.future.cancel()  # dropped if its batch has not started
             self.stats.expired += 1
+            self._event("rejected_request", "model_timeout")
             raise ModelTimeout(f"the model did not answer within {timeout:g} s") from None
+
+    def _event(self, name: str, *args) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name)(*args)
 
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
+
+    @property
+    def busy_seconds(self) -> float:
+        """How long the running model call has taken so far (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # -- the model thread ------------------------------------------------------------------
     def _collect(self, batch: list[_Job]) -> tuple[list[_Job], bool]:
@@ -128,6 +143,7 @@ class Batcher:
                 break
             if job is _STOP:
                 return batch, True
+            self._event("queue_changed", -1)
             batch.append(job)
         return batch, False
 
@@ -141,6 +157,7 @@ class Batcher:
                 first = self._queue.get()
                 if first is _STOP:
                     return
+                self._event("queue_changed", -1)
                 pending = [first]
             batch, stop = self._collect(pending) if not stopping else (pending, False)
             stopping = stopping or stop
@@ -169,16 +186,18 @@ class Batcher:
         if size > n:  # pad to a warmed-up shape
             images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]),
                                                       images.dtype)])
+        self.busy_since = started = time.monotonic()
         try:
             scores = self.predict_fn(images)[:n]
         except BaseException as exc:  # every waiting request must hear about it
             log.exception("model call failed for a batch of %d", n)
             return None, exc
+        finally:
+            self.busy_since = None
         self.stats.batches += 1
         self.stats.images += n
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
-        if self.on_batch is not None:
-            self.on_batch(n)
+        self._event("batch_done", n, time.monotonic() - started)
         return scores, None
 
     def close(self, timeout: float = 30.0) -> None:

@@ -119,11 +119,14 @@ class Config:
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
     batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=8)
     request_timeout: float = env("REQUEST_TIMEOUT", _float(), default=15.0)
+    upload_timeout: float = env("UPLOAD_TIMEOUT", _float(), default=10.0)
+    upload_min_rate_kb: float = env("UPLOAD_MIN_RATE_KB", _float(), default=16.0)
     tf_intra_op_threads: int = env("TF_INTRA_OP_THREADS", _int(0), default=0)
     tf_inter_op_threads: int = env("TF_INTER_OP_THREADS", _int(0), default=0)
     precision: str = env("PRECISION", _precision, default="fp32")
     malloc_arena_max: int = env("MALLOC_ARENA_MAX", _int(1), default=2)
     log_level: str = env("LOG_LEVEL", _level, default="info")
+    metrics_dir: str | None = env("PROMETHEUS_MULTIPROC_DIR", _optional(str), default=None)
     exit_on_load_failure: bool = env("EXIT_ON_LOAD_FAILURE", _bool, default=True)
 
     @property

@@ -64,6 +64,13 @@ class MethodNotAllowed(ApiError):
     status, code, message = 405, "method_not_allowed", "method not allowed on this route"
 
 
+class RequestTimeout(ApiError):
+    status, code, message = 408, "request_timeout", "the request body arrived too slowly"
+
+    def __init__(self, message: str | None = None):
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class PayloadTooLarge(ApiError):
     status, code, message = 413, "payload_too_large", "the upload is larger than the limit"
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import time
 import uuid
 
-from flask import (Blueprint, Request, current_app, g, jsonify, render_template, request,
-                   send_file)
+from flask import (Blueprint, Request, Response, current_app, g, jsonify, render_template,
+                   request, send_file)
 
 from . import service
-from .errors import (InvalidParameter, MissingImage, ModelNotReady, NotFound,
+from .errors import (InvalidParameter, MissingImage, ModelNotReady, ModelTimeout, NotFound,
                      UnsupportedMediaType)
 
 log = logging.getLogger("classifier.access")
@@ -38,17 +39,25 @@ def _start_request():
     g.started = time.perf_counter()
     incoming = request.headers.get("X-Request-ID", "")
     g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    _state().metrics.request_started()
 
 
 @bp.after_app_request
 def _finish_request(response):
+    """One JSON log line and the metrics of every request (never any image content)."""
+    state = _state()
+    seconds = time.perf_counter() - g.get("started", time.perf_counter())
+    route = request.url_rule.rule if request.url_rule else "<unmatched>"
+    clf = state.holder.classifier
     response.headers["X-Request-ID"] = g.get("request_id", "-")
+    state.metrics.request_done(route, request.method, response.status_code, seconds)
     log.info("request", extra={
-        "request_id": g.get("request_id", "-"), "method": request.method,
-        "route": request.url_rule.rule if request.url_rule else request.path[:100],
-        "status": response.status_code,
-        "latency_ms": round((time.perf_counter() - g.get("started", time.perf_counter())) * 1e3, 1),
-        "bytes_in": request.content_length or 0, "source": g.get("source", "-"),
+        "request_id": g.get("request_id", "-"), "method": request.method, "route": route,
+        "path": request.path[:100], "status": response.status_code,
+        "latency_ms": round(seconds * 1e3, 1), "bytes_in": request.content_length or 0,
+        "bytes_out": response.content_length or 0,
+        "model": f"{clf.name}/{clf.version}" if clf else None, "source": g.get("source"),
+        "worker": os.getpid(),
     })
     return response
 
@@ -114,8 +123,26 @@ def readyz():
         if holder.state == "failed":
             raise ModelNotReady(f"the model failed to load: {holder.error}")
         raise ModelNotReady()
+    batcher, limit = _state().batcher, _state().config.request_timeout
+    if batcher is not None and batcher.busy_seconds > limit:  # a hung model call
+        raise ModelTimeout(f"one model call has been running for {batcher.busy_seconds:.0f} s "
+                           f"(REQUEST_TIMEOUT is {limit:g} s)")
     return jsonify({"status": "ready", "model": clf.describe(), "labels": len(clf.labels),
                     "input_size": list(clf.input_size)})
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text format; under gunicorn the sum over all workers."""
+    return Response(_state().metrics.render(), mimetype=None,
+                    content_type=_state().metrics.content_type)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    """The OpenAPI 3 document of this API (common/openapi.json)."""
+    return send_file(os.path.join(os.path.dirname(__file__), "openapi.json"),
+                     mimetype="application/json", max_age=300)
 
 
 @bp.get("/model")

@@ -87,11 +87,13 @@ class LiveServer:
                     continue
         return pids
 
-    def output(self) -> str:
+    def output(self, tail: int | None = 6000) -> str:
+        """The server's log (stdout and stderr): its last ``tail`` characters, or all."""
         if self.log and not self.log.closed:
             self.log.flush()
         with open(self.log_path, "rb") as fh:
-            return fh.read().decode(errors="replace")[-6000:]
+            text = fh.read().decode(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

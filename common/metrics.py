@@ -1,0 +1,97 @@
+"""Prometheus metrics with prometheus_client, correct under several gunicorn workers.
+
+Under gunicorn, ``gunicorn.conf.py`` points ``PROMETHEUS_MULTIPROC_DIR`` at an empty folder
+before any worker starts, so prometheus_client keeps every worker's values in memory-mapped
+files there and ``render()`` sums them (prometheus_client's multiprocess mode): a scrape that
+lands on any worker reports the whole server. Counters of workers that died still count; gauges
+are summed (or listed) over live workers only (``child_exit`` marks dead ones). Without that
+variable (development server, tests in one process) each ``Metrics`` has its own registry.
+
+No web framework here: the views call ``request_done``, the batcher calls ``queue_changed``,
+``batch_done`` and ``rejected``, the model holder calls ``model_ready``.
+"""
+from __future__ import annotations
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest, multiprocess)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MODEL_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    """The service's metrics; one instance per app (per worker process)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, multiprocess_dir: str | None = None, batch_max_size: int = 8):
+        self.multiprocess_dir = multiprocess_dir
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("classifier_requests", "HTTP requests answered",
+                                ["route", "method", "status"], registry=r)
+        self.latency = Histogram("classifier_request_duration_seconds",
+                                 "Time from request start to response, by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("classifier_requests_in_flight", "Requests being handled",
+                               multiprocess_mode="livesum", registry=r)
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, batch_max_size})
+        self.batch_size = Histogram("classifier_batch_size", "Images per model call",
+                                    buckets=[s for s in sizes if s <= max(batch_max_size, 1)],
+                                    registry=r)
+        self.model_seconds = Histogram("classifier_model_call_duration_seconds",
+                                       "Duration of one (batched) model call",
+                                       buckets=MODEL_SECONDS_BUCKETS, registry=r)
+        self.queue_depth = Gauge("classifier_queue_depth",
+                                 "Images waiting for the model, summed over live workers",
+                                 multiprocess_mode="livesum", registry=r)
+        self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
+                                ["reason"], registry=r)  # overloaded | model_timeout
+        self.load_seconds = Gauge("classifier_model_load_seconds",
+                                  "Seconds the worker took to load its model",
+                                  multiprocess_mode="liveall", registry=r)
+        self.warmup_seconds = Gauge("classifier_model_warmup_seconds",
+                                    "Seconds the worker took to warm its model up",
+                                    multiprocess_mode="liveall", registry=r)
+        self.model_info = Gauge("classifier_model_info", "The model each live worker serves",
+                                ["name", "version"], multiprocess_mode="liveall", registry=r)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
+        """``route`` must be a route pattern (bounded cardinality), never a raw path."""
+        self.in_flight.dec()
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def queue_changed(self, delta: int) -> None:
+        self.queue_depth.inc(delta)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.model_seconds.observe(seconds)
+
+    def rejected_request(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def model_ready(self, name: str, version: str, load_seconds: float,
+                    warmup_seconds: float) -> None:
+        self.load_seconds.set(load_seconds)
+        self.warmup_seconds.set(warmup_seconds)
+        self.model_info.labels(name, version).set(1)
+
+    # -- exposition ------------------------------------------------------------------------
+    def render(self) -> bytes:
+        """The text exposition format: all workers' values in multiprocess mode."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def mark_process_dead(pid: int, multiprocess_dir: str) -> None:
+    """Drop a dead worker's live gauges (gunicorn's child_exit hook)."""
+    multiprocess.mark_process_dead(pid, multiprocess_dir)

@@ -1,0 +1,161 @@
+"""A deadline on request bodies, so a client that trickles its upload cannot hold a thread.
+
+gunicorn's gthread worker gives each request a thread, and the thread blocks while the app reads
+the body: a client sending one byte a second would hold it for as long as it likes. This WSGI
+middleware (no web framework) allows ``grace_seconds`` for the body plus one second for every
+``min_rate`` bytes received (Apache's mod_reqtimeout rule ``body=10,MinRate=...``): an honest
+slow upload keeps its time, a trickle is cut off. When the deadline passes during a blocked read,
+a watchdog thread shuts the socket's read side (gunicorn puts it in ``environ['gunicorn.socket']``)
+so the read returns at once; the request then fails with 408 ``request_timeout``. Without a
+socket (development server, test client) the deadline is checked after each read.
+
+The real answer for deployments is a buffering reverse proxy in front (docs/RELIABILITY.md):
+it also bounds slow request *headers*, which gunicorn does not.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+from .errors import RequestTimeout
+
+log = logging.getLogger(__name__)
+
+CHUNK = 16 * 1024  # reads are split so progress (and the deadline) is updated often
+
+
+class _Watchdog:
+    """One daemon thread per process that shuts the sockets of bodies past their deadline."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self._streams: set[DeadlineStream] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, stream: "DeadlineStream") -> None:
+        with self._lock:
+            self._streams.add(stream)
+            if self._thread is None or not self._thread.is_alive():  # also after a fork
+                self._thread = threading.Thread(target=self._run, name="upload-watchdog",
+                                                daemon=True)
+                self._thread.start()
+
+    def discard(self, stream: "DeadlineStream") -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s in self._streams if s.deadline() < now]
+                for stream in late:
+                    self._streams.discard(stream)
+            for stream in late:
+                stream.expire()
+
+
+class DeadlineStream:
+    """Wraps ``wsgi.input``; raises RequestTimeout once the body is later than its deadline."""
+
+    def __init__(self, stream, sock: socket.socket | None, grace_seconds: float,
+                 min_rate: float, watchdog: _Watchdog):
+        self._stream = stream
+        self._sock = sock
+        self.grace = grace_seconds
+        self.min_rate = min_rate
+        self.started = time.monotonic()
+        self.received = 0
+        self.expired = False
+        self._watchdog = watchdog
+        if sock is not None:
+            watchdog.add(self)
+
+    def deadline(self) -> float:
+        """Start + grace + one second per ``min_rate`` bytes received so far."""
+        return self.started + self.grace + self.received / self.min_rate
+
+    def expire(self) -> None:
+        """Called by the watchdog: wake the blocked read by closing the socket's read side."""
+        self.expired = True
+        try:
+            self._sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _late(self) -> bool:
+        return self.expired or time.monotonic() > self.deadline()
+
+    def _timeout(self) -> RequestTimeout:
+        self.expired = True
+        self.done()
+        log.warning("request body too slow: %d bytes in %.1f s", self.received,
+                    time.monotonic() - self.started)
+        return RequestTimeout(
+            f"the request body arrived too slowly ({self.received} bytes in "
+            f"{time.monotonic() - self.started:.0f} s)")
+
+    def _call(self, method, size: int):
+        if self._late():
+            raise self._timeout()
+        try:
+            data = method(size)
+        except OSError:
+            if self._late():
+                raise self._timeout() from None
+            raise
+        self.received += len(data)
+        if self._late():
+            raise self._timeout()
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while True:
+                part = self._call(self._stream.read, CHUNK)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+        return self._call(self._stream.read, min(size, CHUNK))
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._call(self._stream.readline, CHUNK if size is None or size < 0 else
+                          min(size, CHUNK))
+
+    def __iter__(self):
+        while True:
+            line = self.readline()
+            if not line:
+                return
+            yield line
+
+    def done(self) -> None:
+        self._watchdog.discard(self)
+
+
+class UploadDeadline:
+    """WSGI middleware installing a DeadlineStream on every request that has a body."""
+
+    def __init__(self, app, *, grace_seconds: float = 10.0, min_rate: float = 16 * 1024):
+        self.app = app
+        self.grace_seconds = grace_seconds
+        self.min_rate = min_rate
+        self.watchdog = _Watchdog()
+
+    def __call__(self, environ, start_response):
+        has_body = environ.get("CONTENT_LENGTH", "") not in ("", "0") or \
+            "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if not has_body:
+            return self.app(environ, start_response)
+        stream = DeadlineStream(environ["wsgi.input"], environ.get("gunicorn.socket"),
+                                self.grace_seconds, self.min_rate, self.watchdog)
+        environ["wsgi.input"] = stream
+        try:
+            return self.app(environ, start_response)
+        finally:
+            stream.done()
