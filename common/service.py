@@ -33,7 +33,7 @@ def parse_options(args: Mapping[str, str], default_top_k: int | None = None) -> 
 
 def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
     raw = args.get(name)
-    if raw is None or raw == "":
+    if raw is None:  # absent; present but empty ("top_k=") is invalid like any other non-number
         return None
     try:
         value = cast(raw)

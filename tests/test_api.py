@@ -50,7 +50,7 @@ def test_top_k_and_threshold(client, query, count):
 
 @pytest.mark.parametrize("query", ["?top_k=0", "?top_k=-1", "?top_k=abc", "?top_k=1.5",
                                    "?threshold=2", "?threshold=-0.1", "?threshold=nan",
-                                   "?threshold=x"])
+                                   "?threshold=x", "?top_k=", "?threshold="])
 def test_bad_parameters_are_400(client, query):
     response = upload(client, ig.jpeg(), query=query)
     assert response.status_code == 400
