@@ -37,6 +37,9 @@ max_requests = 20000
 max_requests_jitter = 2000
 loglevel = _settings.log_level
 accesslog = None  # the app logs one JSON line per request itself
+# gunicorn >= 25 opens a control socket in $HOME/.gunicorn by default: one path shared by every
+# server of the user (two instances clobber each other's) and a file outside the project. Off.
+control_socket_disable = True
 errorlog = "-"
 
 

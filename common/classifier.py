@@ -227,7 +227,8 @@ def load_saved_model(folder: str, *, labels_path: str | None = None) -> Classifi
     try:
         loaded = tf.saved_model.load(folder)
     except Exception as exc:  # TensorFlow raises many types for a broken SavedModel
-        raise ModelLoadError(f"cannot load SavedModel {folder}: {exc}") from None
+        raise ModelLoadError(f"cannot load SavedModel {folder} (is saved_model.pb or a file "
+                             f"under variables/ damaged or truncated?): {exc}") from None
     signature = loaded.signatures.get("serving_default")
     if signature is None:
         raise ModelLoadError(f"{folder} has no serving_default signature")
