@@ -70,8 +70,12 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def drive(port: int, body: bytes, concurrency: int, duration: float, warmup: int = 0,
-          top_k: int = 5) -> dict:
-    """``concurrency`` clients POST ``body`` for ``duration`` s; latencies of the 200s."""
+          top_k: int = 5, polite: bool = True) -> dict:
+    """``concurrency`` clients POST ``body`` for ``duration`` s; latencies of the 200s.
+
+    A polite client waits out Retry-After (at most 1 s) after a 503; an impolite one retries at
+    once (the overload test's worst case).
+    """
     path = f"/classify?top_k={top_k}" if top_k else "/classify"
 
     def one(conn):
@@ -111,7 +115,7 @@ def drive(port: int, body: bytes, concurrency: int, duration: float, warmup: int
                     bad_shed[0] += retry_after is None
                 else:
                     errors[0] += 1
-            if status == 503:  # a polite client honours Retry-After
+            if status == 503 and polite:  # a polite client honours Retry-After
                 time.sleep(min(float(retry_after or 1), 1.0))
         c.close()
 
