@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test demo bench clean
+.PHONY: venv serve test test-long fuzz reliability demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +18,22 @@ serve: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# Longer versions of the reliability runs (about 15 minutes; not in CI): fresh hypothesis and
+# schemathesis examples, 2 minutes of overload, 50,000 soak requests. See docs/RELIABILITY.md.
+test-long: venv
+	HYPOTHESIS_PROFILE=long CONTRACT_EXAMPLES=1000 CONTRACT_SEED=$$RANDOM \
+	OVERLOAD_SECONDS=120 SOAK_REQUESTS=50000 \
+	$(BIN)/python -m pytest tests/test_fuzz.py tests/test_contract.py tests/test_load.py
+
+# Coverage-guided fuzzing of the upload path with atheris (5 minutes; not in CI).
+fuzz: venv
+	$(BIN)/pip install -q atheris==3.0.0
+	$(BIN)/python scripts/fuzz_upload.py -max_total_time=300 -timeout=2
+
+# docs/RELIABILITY.md's figures from the last test run (build/reliability/*.json).
+reliability:
+	$(BIN)/python scripts/reliability_report.py
 
 demo: venv
 	$(BIN)/python scripts/build_demo.py

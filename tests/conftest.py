@@ -11,8 +11,17 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from hypothesis import settings  # noqa: E402
+
 from scripts.liveserver import LiveServer  # noqa: E402,F401 (re-exported to the tests)
 from tiny_models import save_colour_model  # noqa: E402
+
+
+# Fuzzing profiles: `make test` runs a fixed sample (same examples every run, nothing stored);
+# `make test-long` sets HYPOTHESIS_PROFILE=long for many fresh examples.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("long", max_examples=5000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
