@@ -13,7 +13,8 @@ import zlib
 
 import imagegen as ig
 
-ABSURD = (0, 1, 2, 255, 32767, 65535, 65536, 100_000, 2**31 - 1, 2**32 - 1)
+# 7000 x 7000 is just under the default 50-megapixel limit: the most a header may claim.
+ABSURD = (0, 1, 2, 255, 4096, 7000, 32767, 65535, 65536, 100_000, 2**31 - 1, 2**32 - 1)
 
 
 def seeds() -> dict[str, bytes]:
@@ -25,6 +26,7 @@ def seeds() -> dict[str, bytes]:
         "noisy_webp": ig.encode(picture, "WEBP", quality=80),
         "noisy_tiff_lzw": ig.encode(picture, "TIFF", compression="tiff_lzw"),
         "noisy_gif": ig.encode(picture.convert("P"), "GIF"),
+        "rle8_bmp": ig.rle8_bmp(ig.GREEN, (40, 30)),
     })
     return out
 

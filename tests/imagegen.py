@@ -89,6 +89,20 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
+def rle8_bmp(colour=RED, size=(64, 48), claim: tuple[int, int] | None = None) -> bytes:
+    """A run-length (RLE8) BMP of one colour; ``claim`` overrides the (width, height) its
+    header states, keeping the pixel data of ``size``."""
+    width, height = size
+    rows = b"".join(bytes([width, 0, 0, 0]) for _ in range(height))  # run of index 0, EOL
+    pixels = rows + b"\x00\x01"  # end of bitmap
+    palette = bytes([colour[2], colour[1], colour[0], 0])
+    cw, ch = claim or size
+    info = struct.pack("<IiiHHIIiiII", 40, cw, ch, 1, 8, 1, len(pixels), 2835, 2835, 1, 0)
+    offset = 14 + len(info) + len(palette)
+    head = struct.pack("<2sIHHI", b"BM", offset + len(pixels), 0, 0, offset)
+    return head + info + palette + pixels
+
+
 SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
        b'<rect width="10" height="10" fill="red"/></svg>')
 

@@ -7,6 +7,7 @@ a 5xx, never a crashed worker. `make test` runs a fixed, derandomized sample; `m
 runs many more fresh examples (HYPOTHESIS_PROFILE=long), and `make fuzz` runs atheris.
 """
 import math
+import time
 
 import numpy as np
 import pytest
@@ -80,3 +81,23 @@ def test_uploading_mutated_images_over_http(live_server, data):
     if response.status_code != 200:
         assert set(response.json()["error"]) == {"code", "message", "status"}
     assert live_server.worker_pids() == pids  # no worker crashed and was replaced
+
+
+# As many pixels as the default limit allows, in the thinnest shapes MAX_SIDE allows, and
+# beyond it (refused before decoding).
+WORST_CLAIMS = [(7000, 7000), (30_000, 1666), (1666, 30_000), (30_000, 1), (1, 30_000),
+                (100_000, 499), (1, 49_999_999)]
+
+
+@pytest.mark.parametrize("claim", WORST_CLAIMS, ids=lambda c: f"{c[0]}x{c[1]}")
+@pytest.mark.parametrize("seed", NAMES)
+def test_largest_legal_claims_stay_within_the_bound(seed, claim):
+    """Every seed claiming as many pixels as the default limit allows (the random search rarely
+    lands there): still a 4xx or an image, within the stated 2 s."""
+    data = fz.claim_dimensions(SEEDS[seed], *claim)
+    started = time.perf_counter()
+    try:
+        load_for_model(data, (64, 64), max_pixels=50_000_000)
+    except ApiError as err:
+        assert 400 <= err.status < 500
+    assert time.perf_counter() - started < 2.0

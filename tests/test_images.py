@@ -108,3 +108,23 @@ def test_load_for_model_gives_shape_and_range():
 def test_preprocessing_refuses_non_rgb():
     with pytest.raises(ValueError):
         to_model_input(Image.new("L", (4, 4)), (4, 4))
+
+
+def test_run_length_bmp_decodes():
+    decoded = decode_image(ig.rle8_bmp(ig.GREEN, (200, 50)))
+    assert decoded.format == "BMP" and decoded.image.size == (200, 50)
+    assert decoded.image.getpixel((100, 25)) == ig.GREEN
+
+
+def test_run_length_bmp_claiming_more_pixels_than_its_bytes_can_hold_is_refused_early():
+    """Found by atheris: Pillow decodes RLE BMPs pixel by pixel in Python (seconds per file)."""
+    data = ig.rle8_bmp(ig.GREEN, (200, 50), claim=(6000, 6000))
+    with pytest.raises(UndecodableImage, match="more than its"):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("size", [(1, 40_000_000), (40_000_000, 1), (30_001, 30)])
+def test_absurdly_thin_images_are_refused_before_decoding(size):
+    """Found by the fuzz tests: Pillow spends a row pointer (and time) per row."""
+    with pytest.raises(ImageTooLarge, match="no side may exceed"):
+        decode_image(ig.png_claiming(*size))
