@@ -32,9 +32,11 @@ preload_app = False
 timeout = 120
 graceful_timeout = 30
 keepalive = 5
-# Leak backstop: a worker is replaced after this many requests, spread out by the jitter.
-max_requests = 20000
-max_requests_jitter = 2000
+# Optional leak backstop (MAX_REQUESTS, default off): a worker is replaced after that many
+# requests, spread out by a 10% jitter. Off by default because the soak test shows no growth and
+# a lone worker's replacement must load its model before it accepts: seconds with no server.
+max_requests = _settings.max_requests
+max_requests_jitter = _settings.max_requests // 10
 loglevel = _settings.log_level
 accesslog = None  # the app logs one JSON line per request itself
 # gunicorn >= 25 opens a control socket in $HOME/.gunicorn by default: one path shared by every

@@ -115,6 +115,7 @@ class Config:
     top_k: int | None = env("TOP_K", _optional(_int(1)), default=None)
     workers: int = env("WORKERS", _int(1), default=1)
     threads: int = env("THREADS", _int(1), default=64)
+    max_requests: int = env("MAX_REQUESTS", _int(0), default=0)
     batch_max_size: int = env("BATCH_MAX_SIZE", _int(1), default=8)
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
     batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=8)

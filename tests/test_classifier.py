@@ -134,7 +134,8 @@ def test_engine_imports_no_web_framework():
     import subprocess
     import sys
     code = ("import sys; import common.classifier, common.batching, common.images, "
-            "common.fetch, common.storage, common.service, common.preprocessing, common.config; "
+            "common.fetch, common.storage, common.service, common.preprocessing, common.config, "
+            "common.metrics, common.slowclients; "
             "bad = [m for m in ('flask', 'werkzeug') if m in sys.modules]; "
             "assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
