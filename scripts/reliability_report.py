@@ -17,18 +17,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 
-# name -> (title, [(key, label)])
+# name -> (title, formatted with the figures; [(key, label)])
 SECTIONS = {
-    "overload": ("Overload: 64 clients, 30 s, one worker, demo model", [
+    "overload": ("Overload: {clients} clients, {seconds} s, one worker, demo model", [
         ("answered_200", "answered 200"), ("answered_503", "answered 503 + Retry-After"),
         ("errors", "any other status or dropped connection"),
         ("p50_ms", "p50 of the 200s (ms)"), ("p99_ms", "p99 of the 200s (ms)"),
         ("healthz_checks", "/healthz checks during the storm"),
         ("healthz_max_ms", "slowest /healthz (ms)"),
-        ("throughput_before", "throughput before, 4 clients (req/s)"),
-        ("throughput_after", "throughput right after, 4 clients (req/s)"),
+        ("throughput_before", "throughput before, 4 clients, median of five 1 s windows (req/s)"),
+        ("throughput_after", "throughput right after, the same measure (req/s)"),
+        ("first_second_after", "... in the first second after (req/s)"),
         ("after_over_before", "after / before")]),
-    "soak": ("Soak: 5,000 requests, 8 clients, demo model", [
+    "soak": ("Soak: {requests:,} requests, {clients} clients, demo model", [
         ("seconds", "seconds"), ("rss_mb_after_warmup", "worker RSS after 500 warm-up requests (MB)"),
         ("rss_mb_end", "worker RSS at the end (MB)"), ("rss_growth_pct", "RSS growth (%)"),
         ("fds_after_warmup", "open file descriptors after warm-up"), ("fds_end", "... at the end"),
@@ -69,7 +70,7 @@ def render(results_dir: str) -> str:
     for name, (title, rows) in SECTIONS.items():
         if name not in found:
             continue
-        lines += ["", f"**{title}**", "", "| | |", "|---|---|"]
+        lines += ["", f"**{title.format(**found[name])}**", "", "| | |", "|---|---|"]
         for key, label in rows:
             value = found[name].get(key, "")
             value = f"`{value}`" if key == "command" else value

@@ -2,6 +2,7 @@
 worker) and soak (5,000 requests). Marked ``long``: part of `make test` (CI), figures recorded
 for docs/RELIABILITY.md."""
 import os
+import statistics
 import threading
 import time
 
@@ -44,14 +45,14 @@ def test_overload_64_clients_one_worker(tmp_path):
             time.sleep(0.2)
 
     try:
-        before = drive(server.port, body, concurrency=4, duration=5, warmup=20)
+        before = _throughput(server, body, warmup=20)
         watcher = threading.Thread(target=watch_health)
         watcher.start()
         storm = drive(server.port, body, concurrency=64, duration=OVERLOAD_SECONDS,
                       polite=False)
         stop.set()
         watcher.join(30)
-        after = drive(server.port, body, concurrency=4, duration=5)
+        after = _throughput(server, body)
         pid_alive = server.proc.poll() is None
     finally:
         stop.set()
@@ -63,7 +64,9 @@ def test_overload_64_clients_one_worker(tmp_path):
     assert health and all(status == 200 for status, _ in health), health
     assert after["errors"] == 0 and after["shed_503"] == 0, after
     # Recovery, not a speed target: a server still digesting a backlog would be far slower.
+    # Medians of five 1-second windows, so one hiccup of this shared machine does not decide.
     assert after["throughput"] >= 0.6 * before["throughput"], (before, after)
+    assert after["windows"][0] >= 0.5 * before["throughput"], (before, after)  # at once
     record("overload", {
         "clients": 64, "seconds": storm["seconds"], "answered_200": storm["ok"],
         "answered_503": storm["shed_503"], "errors": storm["errors"],
@@ -71,7 +74,17 @@ def test_overload_64_clients_one_worker(tmp_path):
         "healthz_checks": len(health),
         "healthz_max_ms": round(max(s for _, s in health) * 1000, 1),
         "throughput_before": before["throughput"], "throughput_after": after["throughput"],
+        "first_second_after": after["windows"][0],
         "after_over_before": round(after["throughput"] / before["throughput"], 3)})
+
+
+def _throughput(server, body, warmup: int = 0) -> dict:
+    """4 clients, five 1-second windows: the median throughput and each window's."""
+    runs = [drive(server.port, body, concurrency=4, duration=1, warmup=warmup if i == 0 else 0)
+            for i in range(5)]
+    windows = [r["throughput"] for r in runs]
+    return {"throughput": statistics.median(windows), "windows": windows,
+            "errors": sum(r["errors"] for r in runs), "shed_503": sum(r["shed_503"] for r in runs)}
 
 
 def _proc(pid: int) -> dict:
