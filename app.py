@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from flask import Flask
 
@@ -27,6 +29,7 @@ from common.storage import ImageStore
 from common.views import InMemoryUploadRequest, bp
 
 WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this
+HUNG_MODEL_EXIT = 70  # any other status: gunicorn forks a replacement worker
 
 
 @dataclass
@@ -39,12 +42,26 @@ class ServiceState:
     fetcher: UrlFetcher
     metrics: Metrics
     batcher: Batcher | None = None  # set once the model is ready
+    on_hung_model: Callable[[float], None] | None = None
 
     def start_batcher(self, classifier: Classifier) -> None:
         self.batcher = Batcher(classifier.predict, max_batch_size=self.config.batch_max_size,
                                max_wait_ms=self.config.batch_max_wait_ms,
                                max_queue=self.config.batch_queue_size,
                                timeout=self.config.request_timeout, metrics=self.metrics)
+        if self.config.model_hang_timeout > 0 and self.on_hung_model is not None:
+            threading.Thread(target=self._watch_model, args=(self.batcher,),
+                             name="model-watchdog", daemon=True).start()
+
+    def _watch_model(self, batcher: Batcher) -> None:
+        """A model call that runs past MODEL_HANG_TIMEOUT cannot be interrupted (TensorFlow
+        has no way to cancel a running op), so the worker gives itself up to be replaced."""
+        limit = self.config.model_hang_timeout
+        while not batcher.closed:
+            time.sleep(min(1.0, limit / 4))
+            if batcher.busy_seconds > limit:
+                self.on_hung_model(batcher.busy_seconds)
+                return
 
     def model_ready(self, classifier: Classifier) -> None:
         """The holder's on_ready: start batching, then publish the load and warm-up times."""
@@ -95,7 +112,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          allow_hosts=config.url_allow_hosts)
     holder = ClassifierHolder(classifier)
     metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
-    state = ServiceState(config, holder, store, fetcher, metrics)
+    state = ServiceState(config, holder, store, fetcher, metrics,
+                         on_hung_model=None if classifier is not None else _exit_when_hung(config))
     warmup_sizes = bucket_sizes(config.batch_max_size)
     if classifier is None:
         holder.start(lambda: _load(config), warmup_batch_sizes=warmup_sizes,
@@ -128,6 +146,16 @@ def _exit_on_failure(config: Config):
             logging.shutdown()
             os._exit(WORKER_BOOT_ERROR)
     return on_failure
+
+
+def _exit_when_hung(config: Config):
+    def on_hung_model(seconds: float) -> None:
+        logging.getLogger(__name__).critical(
+            "one model call has run %.0f s (MODEL_HANG_TIMEOUT=%g s); exiting so that gunicorn "
+            "replaces this worker", seconds, config.model_hang_timeout)
+        logging.shutdown()
+        os._exit(HUNG_MODEL_EXIT)
+    return on_hung_model
 
 
 if __name__ == "__main__":  # development server; production runs gunicorn (see README)

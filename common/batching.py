@@ -125,6 +125,10 @@ class Batcher:
         return self._queue.qsize()
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def busy_seconds(self) -> float:
         """How long the running model call has taken so far (0 when idle)."""
         since = self.busy_since

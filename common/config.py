@@ -120,6 +120,8 @@ class Config:
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
     batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=8)
     request_timeout: float = env("REQUEST_TIMEOUT", _float(), default=15.0)
+    model_hang_timeout: float = env("MODEL_HANG_TIMEOUT", _float(0.0, lo_open=False),
+                                    default=120.0)
     upload_timeout: float = env("UPLOAD_TIMEOUT", _float(), default=10.0)
     upload_min_rate_kb: float = env("UPLOAD_MIN_RATE_KB", _float(), default=16.0)
     tf_intra_op_threads: int = env("TF_INTRA_OP_THREADS", _int(0), default=0)

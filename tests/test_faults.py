@@ -218,3 +218,32 @@ def test_hung_model_call_answers_503_and_the_worker_survives(tmp_path):
         server.stop()
     record("hung_model", {"hang_s": hang, "request_timeout_s": 2,
                           "trap_answered_after_s": round(trap_seconds, 2)})
+
+
+def test_model_call_that_never_returns_gets_the_worker_replaced(tmp_path):
+    """TensorFlow cannot cancel a running op: past MODEL_HANG_TIMEOUT the worker exits and
+    gunicorn forks a fresh one, which loads the model and serves."""
+    folder = save_colour_model(str(tmp_path / "hang"), hang_seconds=3600)
+    server = start(tmp_path, {"MODEL_PATH": folder, "WORKERS": "1", "REQUEST_TIMEOUT": "1",
+                              "MODEL_HANG_TIMEOUT": "3"})
+    try:
+        (old,) = server.worker_pids()
+        assert_envelope(post(server, ig.encode(ig.solid(TRAP), "PNG")), 503, "model_timeout")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pids = server.worker_pids()
+            if pids and old not in pids:
+                try:
+                    if requests.get(server.url + "/readyz", timeout=5).status_code == 200:
+                        break
+                except requests.RequestException:
+                    pass
+            time.sleep(0.2)
+        assert old not in server.worker_pids() and len(server.worker_pids()) == 1
+        response = post(server, ig.encode(ig.noisy(ig.GREEN, seed=9), "PNG"))
+        assert response.status_code == 200
+        assert response.json()["predictions"][0]["label"] == "green"
+        assert server.proc.poll() is None  # the server itself never stopped
+    finally:
+        server.stop()
+    assert "MODEL_HANG_TIMEOUT=3" in server.output(tail=None)
