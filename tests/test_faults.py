@@ -92,8 +92,11 @@ def test_kill_9_one_worker_under_load(colour_model_dir, tmp_path):
     # /metrics: the dead worker's gauges are gone, its counted requests are not
     info = [line for line in metrics_text.splitlines() if line.startswith("classifier_model_info{")]
     assert len(info) == 2 and not any(f'pid="{victim}"' in line for line in info)
+    # Counted when the answer is made: one the killed worker made but never sent is counted
+    # and seen by its client as a dropped connection.
     served = metric(metrics_text, "classifier_requests_total", route="/classify", status="200")
-    assert served == sum(1 for r in results if r[1] == 200)
+    ok = sum(1 for r in results if r[1] == 200)
+    assert ok <= served <= ok + len(dropped), (served, ok, len(dropped))
     record("kill_worker", {"clients": clients, "requests": len(results),
                            "failed_in_flight": len(dropped),
                            "replacement_ready_s": round(replaced_at - killed_at, 2),
