@@ -38,11 +38,11 @@ _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 # atheris). One RLE pair (2 bytes) paints at most 255 pixels, so a file cannot honestly hold
 # more than ~128 pixels per byte; anything claiming more is refused before decoding.
 _BMP_RLE = (1, 2)
+_RLE_PIXELS_PER_BYTE = 128
 # Pillow keeps one pointer (and per-row work) for every row: a 100-byte PNG claiming 1 x 50
 # million pixels cost 400 MB of row pointers and 2-3 s before failing (found by the fuzz tests).
 # No photograph is that thin; a side longer than this is refused before decoding.
 MAX_SIDE = 30_000
-_RLE_PIXELS_PER_BYTE = 128
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,16 @@ lands on any worker reports the whole server. Counters of workers that died stil
 are summed (or listed) over live workers only (``child_exit`` marks dead ones). Without that
 variable (development server, tests in one process) each ``Metrics`` has its own registry.
 
-No web framework here: the views call ``request_done``, the batcher calls ``queue_changed``,
-``batch_done`` and ``rejected``, the model holder calls ``model_ready``.
+No web framework here: the views call ``request_started`` and ``request_done``, the batcher
+calls ``queue_changed``, ``batch_done`` and ``rejected_request``, the app's ServiceState calls
+``model_ready`` once the model is warm.
 """
 from __future__ import annotations
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest, multiprocess)
+
+from .batching import bucket_sizes
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MODEL_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -35,10 +38,8 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("classifier_requests_in_flight", "Requests being handled",
                                multiprocess_mode="livesum", registry=r)
-        sizes = sorted({1, 2, 4, 8, 16, 32, 64, batch_max_size})
         self.batch_size = Histogram("classifier_batch_size", "Images per model call",
-                                    buckets=[s for s in sizes if s <= max(batch_max_size, 1)],
-                                    registry=r)
+                                    buckets=bucket_sizes(batch_max_size), registry=r)
         self.model_seconds = Histogram("classifier_model_call_duration_seconds",
                                        "Duration of one (batched) model call",
                                        buckets=MODEL_SECONDS_BUCKETS, registry=r)
