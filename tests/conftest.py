@@ -54,19 +54,23 @@ def client(app):
     return app.test_client()
 
 
+def start_server(work, env: dict, name: str = "server") -> LiveServer:
+    """Start the real server with ``env``, its TEMP_DIR (``server.temp_dir``) and log under the
+    folder ``work``; returns once it is ready."""
+    server = LiveServer({"TEMP_DIR": str(work / "temp"), **env})
+    server.temp_dir = str(work / "temp")
+    return server.start(str(work / f"{name}.log"))
+
+
 @pytest.fixture(scope="session")
 def live_server(colour_model_dir, tmp_path_factory):
     """The real server, as the Dockerfile runs it, serving the colour model."""
-    work = tmp_path_factory.mktemp("live")
-    server = LiveServer({
+    server = start_server(tmp_path_factory.mktemp("live"), {
         "MODEL_PATH": colour_model_dir,
-        "TEMP_DIR": str(work / "temp"),
         "URL_ALLOW_HOSTS": "127.0.0.1",
         "WORKERS": "2",
         "THREADS": "8",
         "MAX_UPLOAD_MB": "2",
     })
-    server.temp_dir = str(work / "temp")
-    server.start(str(work / "server.log"))
     yield server
     server.stop()

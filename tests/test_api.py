@@ -1,7 +1,6 @@
 """The routes in-process (Flask test client): parameters, sources, readiness, request ids."""
 import io
 import os
-import time
 
 import pytest
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import requests
 
-from conftest import ROOT, LiveServer
+from conftest import ROOT, start_server
 from reliability import record
 
 SPEC = os.path.join(ROOT, "common", "openapi.json")
@@ -21,15 +21,13 @@ SEED = os.environ.get("CONTRACT_SEED", "1")
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """The demo model as shipped, default limits, short URL timeouts (no internet here)."""
-    work = tmp_path_factory.mktemp("contract")
-    server = LiveServer({"TEMP_DIR": str(work / "temp"), "WORKERS": "1",
-                         "URL_FETCH_TIMEOUT": "3", "URL_CONNECT_TIMEOUT": "1"})
-    server.start(str(work / "server.log"))
+    server = start_server(tmp_path_factory.mktemp("contract"), {
+        "WORKERS": "1", "URL_FETCH_TIMEOUT": "3", "URL_CONNECT_TIMEOUT": "1"})
     yield server
     server.stop()
 
 
-def test_openapi_is_served_and_documents_every_route(demo_server):
+def test_openapi_is_served_and_documents_every_route(demo_server, app):
     response = requests.get(demo_server.url + "/openapi.json", timeout=10)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
@@ -37,20 +35,12 @@ def test_openapi_is_served_and_documents_every_route(demo_server):
         spec = json.load(fh)
     assert response.json() == spec
     assert spec["openapi"].startswith("3.")
-    from app import create_app  # every Flask route and method is in the document, and back
-    app = create_app({"temp_dir": str(os.path.join(ROOT, "temp"))}, classifier=_tiny())
+    # every Flask route and method is in the document, and back
     routes = {(str(rule.rule), method.lower()) for rule in app.url_map.iter_rules()
               if rule.endpoint != "static"
               for method in rule.methods - {"HEAD", "OPTIONS"}}
     documented = {(path, method) for path, ops in spec["paths"].items() for method in ops}
     assert routes == documented
-
-
-def _tiny():
-    from common.classifier import Classifier
-    import numpy as np
-    return Classifier(predict_fn=lambda x: np.full((len(x), 2), 0.5, np.float32),
-                      labels=("a", "b"), input_size=(8, 8), name="tiny", version="1")
 
 
 def test_schemathesis_finds_nothing(demo_server, tmp_path):

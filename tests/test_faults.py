@@ -11,16 +11,10 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import LiveServer
+from conftest import LiveServer, start_server
 from reliability import record
 from test_observability import metric
 from tiny_models import TRAP, save_colour_model
-
-
-def start(tmp_path, env: dict, name="server") -> LiveServer:
-    server = LiveServer({"TEMP_DIR": str(tmp_path / "temp"), **env})
-    server.temp_dir = str(tmp_path / "temp")
-    return server.start(str(tmp_path / f"{name}.log"))
 
 
 def post(server, data, timeout=30):
@@ -37,7 +31,7 @@ def assert_envelope(response, status, code):
 
 def test_kill_9_one_worker_under_load(colour_model_dir, tmp_path):
     """Only the killed worker's in-flight requests fail; gunicorn replaces it; ready again."""
-    server = start(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "2", "THREADS": "8"})
+    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "2", "THREADS": "8"})
     clients, results, stop = 8, [], threading.Event()
     images = [ig.encode(ig.noisy(ig.RED, seed=s), "PNG") for s in range(16)]
 
@@ -151,7 +145,7 @@ def test_unservable_model_stops_the_server(tmp_path, case, message):
 # -- temp/ not writable ---------------------------------------------------------------------
 
 def test_temp_not_writable_is_503_not_500(colour_model_dir, tmp_path):
-    server = start(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "1"})
+    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "1"})
     try:
         data = ig.encode(ig.noisy(ig.GREEN, seed=77), "PNG")
         assert post(server, data).status_code == 200
@@ -183,7 +177,7 @@ def test_temp_not_writable_is_503_not_500(colour_model_dir, tmp_path):
 def test_hung_model_call_answers_503_and_the_worker_survives(tmp_path):
     hang = 8.0
     folder = save_colour_model(str(tmp_path / "hang"), hang_seconds=hang)
-    server = start(tmp_path, {"MODEL_PATH": folder, "WORKERS": "1", "THREADS": "16",
+    server = start_server(tmp_path, {"MODEL_PATH": folder, "WORKERS": "1", "THREADS": "16",
                               "REQUEST_TIMEOUT": "2"})
     try:
         pid = server.worker_pids()
@@ -227,7 +221,7 @@ def test_model_call_that_never_returns_gets_the_worker_replaced(tmp_path):
     """TensorFlow cannot cancel a running op: past MODEL_HANG_TIMEOUT the worker exits and
     gunicorn forks a fresh one, which loads the model and serves."""
     folder = save_colour_model(str(tmp_path / "hang"), hang_seconds=3600)
-    server = start(tmp_path, {"MODEL_PATH": folder, "WORKERS": "1", "REQUEST_TIMEOUT": "1",
+    server = start_server(tmp_path, {"MODEL_PATH": folder, "WORKERS": "1", "REQUEST_TIMEOUT": "1",
                               "MODEL_HANG_TIMEOUT": "3"})
     try:
         (old,) = server.worker_pids()

@@ -1,5 +1,4 @@
 """common/images.py: decoding by content, every format, limits, orientation, transparency."""
-import io
 
 import numpy as np
 import pytest

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import ROOT, LiveServer
+from conftest import ROOT, LiveServer, start_server
 from reliability import record
 from scripts.benchmark import drive, photo_jpeg
 
@@ -21,10 +21,8 @@ SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
 
 
 def start(tmp_path, env: dict) -> LiveServer:
-    server = LiveServer({"MODEL_PATH": DEMO, "TEMP_DIR": str(tmp_path / "temp"),
-                         "WORKERS": "1", **env})
-    server.temp_dir = str(tmp_path / "temp")
-    return server.start(str(tmp_path / "server.log"))
+    """The demo model on one worker."""
+    return start_server(tmp_path, {"MODEL_PATH": DEMO, "WORKERS": "1", **env})
 
 
 def test_overload_64_clients_one_worker(tmp_path):

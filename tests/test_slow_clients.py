@@ -9,7 +9,7 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import LiveServer
+from conftest import start_server
 from reliability import record
 
 GRACE = 2  # UPLOAD_TIMEOUT for these tests
@@ -18,11 +18,9 @@ MIN_RATE_KB = 16
 
 @pytest.fixture(scope="module")
 def server(colour_model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("slow")
-    srv = LiveServer({"MODEL_PATH": colour_model_dir, "TEMP_DIR": str(work / "temp"),
-                      "WORKERS": "1", "THREADS": "8", "UPLOAD_TIMEOUT": str(GRACE),
-                      "UPLOAD_MIN_RATE_KB": str(MIN_RATE_KB)})
-    srv.start(str(work / "server.log"))
+    srv = start_server(tmp_path_factory.mktemp("slow"), {
+        "MODEL_PATH": colour_model_dir, "WORKERS": "1", "THREADS": "8",
+        "UPLOAD_TIMEOUT": str(GRACE), "UPLOAD_MIN_RATE_KB": str(MIN_RATE_KB)})
     yield srv
     srv.stop()
 

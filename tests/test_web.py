@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, LiveServer
+from conftest import ROOT, start_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -28,10 +28,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
-    work = tmp_path_factory.mktemp("web")
-    server = LiveServer({"MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"),
-                         "TEMP_DIR": str(work / "temp"), "URL_ALLOW_HOSTS": ""})
-    server.start(str(work / "server.log"))
+    server = start_server(tmp_path_factory.mktemp("web"), {
+        "MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"), "URL_ALLOW_HOSTS": ""})
     yield server
     server.stop()
 
