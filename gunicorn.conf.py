@@ -14,11 +14,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 
 _settings = Config.from_env(os.environ)  # fails start-up with a message naming a bad variable
 
+# The server's own run folder (in TMPDIR, removed at exit) for what libraries insist on writing.
+_run_dir = tempfile.mkdtemp(prefix="classifier-run-")
 # Metrics of all workers (prometheus_client's multiprocess mode): the folder must be named in
 # the environment before any worker imports prometheus_client, and be empty at start.
-_metrics_dir = _settings.metrics_dir or tempfile.mkdtemp(prefix="classifier-metrics-")
-_own_metrics_dir = _settings.metrics_dir is None
+_metrics_dir = _settings.metrics_dir or os.path.join(_run_dir, "metrics")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+# Importing TensorFlow imports Keras, which writes $KERAS_HOME/keras.json (default ~/.keras):
+# keep it out of the user's home. A KERAS_HOME set by the user wins.
+os.environ.setdefault("KERAS_HOME", os.path.join(_run_dir, "keras"))
 
 wsgi_app = "app:create_app()"
 bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
@@ -59,8 +63,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
-        shutil.rmtree(_metrics_dir, ignore_errors=True)
+    shutil.rmtree(_run_dir, ignore_errors=True)
 
 
 def post_worker_init(worker):
@@ -71,17 +74,21 @@ def post_worker_init(worker):
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     """
-    holder = worker.wsgi.extensions["classifier_service"].holder
-    while holder.state == "loading":
-        holder.wait(1.0)
+    from common.served import State
+    from common.service import Service
+
+    model = Service.of(worker.wsgi).model
+    while model.wait(1.0).state is State.LOADING:
         worker.notify()
 
 
 def worker_exit(server, worker):
     """On a graceful stop, answer what is still queued before the worker goes."""
-    state = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("classifier_service")
-    if state is not None:
-        state.close()
+    from common.service import Service
+
+    app = getattr(worker, "wsgi", None)
+    if app is not None and hasattr(app, "extensions"):
+        Service.of(app).close()
 
 
 def post_fork(server, worker):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ModelTimeout, Overloaded, ServiceUnavailable
+from .errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +193,9 @@ class Batcher:
         self.busy_since = started = time.monotonic()
         try:
             scores = self.predict_fn(images)[:n]
-        except BaseException as exc:  # every waiting request must hear about it
+        except Exception as exc:  # every waiting request must hear about it, as a 503
             log.exception("model call failed for a batch of %d", n)
-            return None, exc
+            return None, ModelFailed(f"the model failed on this batch: {type(exc).__name__}")
         finally:
             self.busy_since = None
         self.stats.batches += 1

@@ -11,7 +11,12 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .modelfolder import LegacyGraph
+
 MIB = 1024 * 1024
+#: Decompression-bomb limit: images whose header states more pixels are refused undecoded.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+_LEGACY = LegacyGraph()  # the legacy-graph defaults have one owner: common/modelfolder.py
 
 
 class ConfigError(ValueError):
@@ -95,18 +100,19 @@ class Config:
 
     model_path: str = env("MODEL_PATH", default="tf_files/demo")
     labels_path: str | None = env("LABELS_PATH", _optional(str), default=None)
-    input_layer: str = env("INPUT_LAYER", default="Placeholder")
-    output_layer: str = env("OUTPUT_LAYER", default="final_result")
+    input_layer: str = env("INPUT_LAYER", default=_LEGACY.input_layer)
+    output_layer: str = env("OUTPUT_LAYER", default=_LEGACY.output_layer)
     input_size: tuple[int, int] | None = env("INPUT_SIZE", _optional(_size), default=None)
-    input_mean: float = env("INPUT_MEAN", float, default=0.0)
-    input_std: float = env("INPUT_STD", _float(), default=255.0)
+    input_mean: float = env("INPUT_MEAN", float, default=_LEGACY.input_mean)
+    input_std: float = env("INPUT_STD", _float(), default=_LEGACY.input_std)
     host: str = env("HOST", default="127.0.0.1")
     port: int = env("PORT", _int(0), default=8000)
     temp_dir: str = env("TEMP_DIR", default="temp")
     temp_max_files: int = env("TEMP_MAX_FILES", _int(1), default=1000)
     temp_max_mb: float = env("TEMP_MAX_MB", _float(), default=512.0)
     max_upload_mb: float = env("MAX_UPLOAD_MB", _float(), default=16.0)
-    max_image_pixels: int = env("MAX_IMAGE_PIXELS", _int(1), default=50_000_000)
+    max_image_pixels: int = env("MAX_IMAGE_PIXELS", _int(1),
+                                default=DEFAULT_MAX_IMAGE_PIXELS)
     max_url_length: int = env("MAX_URL_LENGTH", _int(16), default=2048)
     url_fetch_timeout: float = env("URL_FETCH_TIMEOUT", _float(), default=10.0)
     url_connect_timeout: float = env("URL_CONNECT_TIMEOUT", _float(), default=3.0)

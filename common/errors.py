@@ -11,6 +11,7 @@ anything unexpected (logged with the request id, answered 500).
 """
 from __future__ import annotations
 
+import json
 import logging
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ class ApiError(Exception):
     status = 500
     code = "internal_error"
     message = "internal server error"
+    #: The same in plain words for a person (the web page shows it; ``catalogue()``).
+    plain = "Something went wrong on our side."
 
     def __init__(self, message: str | None = None, *, headers: dict | None = None):
         super().__init__(message or self.message)
@@ -29,43 +32,57 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def to_dict(self) -> dict:
+        """The one error envelope of the API."""
         return {"error": {"code": self.code, "message": self.message, "status": self.status}}
+
+    def body(self) -> bytes:
+        """The envelope as the bytes of a JSON response body."""
+        return json.dumps(self.to_dict()).encode("utf-8")
 
 
 class BadRequest(ApiError):
     status, code, message = 400, "bad_request", "the request is malformed"
+    plain = "The request was not understood."
 
 
 class MissingImage(BadRequest):
     code, message = "missing_image", "send the image as the multipart field 'image'"
+    plain = "No image was sent."
 
 
 class EmptyImage(BadRequest):
     code, message = "empty_image", "the uploaded image is empty"
+    plain = "That file is empty."
 
 
 class InvalidParameter(BadRequest):
-    code = "invalid_parameter"
+    code, plain = "invalid_parameter", "The request had a bad setting."
 
 
 class InvalidUrl(BadRequest):
     code = "invalid_url"
+    plain = ("That does not look like a web address. Use one that starts with http:// or "
+             "https://.")
 
 
 class ForbiddenUrl(ApiError):
     status, code, message = 403, "forbidden_url", "that address is not allowed"
+    plain = "That address is not allowed. Use a public http(s) address."
 
 
 class NotFound(ApiError):
     status, code, message = 404, "not_found", "no such route"
+    plain = "That was not found."
 
 
 class MethodNotAllowed(ApiError):
     status, code, message = 405, "method_not_allowed", "method not allowed on this route"
+    plain = "That kind of request is not allowed here."
 
 
 class RequestTimeout(ApiError):
     status, code, message = 408, "request_timeout", "the request body arrived too slowly"
+    plain = "The upload was too slow. Check your connection and try again."
 
     def __init__(self, message: str | None = None):
         super().__init__(message, headers={"Connection": "close"})
@@ -73,31 +90,37 @@ class RequestTimeout(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, code, message = 413, "payload_too_large", "the upload is larger than the limit"
+    plain = "That file is too big. Try a smaller one."
 
 
 class ImageTooLarge(PayloadTooLarge):
-    code = "image_too_large"
+    code, plain = "image_too_large", "That image has too many pixels. Try a smaller one."
 
 
 class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
     message = "the upload is not an image Pillow can read"
+    plain = "That file is not an image. Try a JPEG, PNG, GIF, BMP, WebP or TIFF."
 
 
 class UndecodableImage(ApiError):
     status, code, message = 422, "undecodable_image", "the image is truncated or corrupt"
+    plain = "That image is damaged or incomplete, so it could not be read."
 
 
 class UpstreamError(ApiError):
     status, code, message = 502, "upstream_error", "the remote server failed"
+    plain = "The other website did not give us the image."
 
 
 class UpstreamTimeout(ApiError):
     status, code, message = 504, "upstream_timeout", "the remote server timed out"
+    plain = "The other website took too long to answer."
 
 
 class ServiceUnavailable(ApiError):
     status, code, message = 503, "unavailable", "the service is unavailable"
+    plain = "The service is not available right now. Try again in a moment."
 
     def __init__(self, message: str | None = None, *, retry_after: int = 1,
                  headers: dict | None = None):
@@ -106,19 +129,74 @@ class ServiceUnavailable(ApiError):
 
 class ModelNotReady(ServiceUnavailable):
     code, message = "model_not_ready", "the model is still loading"
+    plain = "The model is still starting. Try again in a moment."
 
 
 class Overloaded(ServiceUnavailable):
     code, message = "overloaded", "the service is overloaded, retry later"
+    plain = "The service is busy right now. Try again in a moment."
 
 
 class ModelTimeout(ServiceUnavailable):
     code, message = "model_timeout", "the model did not answer in time"
+    plain = "The model is taking too long right now. Try again in a moment."
 
 
 class StorageUnavailable(ServiceUnavailable):
     code, message = "storage_unavailable", "the image store is not writable"
+    plain = "The service cannot store images right now. Try again later."
 
+
+class ModelFailed(ServiceUnavailable):
+    code, message = "model_error", "the model failed on this request"
+    plain = "The model failed on this image. Try again, or try another image."
+
+
+# Errors gunicorn answers before the app sees a request (common/gunicorn_worker.py).
+class UriTooLong(ApiError):
+    status, code, message = 414, "uri_too_long", "the request line (URL) is too long"
+    plain = "That address is too long."
+
+
+class HeadersTooLarge(ApiError):
+    status, code, message = 431, "headers_too_large", "too many or too large header fields"
+    plain = "The request's headers are too large."
+
+
+class ExpectationFailed(ApiError):
+    status, code, message = 417, "expectation_failed", "unsupported Expect header"
+
+
+class NotImplementedByServer(ApiError):
+    status, code, message = 501, "not_implemented", "unsupported Transfer-Encoding"
+
+
+class MalformedRequest(BadRequest):
+    message = "malformed HTTP request"
+
+
+def catalogue() -> dict[str, str]:
+    """Every error code -> its text in plain words (the web page shows these)."""
+    found, todo = {}, [ApiError]
+    while todo:
+        cls = todo.pop()
+        found.setdefault(cls.code, cls.plain)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def wire_response(err: ApiError) -> bytes:
+    """A complete HTTP/1.1 response carrying the envelope, for code that writes to a socket
+    itself (gunicorn's protocol errors); the connection closes after it."""
+    body = err.body()
+    reason = _REASONS.get(err.status, "Error")
+    return (f"HTTP/1.1 {err.status} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode("latin-1") + body
+
+
+_REASONS = {400: "Bad Request", 414: "URI Too Long", 417: "Expectation Failed",
+            431: "Request Header Fields Too Large", 501: "Not Implemented"}
 
 # werkzeug's HTTPException codes that map onto our own classes; others keep werkzeug's status.
 _HTTP_EXCEPTION_MAP = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from .config import DEFAULT_MAX_IMAGE_PIXELS
 from .errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
 from .preprocessing import to_model_input
 
@@ -58,7 +59,7 @@ class DecodedImage:
         return FORMATS[self.format]
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000,
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  formats: tuple[str, ...] = DEFAULT_FORMATS,
                  target_size: tuple[int, int] | None = None) -> DecodedImage:
     """Decode image bytes to an upright RGB image.
@@ -137,7 +138,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def load_for_model(data: bytes, size: tuple[int, int], *, max_pixels: int = 50_000_000,
+def load_for_model(data: bytes, size: tuple[int, int], *,
+                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                    formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[np.ndarray, DecodedImage]:
     """Decode bytes and preprocess them for a model of input ``size`` = (height, width).
 
@@ -148,7 +150,7 @@ def load_for_model(data: bytes, size: tuple[int, int], *, max_pixels: int = 50_0
 
 
 def load_image_file(path: str, size: tuple[int, int], *,
-                    max_pixels: int = 50_000_000) -> np.ndarray:
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file -> float32 ``[height, width, 3]`` in [0, 1], exactly as the server would
     preprocess its bytes (for retrain.py and label_image.py). Raises OSError or an ApiError."""
     with open(path, "rb") as fh:

@@ -1,26 +1,29 @@
-"""The plain functions behind the routes: bytes in, the response dict out. No web framework."""
+"""The data plane: one plain method per route, bytes or a URL in, the response dict out.
+
+No web framework here (KServe's ``dataplane.py`` in spirit): the views parse HTTP and call one
+method of :class:`Service`; the protocol adapters of later issues will do the same. A request's
+path, top to bottom:
+
+1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad);
+2. the served model is looked up and must be ready (503 otherwise), before any download;
+3. a URL is downloaded under ``fetch.py``'s rules;
+4. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes);
+5. the bytes are stored in temp/ under their content hash (``storage.py``);
+6. ``served.infer``: through the batcher, always (503 when overloaded or timed out);
+7. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
+"""
 from __future__ import annotations
 
-import json
-import os
 import time
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
-import numpy as np
-
-from .classifier import Classifier
-from .errors import EmptyImage, InvalidParameter
-from .images import load_for_model
+from .classifier import Classifier, Options
+from .config import Config
+from .errors import EmptyImage, InvalidParameter, NotFound
+from .fetch import UrlFetcher
+from .modelfolder import LegacyGraph, ModelFolder
+from .served import ServedModel
 from .storage import ImageStore
-
-
-@dataclass(frozen=True)
-class Options:
-    """Per-request options: ``top_k`` (>= 1, None = all) and ``threshold`` (0..1, None = none)."""
-
-    top_k: int | None = None
-    threshold: float | None = None
 
 
 def parse_options(args: Mapping[str, str], default_top_k: int | None = None) -> Options:
@@ -44,53 +47,92 @@ def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
     return value
 
 
-def classify_bytes(data: bytes, *, classifier: Classifier, store: ImageStore, options: Options,
-                   max_pixels: int, started: float | None = None,
-                   predict: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
-    """Decode, store and classify one image; returns the JSON body of DESIGN.md's 200 answer.
+def model_folder(config: Config) -> ModelFolder:
+    """The model folder ``MODEL_PATH`` names, with the legacy-graph settings."""
+    return ModelFolder(config.model_path, labels_path=config.labels_path, legacy=LegacyGraph(
+        input_layer=config.input_layer, output_layer=config.output_layer,
+        input_mean=config.input_mean, input_std=config.input_std,
+        input_size=config.input_size))
 
-    ``predict`` maps one float32 ``[h, w, 3]`` image to its scores (the worker's Batcher);
-    by default the classifier is called directly with a batch of one.
+
+class Service:
+    """What every route needs: settings, the image store, the URL fetcher, the served model.
+
+    ``Service.of(app)`` is the one way to reach it from an app (views, gunicorn's hooks, tests).
     """
-    started = time.perf_counter() if started is None else started
-    if not data:
-        raise EmptyImage()
-    array, decoded = load_for_model(data, classifier.input_size, max_pixels=max_pixels)
-    filename = store.save(data, decoded.extension)
-    scores = predict(array) if predict else classifier.predict(array[None])[0]
-    ranked = classifier.rank(scores, options.top_k, options.threshold)
-    return {
-        "filename": filename,
-        "model": classifier.describe(),
-        "predictions": [{"label": p.label, "score": round(p.score, 6)} for p in ranked],
-        "labels": {p.label: round(p.score, 6) for p in ranked},
-        "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
-    }
 
+    _KEY = "classifier_service"  # its key in the app's ``extensions``
 
-def model_summary(classifier: Classifier) -> dict:
-    """Name, version, labels and, when the model folder has report.json, its evaluation summary."""
-    summary = {**classifier.describe(), "labels": list(classifier.labels),
-               "input_size": list(classifier.input_size),
-               "metrics": classifier.metadata.get("metrics", {}), "evaluation": None}
-    report_path = report_file(classifier, "report.json")
-    if report_path:
-        try:
-            with open(report_path, encoding="utf-8") as fh:
-                report = json.load(fh)
-            summary["evaluation"] = {
-                "accuracy": report.get("accuracy"), "test_images": report.get("test_images"),
-                "per_class": report.get("per_class", {}),
-                "confusion_matrix_png": bool(report_file(classifier, "confusion_matrix.png")),
-            }
-        except (OSError, ValueError):
-            pass
-    return summary
+    def __init__(self, config: Config, model: ServedModel, store: ImageStore,
+                 fetcher: UrlFetcher, metrics):
+        self.config = config
+        self.model = model
+        self.store = store
+        self.fetcher = fetcher
+        self.metrics = metrics
 
+    def attach(self, app) -> "Service":
+        app.extensions[self._KEY] = self
+        return self
 
-def report_file(classifier: Classifier, name: str) -> str | None:
-    """Path of an evaluation file in the model folder, or None (also for frozen graphs)."""
-    if not classifier.source or not os.path.isdir(classifier.source):
-        return None
-    path = os.path.join(classifier.source, name)
-    return path if os.path.isfile(path) else None
+    @classmethod
+    def of(cls, app) -> "Service":
+        return app.extensions[cls._KEY]
+
+    # -- classification -------------------------------------------------------------------------
+    def classify_bytes(self, data: bytes, args: Mapping[str, str],
+                       started: float | None = None) -> dict:
+        """An uploaded image -> DESIGN.md's 200 answer."""
+        options = parse_options(args, self.config.top_k)
+        return self._classify(self.model.classifier, data, options, started)
+
+    def classify_url(self, url: str, args: Mapping[str, str],
+                     started: float | None = None) -> dict:
+        """An image URL, downloaded once the request is known to be servable -> the answer."""
+        options = parse_options(args, self.config.top_k)
+        classifier = self.model.classifier  # 503 before downloading when not ready
+        return self._classify(classifier, self.fetcher.fetch(url), options, started)
+
+    def _classify(self, classifier: Classifier, data: bytes, options: Options,
+                  started: float | None) -> dict:
+        started = time.perf_counter() if started is None else started
+        if not data:
+            raise EmptyImage()
+        array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
+        filename = self.store.save(data, decoded.extension)
+        predictions = classifier.postprocess(self.model.infer(array), options)
+        return {
+            "filename": filename,
+            "model": classifier.describe(),
+            "predictions": predictions,
+            "labels": {p["label"]: p["score"] for p in predictions},
+            "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
+        }
+
+    # -- the model ------------------------------------------------------------------------------
+    def readiness(self) -> dict:
+        """``/readyz``'s answer when the model is ready; its 503 error otherwise."""
+        health = self.model.health()
+        if not health.ready:
+            raise health.error()
+        clf = self.model.classifier
+        return {"status": "ready", "model": clf.describe(), "labels": len(clf.labels),
+                "input_size": list(clf.input_size)}
+
+    def model_summary(self) -> dict:
+        """Name, version, labels, metrics and, when the folder has report.json, its summary."""
+        clf = self.model.classifier
+        return {**clf.describe(), "labels": list(clf.labels), "input_size": list(clf.input_size),
+                "metrics": clf.metadata.get("metrics", {}),
+                "evaluation": clf.folder.evaluation_summary() if clf.folder else None}
+
+    def model_file(self, name: str) -> str:
+        """Path of one of the model folder's public files (404 when it has none)."""
+        clf = self.model.classifier
+        path = clf.folder.public_file(name) if clf.folder else None
+        if path is None:
+            raise NotFound(f"this model has no {name}")
+        return path
+
+    def close(self) -> None:
+        self.model.close()

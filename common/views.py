@@ -11,9 +11,10 @@ import uuid
 from flask import (Blueprint, Request, Response, current_app, g, jsonify, render_template,
                    request, send_file)
 
-from . import service
-from .errors import (InvalidParameter, MissingImage, ModelNotReady, ModelTimeout, NotFound,
-                     UnsupportedMediaType)
+from . import errors
+from .errors import InvalidParameter, MissingImage, UnsupportedMediaType
+from .modelfolder import CONFUSION_MATRIX, PUBLIC_FILES
+from .service import Service
 
 log = logging.getLogger("classifier.access")
 bp = Blueprint("api", __name__)
@@ -30,8 +31,8 @@ class InMemoryUploadRequest(Request):
         return io.BytesIO()
 
 
-def _state():
-    return current_app.extensions["classifier_service"]
+def _service() -> Service:
+    return Service.of(current_app)
 
 
 @bp.before_app_request
@@ -39,44 +40,27 @@ def _start_request():
     g.started = time.perf_counter()
     incoming = request.headers.get("X-Request-ID", "")
     g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    _state().metrics.request_started()
+    _service().metrics.request_started()
 
 
 @bp.after_app_request
 def _finish_request(response):
     """One JSON log line and the metrics of every request (never any image content)."""
-    state = _state()
+    service = _service()
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else "<unmatched>"
-    clf = state.holder.classifier
+    model = service.model.describe()
     response.headers["X-Request-ID"] = g.get("request_id", "-")
-    state.metrics.request_done(route, request.method, response.status_code, seconds)
+    service.metrics.request_done(route, request.method, response.status_code, seconds)
     log.info("request", extra={
         "request_id": g.get("request_id", "-"), "method": request.method, "route": route,
         "path": request.path[:100], "status": response.status_code,
         "latency_ms": round(seconds * 1e3, 1), "bytes_in": request.content_length or 0,
         "bytes_out": response.content_length or 0,
-        "model": f"{clf.name}/{clf.version}" if clf else None, "source": g.get("source"),
-        "worker": os.getpid(),
+        "model": f"{model['name']}/{model['version']}" if model else None,
+        "source": g.get("source"), "worker": os.getpid(),
     })
     return response
-
-
-def _classifier():
-    clf = _state().holder.classifier
-    if clf is None:
-        raise ModelNotReady()
-    return clf
-
-
-def _classify(data: bytes):
-    state = _state()
-    clf = _classifier()
-    options = service.parse_options(request.args, state.config.top_k)
-    body = service.classify_bytes(data, classifier=clf, store=state.store, options=options,
-                                  max_pixels=state.config.max_image_pixels, started=g.started,
-                                  predict=state.batcher.predict)
-    return jsonify(body)
 
 
 @bp.post("/classify")
@@ -95,7 +79,7 @@ def classify_upload():
         raise UnsupportedMediaType(
             f"send multipart/form-data with an 'image' field, or a raw image/* body "
             f"(got {mimetype or 'no Content-Type'})")
-    return _classify(data)
+    return jsonify(_service().classify_bytes(data, request.args, started=g.started))
 
 
 @bp.get("/classify")
@@ -105,9 +89,7 @@ def classify_url():
     url = request.args.get("image_url")
     if url is None:
         raise InvalidParameter("give image_url=..., or POST the image as the field 'image'")
-    _classifier()  # refuse before downloading when the model is not ready
-    service.parse_options(request.args)  # validate before downloading
-    return _classify(_state().fetcher.fetch(url))
+    return jsonify(_service().classify_url(url, request.args, started=g.started))
 
 
 @bp.get("/healthz")
@@ -117,25 +99,15 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    holder = _state().holder
-    clf = holder.classifier
-    if clf is None:
-        if holder.state == "failed":
-            raise ModelNotReady(f"the model failed to load: {holder.error}")
-        raise ModelNotReady()
-    batcher, limit = _state().batcher, _state().config.request_timeout
-    if batcher is not None and batcher.busy_seconds > limit:  # a hung model call
-        raise ModelTimeout(f"one model call has been running for {batcher.busy_seconds:.0f} s "
-                           f"(REQUEST_TIMEOUT is {limit:g} s)")
-    return jsonify({"status": "ready", "model": clf.describe(), "labels": len(clf.labels),
-                    "input_size": list(clf.input_size)})
+    return jsonify(_service().readiness())
 
 
 @bp.get("/metrics")
 def metrics():
     """Prometheus text format; under gunicorn the sum over all workers."""
-    return Response(_state().metrics.render(), mimetype=None,
-                    content_type=_state().metrics.content_type)
+    service = _service()
+    return Response(service.metrics.render(), mimetype=None,
+                    content_type=service.metrics.content_type)
 
 
 @bp.get("/openapi.json")
@@ -148,19 +120,18 @@ def openapi():
 @bp.get("/model")
 def model_info():
     """The loaded model: name, version, labels, metrics and its evaluation summary if any."""
-    return jsonify(service.model_summary(_classifier()))
+    return jsonify(_service().model_summary())
 
 
 @bp.get("/model/confusion_matrix.png")
 def confusion_matrix():
-    path = service.report_file(_classifier(), "confusion_matrix.png")
-    if path is None:
-        raise NotFound("this model has no confusion matrix picture")
-    return send_file(path, mimetype="image/png", max_age=300)
+    return send_file(_service().model_file(CONFUSION_MATRIX),
+                     mimetype=PUBLIC_FILES[CONFUSION_MATRIX], max_age=300)
 
 
 @bp.get("/")
 def index():
-    clf = _state().holder.classifier
-    return render_template("index.html", model=clf.describe() if clf else None,
-                           max_upload_mb=_state().config.max_upload_mb)
+    service = _service()
+    return render_template("index.html", model=service.model.describe(),
+                           max_upload_mb=service.config.max_upload_mb,
+                           error_messages=errors.catalogue())

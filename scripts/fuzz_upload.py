@@ -19,6 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from common.config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+
 
 def write_corpus(folder: str) -> int:
     """One file per seed image; returns how many were written."""
@@ -31,7 +33,7 @@ def write_corpus(folder: str) -> int:
     return len(seeds)
 
 
-def make_target(size=(64, 64), max_pixels: int = 50_000_000):
+def make_target(size=(64, 64), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """The function libFuzzer calls with each input."""
     from common.errors import ApiError
     from common.images import load_for_model

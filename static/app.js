@@ -10,23 +10,9 @@
   const bars = $("bars"), meta = $("meta");
   const buttons = document.querySelectorAll("button");
 
-  // API error codes in plain words; the server's own message is the fallback.
-  const MESSAGES = {
-    forbidden_url: "That address is not allowed. Use a public http(s) address.",
-    invalid_url: "That does not look like a web address. Use one that starts with http:// or https://.",
-    unsupported_media_type: "That file is not an image. Try a JPEG, PNG, GIF, BMP, WebP or TIFF.",
-    undecodable_image: "That image is damaged or incomplete, so it could not be read.",
-    image_too_large: "That image has too many pixels. Try a smaller one.",
-    payload_too_large: "That file is too big. Try a smaller one.",
-    empty_image: "That file is empty.",
-    missing_image: "No image was sent.",
-    upstream_error: "The other website did not give us the image.",
-    upstream_timeout: "The other website took too long to answer.",
-    model_not_ready: "The model is still starting. Try again in a moment.",
-    overloaded: "The service is busy right now. Try again in a moment.",
-    storage_unavailable: "The service cannot store images right now. Try again later.",
-    invalid_parameter: "The request had a bad setting.",
-  };
+  // API error codes in plain words, from the server's own list (common/errors.py: catalogue());
+  // the server's technical message is the fallback for a code the list lacks.
+  const MESSAGES = JSON.parse($("error-messages").textContent || "{}");
 
   function setBusy(busy, text) {
     buttons.forEach((b) => { b.disabled = busy; });

@@ -1,27 +1,36 @@
-"""Fixtures: a tiny real SavedModel, the app built around it, and the real gunicorn server."""
+"""Fixtures: a tiny real SavedModel, the app built around it, and the real gunicorn server.
+
+Shared helpers (paths, starting a server, the error envelope) are in ``helpers.py``; pytest.ini
+puts the repository root and tests/ on the import path.
+"""
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
+from hypothesis import settings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import DEMO, start_server
+from tiny_models import save_colour_model
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from hypothesis import settings  # noqa: E402
-
-from scripts.liveserver import LiveServer  # noqa: E402,F401 (re-exported to the tests)
-from tiny_models import save_colour_model  # noqa: E402
-
 
 # Fuzzing profiles: `make test` runs a fixed sample (same examples every run, nothing stored);
 # `make test-long` sets HYPOTHESIS_PROFILE=long for many fresh examples.
 settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
 settings.register_profile("long", max_examples=5000, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+SERVER_FIXTURES = {"live_server", "demo_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use a real-server fixture are ``server`` tests (``make test-fast`` skips
+    them); files that start servers themselves carry the mark in ``pytestmark``."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +63,6 @@ def client(app):
     return app.test_client()
 
 
-def start_server(work, env: dict, name: str = "server") -> LiveServer:
-    """Start the real server with ``env``, its TEMP_DIR (``server.temp_dir``) and log under the
-    folder ``work``; returns once it is ready."""
-    server = LiveServer({"TEMP_DIR": str(work / "temp"), **env})
-    server.temp_dir = str(work / "temp")
-    return server.start(str(work / f"{name}.log"))
-
-
 @pytest.fixture(scope="session")
 def live_server(colour_model_dir, tmp_path_factory):
     """The real server, as the Dockerfile runs it, serving the colour model."""
@@ -72,5 +73,16 @@ def live_server(colour_model_dir, tmp_path_factory):
         "THREADS": "8",
         "MAX_UPLOAD_MB": "2",
     })
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """The real server with the demo model as shipped and default limits; short URL timeouts
+    (no internet here)."""
+    server = start_server(tmp_path_factory.mktemp("demo"), {
+        "MODEL_PATH": DEMO, "WORKERS": "1", "URL_ALLOW_HOSTS": "",
+        "URL_FETCH_TIMEOUT": "3", "URL_CONNECT_TIMEOUT": "1"})
     yield server
     server.stop()

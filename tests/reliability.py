@@ -8,7 +8,8 @@ import json
 import os
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 RESULTS_DIR = os.path.join(ROOT, "build", "reliability")
 
 

@@ -4,9 +4,14 @@ import os
 
 import pytest
 
+import threading
+
 import imagegen as ig
 from app import create_app
-from common.classifier import Classifier, load_classifier
+from common.classifier import load_classifier
+from common.served import State
+from common.service import Service
+from helpers import DEMO, assert_envelope
 
 
 def upload(client, data, name="photo.jpg", query="", content_type=None):
@@ -75,35 +80,67 @@ def test_request_id_is_echoed_or_made(client):
     assert len(made) == 32 and made.isalnum()
 
 
-def test_not_ready_until_loaded(colour_model_dir, tmp_path):
-    app = create_app({"temp_dir": str(tmp_path), "model_path": colour_model_dir})
+def gated(classifier):
+    """A loader that returns ``classifier`` only once the returned event is set."""
+    gate = threading.Event()
+
+    def load():
+        assert gate.wait(60), "the test never opened the gate"
+        return classifier
+    return load, gate
+
+
+def test_not_ready_until_loaded(classifier, tmp_path):
+    load, gate = gated(classifier)
+    app = create_app({"temp_dir": str(tmp_path)}, classifier=load)
     client = app.test_client()
-    holder = app.extensions["classifier_service"].holder
     assert client.get("/healthz").status_code == 200
-    if holder.state == "loading":  # usually still loading here; never a 500 either way
-        first = client.get("/readyz")
-        assert first.status_code in (200, 503)
-    assert holder.wait(60)
+    assert_envelope(client.get("/readyz"), 503, "model_not_ready")
+    gate.set()
+    assert Service.of(app).model.wait(60).state is State.READY
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["model"]["name"] == "colours"
 
 
-def test_classify_while_loading_is_503_with_retry_after(tmp_path):
-    slow = Classifier(predict_fn=lambda x: [[1.0]] * len(x), labels=["a"], input_size=(1, 1))
-    app = create_app({"temp_dir": str(tmp_path)}, classifier=slow)
-    app.extensions["classifier_service"].holder.state = "loading"
-    response = upload(app.test_client(), ig.jpeg())
-    assert response.status_code == 503 and response.headers["Retry-After"]
-    assert app.test_client().get("/readyz").status_code == 503
+def test_classify_while_loading_is_503_with_retry_after(classifier, tmp_path):
+    load, gate = gated(classifier)
+    app = create_app({"temp_dir": str(tmp_path / "temp")}, classifier=load)
+    try:
+        response = upload(app.test_client(), ig.jpeg())
+        assert_envelope(response, 503, "model_not_ready")
+        assert response.headers["Retry-After"].isdigit()
+        assert_envelope(app.test_client().get("/model"), 503, "model_not_ready")
+        assert os.listdir(tmp_path / "temp") == []  # refused before anything was stored
+    finally:
+        gate.set()
 
 
 def test_failed_load_is_reported_on_readyz(tmp_path):
     app = create_app({"temp_dir": str(tmp_path), "model_path": str(tmp_path / "none"),
                       "exit_on_load_failure": False})
-    holder = app.extensions["classifier_service"].holder
-    assert not holder.wait(60)
-    body = app.test_client().get("/readyz").get_json()
-    assert "failed to load" in body["error"]["message"]
+    health = Service.of(app).model.wait(60)
+    assert health.state is State.FAILED and "model not found" in health.reason
+    error = assert_envelope(app.test_client().get("/readyz"), 503, "model_not_ready")
+    assert "failed to load" in error["message"] and "model not found" in error["message"]
+
+
+@pytest.mark.parametrize("case,status,code", [
+    ("text", 415, "unsupported_media_type"), ("truncated", 422, "undecodable_image"),
+    ("bomb", 413, "image_too_large"), ("empty", 400, "empty_image"),
+    ("bad_top_k", 400, "invalid_parameter"), ("too_big", 413, "payload_too_large"),
+])
+def test_refused_requests_store_nothing(classifier, tmp_path, case, status, code):
+    temp = tmp_path / "temp"
+    app = create_app({"temp_dir": str(temp), "max_upload_mb": 1}, classifier=classifier)
+    jpeg = ig.encode(ig.noisy(ig.RED, (200, 200)), "JPEG")
+    data, query = {"text": (b"hello", ""), "truncated": (jpeg[:len(jpeg) // 2], ""),
+                   "bomb": (ig.png_claiming(40000, 40000), ""), "empty": (b"", ""),
+                   "bad_top_k": (jpeg, "?top_k=0"),
+                   "too_big": (os.urandom(2 * 1024 * 1024), "")}[case]
+    assert_envelope(upload(app.test_client(), data, query=query), status, code)
+    assert os.listdir(temp) == []
+    assert upload(app.test_client(), jpeg).status_code == 200  # the same app stores good ones
+    assert len(os.listdir(temp)) == 1
 
 
 def test_temp_not_writable_is_503(classifier, tmp_path):
@@ -129,8 +166,7 @@ def test_model_route_without_a_report(client):
 
 
 def test_model_route_with_the_demo_report(tmp_path):
-    demo = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tf_files", "demo")
-    app = create_app({"temp_dir": str(tmp_path)}, classifier=load_classifier(demo))
+    app = create_app({"temp_dir": str(tmp_path)}, classifier=load_classifier(DEMO))
     client = app.test_client()
     evaluation = client.get("/model").get_json()["evaluation"]
     assert evaluation["accuracy"] >= 0.95 and evaluation["confusion_matrix_png"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common.batching import Batcher, bucket_sizes
-from common.errors import ModelTimeout, Overloaded, ServiceUnavailable
+from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 
 
 def image(value: float) -> np.ndarray:
@@ -61,22 +61,40 @@ def test_concurrent_requests_share_batches_and_get_their_own_answer():
 
 
 def test_full_queue_sheds_at_once():
-    gate = threading.Event()
-    batcher = Batcher(lambda x: (gate.wait(), np.zeros((len(x), 1)))[1], max_batch_size=1,
-                      max_queue=2, timeout=5)
+    """With the model blocked and the queue full, a new request is refused without waiting: the
+    model is blocked (a waiting call could only end at its 60 s deadline, as ModelTimeout), and
+    the model is not called again."""
+    gate, entered = threading.Event(), threading.Event()
+    calls = []
+
+    def model(x):
+        calls.append(len(x))
+        entered.set()
+        gate.wait(30)
+        return np.zeros((len(x), 1))
+
+    batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60)
     pool = ThreadPoolExecutor(4)
     try:
         running = [pool.submit(batcher.predict, image(0))]
-        time.sleep(0.1)  # the first is in the model now; two more fill the queue
+        assert entered.wait(10)  # the first is in the model now; two more fill the queue
         running += [pool.submit(batcher.predict, image(0)) for _ in range(2)]
-        time.sleep(0.1)
-        started = time.monotonic()
-        with pytest.raises(Overloaded) as info:
-            batcher.predict(image(0))
-        assert time.monotonic() - started < 0.05
-        assert info.value.headers["Retry-After"] and info.value.status == 503
+        for _ in range(200):
+            if batcher.queue_depth == 2:
+                break
+            threading.Event().wait(0.05)
+        assert batcher.queue_depth == 2
+        outcome = []
+        refused = threading.Thread(target=lambda: outcome.append(
+            pytest.raises(Overloaded, batcher.predict, image(0)).value))
+        refused.start()
+        refused.join(10)
+        assert not refused.is_alive() and outcome, "the refused request waited"
+        assert outcome[0].headers["Retry-After"] and outcome[0].status == 503
+        assert calls == [1] and batcher.stats.shed == 1
         gate.set()
         assert all(f.result(5).shape == (1,) for f in running)
+        assert calls == [1, 1, 1]
     finally:
         gate.set()
         batcher.close()
@@ -113,8 +131,9 @@ def test_model_errors_reach_every_caller():
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(batcher.predict, image(0)) for _ in range(4)]
         for f in futures:
-            with pytest.raises(RuntimeError):
+            with pytest.raises(ModelFailed) as info:  # a 503 for every caller, never a 500
                 f.result(5)
+            assert info.value.status == 503 and "kaput" not in info.value.message
     finally:
         batcher.close()
 

@@ -1,8 +1,11 @@
 """scripts/benchmark.py runs end to end (tiny model, one second a level). It checks the report's
 shape and that nothing failed; speed itself is never asserted in tests."""
-from scripts import benchmark
+import pytest
+
+from scripts import benchmark, loadgen
 
 
+@pytest.mark.server
 def test_benchmark_end_to_end(colour_model_dir):
     params = benchmark.BenchParams(model=colour_model_dir, concurrency=(1, 4),
                                    large_concurrency=(1,), duration=1.0, warmup_requests=1,
@@ -24,4 +27,4 @@ def test_photo_jpeg_sizes():
     from io import BytesIO
 
     from PIL import Image
-    assert Image.open(BytesIO(benchmark.photo_jpeg(500, 375))).size == (500, 375)
+    assert Image.open(BytesIO(loadgen.photo_jpeg(500, 375))).size == (500, 375)

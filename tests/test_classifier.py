@@ -1,11 +1,15 @@
-"""common/classifier.py: loading both model kinds, the start-up checks, ranking."""
-import os
+"""common/classifier.py and common/modelfolder.py: loading both model kinds, the start-up
+checks, the three steps (preprocess, predict, postprocess)."""
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from common.classifier import (Classifier, ClassifierHolder, ModelLoadError, load_classifier,
-                               read_labels)
+import imagegen as ig
+from common.classifier import Classifier, Options, load_classifier
+from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
+from helpers import ROOT
 from tiny_models import COLOUR_LABELS, save_colour_frozen_graph, save_colour_model
 
 
@@ -31,10 +35,37 @@ def test_predict_refuses_wrong_shape(classifier):
         classifier.predict(np.zeros((1, 10, 10, 3), np.float32))
 
 
+def test_a_model_answering_the_wrong_shape_is_a_value_error_not_a_load_error():
+    clf = Classifier(predict_fn=lambda x: np.ones((len(x), 5)), labels=["a", "b"],
+                     input_size=(1, 1))
+    with pytest.raises(ValueError, match="shape"):
+        clf.predict(np.zeros((1, 1, 1, 3), np.float32))
+
+
+def test_the_three_steps(classifier):
+    array, decoded = classifier.preprocess(ig.png(ig.BLUE), max_pixels=10_000)
+    assert array.shape == (32, 32, 3) and array.dtype == np.float32
+    assert 0.0 <= array.min() and array.max() <= 1.0 and decoded.extension == "png"
+    scores = classifier.predict(array[None])[0]
+    ranked = classifier.postprocess(scores, Options(top_k=2))
+    order = np.argsort(-scores, kind="stable")[:2]
+    assert [p["label"] for p in ranked] == [classifier.labels[i] for i in order]
+    assert ranked[0]["label"] == "blue"
+    assert len(ranked) == 2 and set(ranked[0]) == {"label", "score"}
+    assert ranked[0]["score"] == round(float(scores.max()), 6)
+
+
 def test_label_count_mismatch_fails_fast(tmp_path):
     folder = save_colour_model(str(tmp_path / "m"), extra_outputs=1)
     with pytest.raises(ModelLoadError, match="4 scores"):
         clf = load_classifier(folder)
+        clf.warm_up()
+
+
+def test_warm_up_checks_undeclared_output_width():
+    clf = Classifier(predict_fn=lambda x: np.ones((len(x), 4)), labels=["a", "b"],
+                     input_size=(2, 2))
+    with pytest.raises(ModelLoadError, match="4 scores"):
         clf.warm_up()
 
 
@@ -46,7 +77,7 @@ def test_missing_labels_or_model_fail_clearly(tmp_path, colour_model_dir):
     with pytest.raises(ModelLoadError, match="saved_model.pb"):
         load_classifier(str(empty))
     with pytest.raises(ModelLoadError, match="labels"):
-        load_classifier(colour_model_dir, labels_path=str(tmp_path / "missing.txt"))
+        load_classifier(ModelFolder(colour_model_dir, labels_path=str(tmp_path / "missing.txt")))
 
 
 def test_corrupt_saved_model_fails_clearly(tmp_path):
@@ -61,20 +92,24 @@ def test_corrupt_saved_model_fails_clearly(tmp_path):
 def test_read_labels_rules(tmp_path):
     path = tmp_path / "labels.txt"
     path.write_text("daisy\nrose\n\n")
-    assert read_labels(str(path)) == ["daisy", "rose"]
+    assert parse_labels(str(path)) == ["daisy", "rose"]
     path.write_text("daisy\n\nrose\n")
-    with pytest.raises(ModelLoadError):
-        read_labels(str(path))
+    with pytest.raises(ModelLoadError, match="empty line"):
+        parse_labels(str(path))
     path.write_text("a\na\n")
-    with pytest.raises(ModelLoadError):
-        read_labels(str(path))
+    with pytest.raises(ModelLoadError, match="duplicate"):
+        parse_labels(str(path))
+    path.write_text("\n")
+    with pytest.raises(ModelLoadError, match="empty"):
+        parse_labels(str(path))
 
 
 @pytest.mark.parametrize("scale,mean,std", [(1.0, 0.0, 255.0), (255.0, 0.0, 1.0)])
 def test_legacy_frozen_graph(tmp_path, scale, mean, std):
     pb = save_colour_frozen_graph(str(tmp_path / "retrained_graph.pb"), scale=scale)
     (tmp_path / "retrained_labels.txt").write_text("red\ngreen\nblue\n")
-    clf = load_classifier(pb, input_mean=mean, input_std=std)  # labels found beside the graph
+    # labels found beside the graph
+    clf = load_classifier(ModelFolder(pb, legacy=LegacyGraph(input_mean=mean, input_std=std)))
     clf.warm_up()
     assert clf.input_size == (32, 32)
     scores = clf.predict(batch((0, 0, 255), (255, 0, 0)))
@@ -85,7 +120,8 @@ def test_legacy_graph_wrong_tensor_name(tmp_path):
     pb = save_colour_frozen_graph(str(tmp_path / "g.pb"))
     (tmp_path / "l.txt").write_text("red\ngreen\nblue\n")
     with pytest.raises(ModelLoadError, match="cannot load frozen graph"):
-        load_classifier(pb, labels_path=str(tmp_path / "l.txt"), output_layer="nope")
+        load_classifier(ModelFolder(pb, labels_path=str(tmp_path / "l.txt"),
+                                    legacy=LegacyGraph(output_layer="nope")))
     with pytest.raises(ModelLoadError, match="LABELS_PATH"):
         load_classifier(pb)
 
@@ -94,7 +130,18 @@ def test_legacy_graph_label_mismatch(tmp_path):
     pb = save_colour_frozen_graph(str(tmp_path / "g.pb"))
     (tmp_path / "l.txt").write_text("red\ngreen\n")
     with pytest.raises(ModelLoadError, match="3 scores"):
-        load_classifier(pb, labels_path=str(tmp_path / "l.txt"))
+        load_classifier(ModelFolder(pb, labels_path=str(tmp_path / "l.txt")))
+
+
+def test_input_size_rule(tmp_path):
+    folder = ModelFolder(str(tmp_path / "m"))
+    assert folder.input_size({"input_size": [10, 20]}, (30, 30)) == (10, 20)  # model.json first
+    assert folder.input_size({}, (30, 40)) == (30, 40)  # then the signature
+    with pytest.raises(ModelLoadError, match="input size unknown"):
+        folder.input_size({}, None)
+    graph = ModelFolder(str(tmp_path / "g.pb"), legacy=LegacyGraph(input_size=(50, 60)))
+    assert graph.input_size({}, (30, 30)) == (50, 60)  # a configured size wins for a graph
+    assert ModelFolder(str(tmp_path / "g.pb")).input_size({}, None) == (299, 299)
 
 
 def _ranker(labels):
@@ -118,25 +165,11 @@ def test_logits_are_softmaxed():
     assert np.allclose(scores.sum(), 1.0) and scores[0, 1] > 0.85
 
 
-def test_holder_loads_in_background_and_reports_failure(colour_model_dir):
-    holder = ClassifierHolder()
-    assert holder.classifier is None and holder.state == "loading"
-    holder.start(lambda: load_classifier(colour_model_dir))
-    assert holder.wait(60) and holder.classifier.warmed_up
-    failures = []
-    bad = ClassifierHolder()
-    bad.start(lambda: load_classifier("/nonexistent"), on_failure=failures.append)
-    assert not bad.wait(60)
-    assert bad.state == "failed" and isinstance(failures[0], ModelLoadError)
-
-
 def test_engine_imports_no_web_framework():
-    import subprocess
-    import sys
     code = ("import sys; import common.classifier, common.batching, common.images, "
             "common.fetch, common.storage, common.service, common.preprocessing, common.config, "
-            "common.metrics, common.slowclients; "
+            "common.metrics, common.slowclients, common.modelfolder, common.served, "
+            "common.tfruntime, common.errors; "
             "bad = [m for m in ('flask', 'werkzeug') if m in sys.modules]; "
             "assert not bad, bad")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

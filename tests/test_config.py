@@ -5,8 +5,7 @@ import re
 import pytest
 
 from common.config import Config, ConfigError, documented_variables
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def test_defaults_match_design():

@@ -9,22 +9,15 @@ import sys
 import pytest
 import requests
 
-from conftest import ROOT, start_server
+from helpers import ROOT
 from reliability import record
+
+pytestmark = pytest.mark.server
 
 SPEC = os.path.join(ROOT, "common", "openapi.json")
 # `make test` runs a fixed seed; `make test-long` sets more examples and a fresh seed.
 EXAMPLES = int(os.environ.get("CONTRACT_EXAMPLES", "100"))
 SEED = os.environ.get("CONTRACT_SEED", "1")
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    """The demo model as shipped, default limits, short URL timeouts (no internet here)."""
-    server = start_server(tmp_path_factory.mktemp("contract"), {
-        "WORKERS": "1", "URL_FETCH_TIMEOUT": "3", "URL_CONNECT_TIMEOUT": "1"})
-    yield server
-    server.stop()
 
 
 def test_openapi_is_served_and_documents_every_route(demo_server, app):

@@ -1,25 +1,15 @@
 """One envelope for every error: each ApiError class, werkzeug's own errors, and the unexpected."""
 import inspect
+import json
+import re
 
 import pytest
 
 from common import errors
+from helpers import assert_envelope
 
 ERROR_CLASSES = [c for _, c in inspect.getmembers(errors, inspect.isclass)
                  if issubclass(c, errors.ApiError)]
-
-
-def assert_envelope(response, status):
-    assert response.status_code == status
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.get_json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "status"}
-    assert body["error"]["status"] == status
-    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert "Traceback" not in response.get_data(as_text=True)
-    return body["error"]
 
 
 @pytest.mark.parametrize("cls", ERROR_CLASSES, ids=lambda c: c.__name__)
@@ -56,3 +46,33 @@ def test_http_errors_render_the_envelope(client, method, path, status):
     assert_envelope(response, status)
     if status == 405:
         assert "GET" in response.headers["Allow"] or "POST" in response.headers["Allow"]
+
+
+CLIENT_FACING = ["forbidden_url", "invalid_url", "unsupported_media_type", "undecodable_image",
+                 "image_too_large", "payload_too_large", "empty_image", "missing_image",
+                 "upstream_error", "upstream_timeout", "model_not_ready", "overloaded",
+                 "storage_unavailable", "invalid_parameter", "model_timeout", "request_timeout",
+                 "model_error"]
+
+
+def test_every_code_has_plain_words_and_the_page_reads_them_from_the_server(client):
+    catalogue = errors.catalogue()
+    assert set(catalogue) == {c.code for c in ERROR_CLASSES}
+    for code in CLIENT_FACING:  # each with words of its own, not the generic fallback
+        assert catalogue[code] and catalogue[code] != errors.ApiError.plain, code
+    page = client.get("/").get_data(as_text=True)
+    embedded = re.search(r'<script type="application/json" id="error-messages">(.*?)</script>',
+                         page, re.S)
+    assert embedded and json.loads(embedded.group(1)) == catalogue
+
+
+@pytest.mark.parametrize("cls", [errors.UriTooLong, errors.HeadersTooLarge,
+                                 errors.MalformedRequest], ids=lambda c: c.__name__)
+def test_wire_response_carries_the_same_envelope(cls):
+    raw = errors.wire_response(cls())
+    head, body = raw.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith(f"HTTP/1.1 {cls.status} ")
+    assert "Content-Type: application/json" in lines and "Connection: close" in lines
+    assert f"Content-Length: {len(body)}" in lines
+    assert json.loads(body) == cls().to_dict()

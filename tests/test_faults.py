@@ -11,20 +11,11 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import LiveServer, start_server
+from helpers import LiveServer, assert_envelope, metric, post_image, start_server
 from reliability import record
-from test_observability import metric
 from tiny_models import TRAP, save_colour_model
 
-
-def post(server, data, timeout=30):
-    return requests.post(server.url + "/classify", files={"image": ("i.png", data)},
-                         timeout=timeout)
-
-
-def assert_envelope(response, status, code):
-    assert response.status_code == status, response.text
-    assert response.json()["error"]["code"] == code, response.text
+pytestmark = pytest.mark.server
 
 
 # -- kill -9 -------------------------------------------------------------------------------
@@ -40,7 +31,7 @@ def test_kill_9_one_worker_under_load(colour_model_dir, tmp_path):
         while not stop.is_set():
             t = time.monotonic()
             try:  # a new connection per request: no stale keep-alive sockets
-                response = post(server, images[(i + n) % 16])
+                response = post_image(server, images[(i + n) % 16])
                 results.append((t, response.status_code, response.headers.get("Retry-After")))
             except requests.RequestException as exc:
                 results.append((t, type(exc).__name__, None))
@@ -148,22 +139,22 @@ def test_temp_not_writable_is_503_not_500(colour_model_dir, tmp_path):
     server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "1"})
     try:
         data = ig.encode(ig.noisy(ig.GREEN, seed=77), "PNG")
-        assert post(server, data).status_code == 200
+        assert post_image(server, data).status_code == 200
         shutil.rmtree(server.temp_dir)  # a file where the folder was: unwritable even for root
         with open(server.temp_dir, "w") as fh:
             fh.write("not a folder")
-        response = post(server, ig.encode(ig.noisy(ig.GREEN, seed=78), "PNG"))
+        response = post_image(server, ig.encode(ig.noisy(ig.GREEN, seed=78), "PNG"))
         assert_envelope(response, 503, "storage_unavailable")
         assert "cannot store the image" in response.json()["error"]["message"]
         assert response.headers["Retry-After"]
         assert requests.get(server.url + "/healthz", timeout=5).status_code == 200
         os.unlink(server.temp_dir)  # repaired: the service recovers by itself
         os.makedirs(server.temp_dir)
-        assert post(server, ig.encode(ig.noisy(ig.GREEN, seed=79), "PNG")).status_code == 200
+        assert post_image(server, ig.encode(ig.noisy(ig.GREEN, seed=79), "PNG")).status_code == 200
         if os.geteuid() != 0:  # permissions only bind non-root users
             os.chmod(server.temp_dir, 0o500)
             try:
-                assert_envelope(post(server, ig.encode(ig.noisy(ig.RED, seed=80), "PNG")), 503,
+                assert_envelope(post_image(server, ig.encode(ig.noisy(ig.RED, seed=80), "PNG")), 503,
                                 "storage_unavailable")
             finally:
                 os.chmod(server.temp_dir, 0o700)
@@ -186,12 +177,12 @@ def test_hung_model_call_answers_503_and_the_worker_survives(tmp_path):
 
         def send_trap():
             t = time.monotonic()
-            results["trap"] = (post(server, trap), time.monotonic() - t)
+            results["trap"] = (post_image(server, trap), time.monotonic() - t)
 
         th = threading.Thread(target=send_trap)
         th.start()
         time.sleep(0.5)
-        other = post(server, ig.encode(ig.noisy(ig.RED, seed=5), "PNG"))  # queued behind it
+        other = post_image(server, ig.encode(ig.noisy(ig.RED, seed=5), "PNG"))  # queued behind it
         th.join(30)
         trap_response, trap_seconds = results["trap"]
         assert_envelope(trap_response, 503, "model_timeout")
@@ -207,7 +198,7 @@ def test_hung_model_call_answers_503_and_the_worker_survives(tmp_path):
             if requests.get(server.url + "/readyz", timeout=5).status_code == 200:
                 break
             time.sleep(0.2)
-        recovered = post(server, ig.encode(ig.noisy(ig.BLUE, seed=6), "PNG"))
+        recovered = post_image(server, ig.encode(ig.noisy(ig.BLUE, seed=6), "PNG"))
         assert recovered.status_code == 200 and \
             recovered.json()["predictions"][0]["label"] == "blue"
         assert server.worker_pids() == pid  # same worker: not killed by gunicorn's timeout
@@ -225,7 +216,7 @@ def test_model_call_that_never_returns_gets_the_worker_replaced(tmp_path):
                               "MODEL_HANG_TIMEOUT": "3"})
     try:
         (old,) = server.worker_pids()
-        assert_envelope(post(server, ig.encode(ig.solid(TRAP), "PNG")), 503, "model_timeout")
+        assert_envelope(post_image(server, ig.encode(ig.solid(TRAP), "PNG")), 503, "model_timeout")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             pids = server.worker_pids()
@@ -237,7 +228,7 @@ def test_model_call_that_never_returns_gets_the_worker_replaced(tmp_path):
                     pass
             time.sleep(0.2)
         assert old not in server.worker_pids() and len(server.worker_pids()) == 1
-        response = post(server, ig.encode(ig.noisy(ig.GREEN, seed=9), "PNG"))
+        response = post_image(server, ig.encode(ig.noisy(ig.GREEN, seed=9), "PNG"))
         assert response.status_code == 200
         assert response.json()["predictions"][0]["label"] == "green"
         assert server.proc.poll() is None  # the server itself never stopped

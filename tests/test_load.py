@@ -10,12 +10,11 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import ROOT, LiveServer, start_server
+from helpers import DEMO, LiveServer, start_server
 from reliability import record
-from scripts.benchmark import drive, photo_jpeg
+from scripts.loadgen import drive, photo_jpeg
 
-pytestmark = pytest.mark.long
-DEMO = os.path.join(ROOT, "tf_files", "demo")
+pytestmark = [pytest.mark.long, pytest.mark.server]
 OVERLOAD_SECONDS = float(os.environ.get("OVERLOAD_SECONDS", "30"))
 SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
 

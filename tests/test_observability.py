@@ -3,10 +3,14 @@ import json
 import re
 import time
 
+import pytest
 import requests
 from PIL import PngImagePlugin
 
 import imagegen as ig
+from helpers import metric
+
+pytestmark = pytest.mark.server
 
 MARKER = "IMAGE-CONTENT-MARKER-7f3a"
 
@@ -20,21 +24,6 @@ def log_lines(server) -> list[dict]:
             except ValueError:
                 pass
     return lines
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
-        if all(have.get(k) == str(v) for k, v in labels.items()):
-            total += float(m.group(4))
-            found = True
-    assert found, f"no sample {name}{labels}"
-    return total
 
 
 def test_one_log_line_per_request_without_image_content(live_server):

@@ -1,5 +1,6 @@
 """The real server: gunicorn started with the Dockerfile's command, real bytes over loopback."""
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,22 +9,9 @@ import requests
 
 import imagegen as ig
 import webservers as ws
-from conftest import LiveServer, ROOT
+from helpers import ROOT, LiveServer, assert_envelope, post_image, start_server
 
-
-def post_image(server, data, name="photo.jpg", content_type="image/jpeg", query=""):
-    return requests.post(server.url + "/classify" + query,
-                         files={"image": (name, data, content_type)}, timeout=30)
-
-
-def assert_envelope(response, status, code=None):
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"code", "message", "status"} and error["status"] == status
-    if code:
-        assert error["code"] == code
-    assert "Traceback" not in response.text
+pytestmark = pytest.mark.server
 
 
 def test_health_and_ready(live_server):
@@ -184,9 +172,52 @@ def test_redirect_from_allowed_to_forbidden(live_server, forbidden_host):
     assert hop.hits == ["/go"] and forbidden_host.hits == []
 
 
-def test_nothing_written_outside_temp(live_server):
-    entries = os.listdir(live_server.temp_dir)
-    assert entries and all(len(e) <= 21 and "." in e for e in entries)
+SKIP_DIRS = {".git", ".venv", "build", "__pycache__", ".pytest_cache", ".hypothesis"}
+
+
+def snapshot(folder) -> dict:
+    """Every file below ``folder`` (outside SKIP_DIRS) -> (size, mtime)."""
+    found = {}
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
+        for name in files:
+            path = os.path.join(top, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            found[path] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+def test_nothing_written_outside_temp(tmp_path, colour_model_dir, image_host, forbidden_host):
+    """Good, bad and hostile requests to a server of its own: afterwards the only new files are
+    images under TEMP_DIR, with the store's names; the checkout, HOME, the system temp folder
+    and the work folder are as before."""
+    home, tmpdir, work = tmp_path / "home", tmp_path / "tmp", tmp_path / "work"
+    for folder in (home, tmpdir, work):
+        folder.mkdir()
+    before = {"root": snapshot(ROOT), "home": snapshot(home), "tmp": snapshot(tmpdir)}
+    server = start_server(work, {"MODEL_PATH": colour_model_dir, "URL_ALLOW_HOSTS": "127.0.0.1",
+                                 "HOME": str(home), "TMPDIR": str(tmpdir), "MAX_UPLOAD_MB": "1"})
+    try:
+        big = ig.encode(ig.noisy(ig.RED, (300, 300)), "JPEG")
+        for i, name in enumerate(["../../x.jpg", "/tmp/evil.jpg", "~/.bashrc", "a" * 300]):
+            assert post_image(server, ig.encode(ig.noisy(ig.RED, seed=i), "PNG"),
+                              name=name).status_code == 200
+        for data in (b"text", big[:len(big) // 2], ig.png_claiming(40000, 40000),
+                     os.urandom(2 * 1024 * 1024)):
+            assert 400 <= post_image(server, data, name="../../y.jpg").status_code < 500
+        for url in (image_host.base + "/cat.jpg", forbidden_host.base + "/secret",
+                    "file:///etc/passwd"):
+            requests.get(server.url + "/classify", params={"image_url": url}, timeout=30)
+        stored = os.listdir(server.temp_dir)
+    finally:
+        server.stop()
+    assert snapshot(ROOT) == before["root"]
+    assert snapshot(home) == before["home"] and snapshot(tmpdir) == before["tmp"]
+    assert sorted(os.listdir(work)) == ["server.log", "temp"]
+    assert len(stored) == 5 and all(re.fullmatch(r"[0-9a-f]{16}\.(png|jpg)", n) for n in stored)
 
 
 def test_missing_model_exits_non_zero(tmp_path):

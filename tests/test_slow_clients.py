@@ -9,8 +9,10 @@ import pytest
 import requests
 
 import imagegen as ig
-from conftest import start_server
+from helpers import start_server
 from reliability import record
+
+pytestmark = pytest.mark.server
 
 GRACE = 2  # UPLOAD_TIMEOUT for these tests
 MIN_RATE_KB = 16

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, start_server
+from helpers import ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -25,13 +25,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory):
-    server = start_server(tmp_path_factory.mktemp("web"), {
-        "MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"), "URL_ALLOW_HOSTS": ""})
-    yield server
-    server.stop()
+pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")

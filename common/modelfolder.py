@@ -1,0 +1,257 @@
+"""The one reader and writer of a model folder. No TensorFlow and no web framework here.
+
+A model folder (DESIGN.md) holds
+
+* ``saved_model.pb`` + ``variables/``: a SavedModel whose ``serving_default`` takes ``images``
+  float32 ``[batch, h, w, 3]`` in ``[0, 1]`` and returns ``probabilities`` ``[batch, labels]``
+  (or logits, declared as ``"outputs": "logits"`` in model.json);
+* ``labels.txt``: one label per output, in output order;
+* ``model.json``: ``name``, ``version``, ``input_size``, ``created``, ``base_module``,
+  ``metrics``, the training record;
+* optionally ``report.json`` (the evaluation) and ``confusion_matrix.png``.
+
+A legacy TF1 frozen graph (``retrained_graph.pb``, ``Placeholder`` -> ``final_result``, with a
+labels file) is a model folder too, with the graph's own settings in :class:`LegacyGraph`.
+
+Everything that knows these file names, the label rules, the label-count check and the input-size
+rule lives here; retrain.py writes through it and the server, label_image.py and the page's
+routes read through it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+SAVED_MODEL = "saved_model.pb"
+LABELS = "labels.txt"
+MODEL_JSON = "model.json"
+REPORT_JSON = "report.json"
+CONFUSION_MATRIX = "confusion_matrix.png"
+LEGACY_LABELS = "retrained_labels.txt"  # looked for beside a frozen graph
+#: Files of the folder that the HTTP routes may hand out, by name (never a name from a URL).
+PUBLIC_FILES = {CONFUSION_MATRIX: "image/png"}
+#: Input side of a legacy graph whose input shape is not fixed and not configured (Inception v3).
+DEFAULT_LEGACY_INPUT_SIDE = 299
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder cannot be served: missing, damaged, or its parts disagree."""
+
+
+@dataclass(frozen=True)
+class LegacyGraph:
+    """How to call a TF1 frozen graph: tensor names and the value range it was trained on.
+
+    The service's ``[0, 1]`` pixels ``x`` reach the graph as ``(x * 255 - input_mean) /
+    input_std``; the defaults give ``[0, 1]`` back, as the TF Hub based retrain.py trained them
+    (Inception's original graph used mean 128, std 128).
+    """
+
+    input_layer: str = "Placeholder"
+    output_layer: str = "final_result"
+    input_mean: float = 0.0
+    input_std: float = 255.0
+    input_size: tuple[int, int] | None = None  # (height, width) when the graph does not fix it
+
+
+class ModelFolder:
+    """One model folder on disk, or one legacy ``.pb`` file with its labels file.
+
+    Args:
+        path: the folder, or a ``.pb`` frozen graph.
+        labels_path: a labels file to use instead of the folder's own.
+        legacy: tensor names and scaling of a frozen graph (ignored for a SavedModel).
+    """
+
+    def __init__(self, path: str, *, labels_path: str | None = None,
+                 legacy: LegacyGraph | None = None):
+        self.path = path
+        self._labels_path = labels_path
+        self.legacy = legacy or LegacyGraph()
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({self.path!r})"
+
+    # -- what kind of folder ------------------------------------------------------------------
+    @property
+    def is_frozen_graph(self) -> bool:
+        return self.path.endswith(".pb") and not os.path.isdir(self.path)
+
+    @property
+    def folder(self) -> str | None:
+        """The directory holding the model's files (None for a bare frozen graph)."""
+        return None if self.is_frozen_graph else self.path
+
+    def file(self, name: str) -> str:
+        """Path of one of the folder's own files (``name`` is one of this module's constants)."""
+        if self.folder is None:
+            raise ModelLoadError(f"{self.path} is a frozen graph, not a model folder")
+        return os.path.join(self.folder, name)
+
+    def check_exists(self) -> None:
+        """Raise ModelLoadError unless the path is a SavedModel folder or a ``.pb`` file."""
+        if not os.path.exists(self.path):
+            raise ModelLoadError(f"model not found: {self.path}")
+        if self.is_frozen_graph:
+            return
+        if not os.path.isdir(self.path):
+            raise ModelLoadError(f"{self.path} is neither a model folder nor a .pb frozen graph")
+        if not os.path.isfile(self.file(SAVED_MODEL)):
+            raise ModelLoadError(f"{self.path} has no {SAVED_MODEL}")
+
+    # -- labels -------------------------------------------------------------------------------
+    @property
+    def labels_path(self) -> str:
+        if self._labels_path:
+            return self._labels_path
+        if not self.is_frozen_graph:
+            return self.file(LABELS)
+        beside = os.path.join(os.path.dirname(self.path), LEGACY_LABELS)
+        if os.path.exists(beside):
+            return beside
+        raise ModelLoadError(f"{self.path} is a frozen graph: set LABELS_PATH to its labels file")
+
+    def read_labels(self) -> list[str]:
+        """One label per line; blank lines at the end are ignored, blank lines inside, duplicate
+        labels or an empty file are errors."""
+        return parse_labels(self.labels_path)
+
+    def write_labels(self, labels: list[str]) -> None:
+        _write_text(self.file(LABELS), "\n".join(labels) + "\n")
+
+    @staticmethod
+    def check_label_count(outputs: int | None, labels: list[str], where: str) -> None:
+        """The one label-count check: a model's output width must equal the number of labels.
+
+        ``outputs`` None means the model does not declare it (checked again at warm-up).
+        """
+        if outputs is not None and outputs != len(labels):
+            raise ModelLoadError(f"{where}: the model outputs {outputs} scores per image but "
+                                 f"there are {len(labels)} labels")
+
+    # -- model.json and the evaluation ----------------------------------------------------------
+    def read_metadata(self) -> dict:
+        """model.json as a dict ({} when absent, and for a frozen graph)."""
+        if self.folder is None:
+            return {"format": "frozen_graph"}
+        return self._read_json(MODEL_JSON) or {}
+
+    def write_metadata(self, meta: dict) -> None:
+        _write_text(self.file(MODEL_JSON), json.dumps(meta, indent=2))
+
+    def read_report(self) -> dict | None:
+        """report.json (the evaluation retrain.py wrote), or None when absent or unreadable."""
+        if self.folder is None:
+            return None
+        try:
+            return self._read_json(REPORT_JSON)
+        except ModelLoadError:
+            return None
+
+    def write_report(self, report: dict) -> None:
+        _write_text(self.file(REPORT_JSON), json.dumps(report, indent=2))
+
+    def public_file(self, name: str) -> str | None:
+        """Path of a file the routes may serve (``PUBLIC_FILES``), or None when there is none."""
+        if name not in PUBLIC_FILES or self.folder is None:
+            return None
+        path = self.file(name)
+        return path if os.path.isfile(path) else None
+
+    def evaluation_summary(self) -> dict | None:
+        """What the page and ``GET /model`` show of report.json, or None without one."""
+        report = self.read_report()
+        if report is None:
+            return None
+        return {"accuracy": report.get("accuracy"), "test_images": report.get("test_images"),
+                "per_class": report.get("per_class", {}),
+                "confusion_matrix_png": self.public_file(CONFUSION_MATRIX) is not None}
+
+    def _read_json(self, name: str) -> dict | None:
+        path = self.file(name)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{path} must hold a JSON object")
+        return data
+
+    # -- identity -----------------------------------------------------------------------------
+    def identity(self, meta: dict) -> tuple[str, str]:
+        """(name, version): model.json's, else the folder's (or graph file's) own name and 1."""
+        base = os.path.basename(os.path.normpath(self.path))
+        default = os.path.splitext(base)[0] if self.is_frozen_graph else base
+        return str(meta.get("name") or default), str(meta.get("version", "1"))
+
+    def input_size(self, meta: dict, static_shape: tuple | None) -> tuple[int, int]:
+        """The one input-size rule: the configured size (legacy graphs), else model.json's
+        ``input_size``, else the model's static ``(height, width)``, else (legacy graphs only)
+        299 x 299. Raises ModelLoadError when a SavedModel's size cannot be told."""
+        configured = self.legacy.input_size if self.is_frozen_graph else None
+        size = configured or meta.get("input_size")
+        if size is None and static_shape and None not in static_shape:
+            size = static_shape
+        if size is None and self.is_frozen_graph:
+            size = (DEFAULT_LEGACY_INPUT_SIDE, DEFAULT_LEGACY_INPUT_SIDE)
+        if size is None:
+            raise ModelLoadError(f"{self.path}: input size unknown; put input_size in "
+                                 f"{MODEL_JSON}")
+        return infer_size(size)
+
+    # -- writing a whole folder -----------------------------------------------------------------
+    def publish(self, staging: str) -> None:
+        """Move a finished folder built at ``staging`` into this path in one rename.
+
+        An existing folder at this path is moved aside first and removed only after the new one
+        is in place.
+        """
+        target = os.path.normpath(self.path)
+        old = target + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(target):
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def infer_size(size) -> tuple[int, int]:
+    """``299``, ``[299, 299]`` or ``(h, w)`` -> ``(height, width)`` of positive ints."""
+    if isinstance(size, (int, float)):
+        size = (size, size)
+    height, width = (int(v) for v in size)
+    if height < 1 or width < 1:
+        raise ModelLoadError(f"input size must be positive, got {size}")
+    return height, width
+
+
+def parse_labels(path: str) -> list[str]:
+    """Read a labels file under the rules of :meth:`ModelFolder.read_labels`."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [line.rstrip("\r\n") for line in fh]
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read labels file {path}: {exc.strerror}") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = [line.strip() for line in lines]
+    if not labels:
+        raise ModelLoadError(f"labels file {path} is empty")
+    if any(not label for label in labels):
+        raise ModelLoadError(f"labels file {path} has an empty line inside")
+    if len(set(labels)) != len(labels):
+        raise ModelLoadError(f"labels file {path} has duplicate labels")
+    return labels
+
+
+def _write_text(path: str, text: str) -> None:
+    """Write a small file atomically (a reader never sees half of it)."""
+    tmp = path + ".part"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,201 @@
+"""One served model version: its classifier, batcher, health and hang watchdog, built, warmed up
+and closed together. No web framework here.
+
+Its health is one value, :class:`Health`, computed from what the unit holds: ``loading`` until
+the model is loaded and warmed up, then ``ready``; ``hung`` while one model call has run longer
+than ``REQUEST_TIMEOUT``; ``failed`` with the reason when loading failed; ``stopped`` once closed.
+``/readyz``, gunicorn's ``post_worker_init`` and the watchdog all read it.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .batching import Batcher, bucket_sizes
+from .classifier import Classifier
+from .config import Config
+from .errors import ModelNotReady, ModelTimeout, ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    HUNG = "hung"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class Health:
+    """A served version's health: its state, why (for ``failed`` and ``hung``), and how long the
+    running model call has taken so far (0 when idle)."""
+
+    state: State
+    reason: str | None = None
+    busy_seconds: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+    def error(self) -> ServiceUnavailable | None:
+        """The 503 a request gets from a version in this state (None when ready)."""
+        if self.state is State.READY:
+            return None
+        if self.state is State.HUNG:
+            return ModelTimeout(self.reason)
+        if self.state is State.FAILED:
+            return ModelNotReady(f"the model failed to load: {self.reason}")
+        if self.state is State.STOPPED:
+            return ServiceUnavailable("the worker is shutting down")
+        return ModelNotReady()
+
+
+@dataclass(frozen=True)
+class _Running:
+    """What a ready version holds; set in one assignment, so readers never see half of it."""
+
+    classifier: Classifier
+    batcher: Batcher
+
+
+class ServedModel:
+    """Loads a classifier (in the background when given a loader), warms it up, batches it.
+
+    Args:
+        source: a loaded Classifier, or a zero-argument callable that loads one (run in a
+            background thread by :meth:`start`).
+        config: batching and timeout settings (``BATCH_*``, ``REQUEST_TIMEOUT``,
+            ``MODEL_HANG_TIMEOUT``).
+        metrics: ``common.metrics.Metrics`` (or None).
+        on_failure: called with the exception when loading fails.
+        on_hung: called with the seconds of a model call that ran past ``MODEL_HANG_TIMEOUT``
+            (None: no watchdog).
+    """
+
+    def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
+                 metrics=None, on_failure: Callable[[BaseException], None] | None = None,
+                 on_hung: Callable[[float], None] | None = None):
+        self._source = source
+        self.config = config
+        self.metrics = metrics
+        self.on_failure = on_failure
+        self.on_hung = on_hung
+        self.load_seconds = 0.0
+        self.warmup_seconds = 0.0
+        self._running: _Running | None = None
+        self._error: str | None = None
+        self._stopped = False
+        self._settled = threading.Event()  # set once loading ended, either way
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self, background: bool = True) -> "ServedModel":
+        """Load (unless given a classifier), warm up, start batching; in a thread if asked."""
+        if background and not isinstance(self._source, Classifier):
+            threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        else:
+            self._load()
+        return self
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            clf = self._source if isinstance(self._source, Classifier) else self._source()
+            self.load_seconds = time.perf_counter() - t0
+            self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
+            batcher = Batcher(clf.predict, max_batch_size=self.config.batch_max_size,
+                              max_wait_ms=self.config.batch_max_wait_ms,
+                              max_queue=self.config.batch_queue_size,
+                              timeout=self.config.request_timeout, metrics=self.metrics)
+            self._running = _Running(clf, batcher)
+            if self.metrics is not None:
+                self.metrics.model_ready(clf.name, clf.version, self.load_seconds,
+                                         self.warmup_seconds)
+            log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s",
+                     clf.name, clf.version, self.load_seconds, self.warmup_seconds)
+            if self.on_hung is not None and self.config.model_hang_timeout > 0:
+                threading.Thread(target=self._watch, name="model-watchdog", daemon=True).start()
+        except BaseException as exc:  # report every failure; the process must not limp on
+            self._error = str(exc) or type(exc).__name__
+            log.critical("model failed to load: %s", self._error)
+            if self.on_failure is not None:
+                self.on_failure(exc)
+        finally:
+            self._settled.set()
+
+    def _watch(self) -> None:
+        """A model call running past MODEL_HANG_TIMEOUT cannot be interrupted (TensorFlow has
+        no way to cancel a running op), so the worker gives itself up to be replaced."""
+        limit = self.config.model_hang_timeout
+        while True:
+            time.sleep(min(1.0, limit / 4))
+            health = self.health()
+            if health.state is State.STOPPED:
+                return
+            if health.state is State.HUNG and health.busy_seconds > limit:
+                self.on_hung(health.busy_seconds)
+                return
+
+    def close(self) -> None:
+        """Stop taking requests and answer what is queued (gunicorn's worker_exit)."""
+        self._stopped = True
+        running = self._running
+        if running is not None:
+            running.batcher.close()
+
+    # -- health ---------------------------------------------------------------------------------
+    def health(self) -> Health:
+        """The one value every reader of this version's health uses."""
+        running = self._running
+        if self._stopped:
+            return Health(State.STOPPED)
+        if self._error is not None:
+            return Health(State.FAILED, self._error)
+        if running is None:
+            return Health(State.LOADING)
+        busy = running.batcher.busy_seconds
+        if busy > self.config.request_timeout:
+            return Health(State.HUNG, f"one model call has been running for {busy:.0f} s "
+                                      f"(REQUEST_TIMEOUT is {self.config.request_timeout:g} s)",
+                          busy)
+        return Health(State.READY, busy_seconds=busy)
+
+    def wait(self, timeout: float | None = None) -> Health:
+        """Block until loading has ended (or ``timeout``); returns the health then."""
+        self._settled.wait(timeout)
+        return self.health()
+
+    # -- serving --------------------------------------------------------------------------------
+    @property
+    def classifier(self) -> Classifier:
+        """The loaded classifier; ModelNotReady (503) while loading or after a failure."""
+        running = self._running
+        if running is None:
+            raise self.health().error() or ModelNotReady()
+        return running.classifier
+
+    def describe(self) -> dict | None:
+        """``{"name", "version"}`` once loaded, else None."""
+        running = self._running
+        return running.classifier.describe() if running else None
+
+    def infer(self, image: np.ndarray) -> np.ndarray:
+        """One preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) -> ``[labels]`` scores,
+        always through the batcher (503 when overloaded, timed out or shutting down)."""
+        running = self._running
+        if running is None:
+            raise self.health().error() or ModelNotReady()
+        return running.batcher.predict(image)
+
+    @property
+    def batcher(self) -> Batcher | None:
+        running = self._running
+        return running.batcher if running else None

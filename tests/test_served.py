@@ -1,0 +1,141 @@
+"""common/served.py: one served version's life cycle and its one health value."""
+import threading
+
+import numpy as np
+import pytest
+
+from common.classifier import Classifier
+from common.config import Config
+from common.errors import ModelFailed, ModelNotReady, ModelTimeout, ServiceUnavailable
+from common.served import ServedModel, State
+
+CONFIG = Config.from_mapping({"batch_max_size": 2, "request_timeout": 0.5,
+                              "model_hang_timeout": 1.0})
+
+
+def tiny(predict_fn=None) -> Classifier:
+    return Classifier(predict_fn=predict_fn or (lambda x: np.ones((len(x), 2)) / 2),
+                      labels=["a", "b"], input_size=(2, 2))
+
+
+def image() -> np.ndarray:
+    return np.zeros((2, 2, 3), np.float32)
+
+
+def test_loading_then_ready_in_the_background():
+    gate = threading.Event()
+    model = ServedModel(lambda: (gate.wait(30), tiny())[1], CONFIG).start()
+    try:
+        assert model.health().state is State.LOADING
+        with pytest.raises(ModelNotReady):
+            model.infer(image())
+        assert model.describe() is None
+        gate.set()
+        assert model.wait(30).state is State.READY
+        assert model.infer(image()).tolist() == [0.5, 0.5]
+        assert model.classifier.warmed_up and model.describe() == {"name": "model",
+                                                                   "version": "1"}
+    finally:
+        gate.set()
+        model.close()
+
+
+def test_a_failed_load_is_failed_with_its_reason_and_reported():
+    failures = []
+
+    def broken():
+        raise FileNotFoundError("no model here")
+
+    model = ServedModel(broken, CONFIG, on_failure=failures.append).start()
+    health = model.wait(30)
+    assert health.state is State.FAILED and "no model here" in health.reason
+    assert isinstance(failures[0], FileNotFoundError)
+    error = health.error()
+    assert isinstance(error, ModelNotReady) and "no model here" in error.message
+
+
+def test_a_warm_up_failure_is_a_failed_load():
+    bad = tiny(lambda x: np.ones((len(x), 3)))  # three scores, two labels
+    health = ServedModel(bad, CONFIG).start().wait(30)
+    assert health.state is State.FAILED and "3 scores" in health.reason
+
+
+def test_hung_while_one_call_runs_past_request_timeout_then_ready_again():
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(x):
+        if slow.armed:  # not during warm-up
+            entered.set()
+            release.wait(30)
+        return np.ones((len(x), 2)) / 2
+
+    slow.armed = False
+    model = ServedModel(tiny(slow), CONFIG).start(background=False)
+    slow.armed = True
+    caller = threading.Thread(target=lambda: pytest.raises(ModelTimeout, model.infer, image()))
+    caller.start()
+    try:
+        assert entered.wait(30)
+        while model.health().busy_seconds <= CONFIG.request_timeout:
+            threading.Event().wait(0.05)
+        health = model.health()
+        assert health.state is State.HUNG and "REQUEST_TIMEOUT" in health.reason
+        assert isinstance(health.error(), ModelTimeout)
+    finally:
+        release.set()
+        caller.join(30)
+        slow.armed = False
+    for _ in range(600):  # until the model thread has finished that call
+        if model.batcher.stats.batches == 1:
+            break
+        threading.Event().wait(0.05)
+    assert model.health().state is State.READY
+    model.close()
+
+
+def test_the_watchdog_reports_a_call_past_model_hang_timeout():
+    hung_for = []
+    release = threading.Event()
+    fired = threading.Event()
+
+    def spin(x):
+        if spin.armed:  # not during warm-up
+            release.wait(30)
+        return np.ones((len(x), 2)) / 2
+
+    spin.armed = False
+    model = ServedModel(tiny(spin), CONFIG,
+                        on_hung=lambda s: (hung_for.append(s), fired.set())).start(False)
+    spin.armed = True
+    threading.Thread(target=lambda: pytest.raises(ModelTimeout, model.infer, image()),
+                     daemon=True).start()
+    try:
+        assert fired.wait(30)
+        assert hung_for[0] > CONFIG.model_hang_timeout
+    finally:
+        release.set()
+        model.close()
+
+
+def test_model_errors_are_503_not_500():
+    def broken(x):
+        if broken.armed:  # not during warm-up
+            raise RuntimeError("kaput")
+        return np.ones((len(x), 2)) / 2
+
+    broken.armed = False
+    model = ServedModel(tiny(broken), CONFIG).start(False)
+    broken.armed = True
+    with pytest.raises(ModelFailed) as info:
+        model.infer(image())
+    assert info.value.status == 503 and "kaput" not in info.value.message
+    model.close()
+
+
+def test_stopped_after_close():
+    model = ServedModel(tiny(), CONFIG).start(False)
+    model.close()
+    assert model.health().state is State.STOPPED
+    assert isinstance(model.health().error(), ServiceUnavailable)
+    with pytest.raises(ServiceUnavailable):
+        model.infer(image())
