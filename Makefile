@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test test-long fuzz reliability demo bench clean
+.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo bench clean
 
 venv: $(VENV)/.installed
 
@@ -16,8 +16,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 serve: venv
 	$(BIN)/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
+# Everything: a sample of tests run one by one (each must pass alone), then the whole suite.
 test: venv
+	$(BIN)/python scripts/check_isolation.py --sample 12
 	$(BIN)/python -m pytest
+
+# The in-process tests only (seconds): no real server, no browser.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not server and not long"
+
+# Every test alone in its own process (not in CI: tens of minutes).
+test-alone: venv
+	$(BIN)/python scripts/check_isolation.py --all
 
 # Longer versions of the reliability runs (about 11 minutes; not in CI): fresh hypothesis and
 # schemathesis examples, 2 minutes of overload, 50,000 soak requests. See docs/RELIABILITY.md.
