@@ -28,6 +28,7 @@ SAVED_MODEL = "saved_model.pb"
 LABELS = "labels.txt"
 MODEL_JSON = "model.json"
 REPORT_JSON = "report.json"
+BUILD_JSON = "build.json"  # how the bundled demo was built (scripts/build_demo.py)
 CONFUSION_MATRIX = "confusion_matrix.png"
 LEGACY_LABELS = "retrained_labels.txt"  # looked for beside a frozen graph
 #: Files of the folder that the HTTP routes may hand out, by name (never a name from a URL).
@@ -152,6 +153,10 @@ class ModelFolder:
 
     def write_report(self, report: dict) -> None:
         _write_text(self.file(REPORT_JSON), json.dumps(report, indent=2))
+
+    def write_build_record(self, record: dict) -> None:
+        """build.json: how a bundled model was built (steps, times, data seed)."""
+        _write_text(self.file(BUILD_JSON), json.dumps(record, indent=2))
 
     def public_file(self, name: str) -> str | None:
         """Path of a file the routes may serve (``PUBLIC_FILES``), or None when there is none."""

@@ -26,11 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _measure(precision: str, demo_model: str, data_dir: str, speed_model: str | None) -> dict:
     """Runs inside a child process: predictions on the demo test split, and images/s."""
-    from common.classifier import configure_tensorflow, load_classifier
+    from common import tfruntime
+    from common.classifier import load_classifier
     from scripts.label_image import label_images
-    from scripts.retrain import create_image_lists
+    from scripts.training import create_image_lists
 
-    effective = configure_tensorflow(precision=precision)
+    effective = tfruntime.configure(precision=precision)
     demo = load_classifier(demo_model)
     lists = create_image_lists(data_dir)
     paths = [os.path.join(data_dir, p) for p, _ in lists.paths("testing")]

@@ -20,7 +20,8 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scripts import make_demo_data, make_feature_module, retrain  # noqa: E402
+from common.modelfolder import ModelFolder  # noqa: E402
+from scripts import make_demo_data, make_feature_module, training  # noqa: E402
 
 
 def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
@@ -41,26 +42,16 @@ def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
     timings["data_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    params = make_feature_module.ModuleParams()
-    module, module_metrics = make_feature_module.train_module(params, progress=progress)
-    shutil.rmtree(module_dir, ignore_errors=True)
-    make_feature_module.save_module(module, module_dir, params, module_metrics)
+    module_metrics = _make_module(module_dir, progress)
     timings["module_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    result = retrain.retrain(
+    result = training.retrain(
         data_dir, demo_dir, module_dir,
-        retrain.TrainParams(how_many_training_steps=1000, min_test_accuracy=min_test_accuracy),
+        training.TrainParams(how_many_training_steps=1000, min_test_accuracy=min_test_accuracy),
         bottleneck_dir=cache_dir, name="demo", version="1", progress=progress)
     timings["retrain_seconds"] = round(time.perf_counter() - t0, 1)
 
-    # The cache's worth: the same feature pass again, now served from build/bottlenecks.
-    lists = retrain.create_image_lists(data_dir)
-    loaded = retrain.load_module(module_dir)
-    size = retrain.module_input_size(loaded, module_dir)
-    cache = os.path.join(cache_dir, retrain.module_key(module_dir))
-    _, second = retrain.compute_features(loaded, lists, size, cache, progress=False)
-    first = result.feature_stats
     record = {
         **timings,
         "total_seconds": round(sum(timings.values()), 1),
@@ -69,15 +60,34 @@ def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
         "module": {"path": os.path.relpath(module_dir, root), **module_metrics},
         "test_accuracy": result.report["accuracy"],
         "test_images": result.report["test_images"],
-        "feature_cache": {"first_run": {"computed": first.computed, "seconds": first.seconds},
-                          "second_run": {"computed": second.computed, "cached": second.cached,
-                                         "seconds": second.seconds},
-                          "speedup": round(first.seconds / max(second.seconds, 1e-3), 1)},
+        "feature_cache": _cache_record(result.feature_stats, data_dir, module_dir, cache_dir),
         "machine": f"{os.cpu_count()} CPU cores",
     }
-    with open(os.path.join(demo_dir, "build.json"), "w") as fh:
-        json.dump(record, fh, indent=2)
+    ModelFolder(demo_dir).write_build_record(record)
     return record
+
+
+def _make_module(module_dir: str, progress: bool) -> dict:
+    """Pretrain and save the feature module; returns its metrics."""
+    params = make_feature_module.ModuleParams()
+    module, module_metrics = make_feature_module.train_module(params, progress=progress)
+    shutil.rmtree(module_dir, ignore_errors=True)
+    make_feature_module.save_module(module, module_dir, params, module_metrics)
+    return module_metrics
+
+
+def _cache_record(first: training.FeatureStats, data_dir: str, module_dir: str,
+                  cache_dir: str) -> dict:
+    """The cache's worth: the same feature pass again, now served from build/bottlenecks."""
+    lists = training.create_image_lists(data_dir)
+    loaded = training.load_module(module_dir)
+    size = training.module_input_size(loaded, module_dir)
+    cache = training.feature_cache_dir(cache_dir, module_dir)
+    _, second = training.compute_features(loaded, lists, size, cache, progress=False)
+    return {"first_run": {"computed": first.computed, "seconds": first.seconds},
+            "second_run": {"computed": second.computed, "cached": second.cached,
+                           "seconds": second.seconds},
+            "speedup": round(first.seconds / max(second.seconds, 1e-3), 1)}
 
 
 def main(argv=None) -> int:

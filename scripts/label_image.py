@@ -19,9 +19,10 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.classifier import Classifier, ModelLoadError, load_classifier  # noqa: E402
+from common.classifier import Classifier, Options, load_classifier  # noqa: E402
 from common.errors import ApiError  # noqa: E402
 from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
+from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
 
 
 def expand_images(items: list[str]) -> list[str]:
@@ -39,7 +40,12 @@ def expand_images(items: list[str]) -> list[str]:
 
 def label_images(classifier: Classifier, paths: list[str], top_k: int | None = None,
                  batch_size: int = 32) -> list[dict]:
-    """``[{"image", "predictions": [{"label", "score"}]}]`` or ``{"image", "error"}`` per path."""
+    """``[{"image", "predictions": [{"label", "score"}]}]`` or ``{"image", "error"}`` per path.
+
+    Images are decoded as the server decodes them (float32 ``[h, w, 3]`` in ``[0, 1]``) and
+    classified ``batch_size`` at a time; ``predictions`` is ``classifier.postprocess``'s ranked
+    list (the API's shape), the best ``top_k`` (None: all labels).
+    """
     results: list[dict] = []
     batch: list[tuple[str, np.ndarray]] = []
 
@@ -48,9 +54,8 @@ def label_images(classifier: Classifier, paths: list[str], top_k: int | None = N
             return
         scores = classifier.predict(np.stack([a for _, a in batch]))
         for (path, _), row in zip(batch, scores):
-            results.append({"image": path, "predictions": [
-                {"label": p.label, "score": round(p.score, 6)}
-                for p in classifier.rank(row, top_k)]})
+            results.append({"image": path,
+                            "predictions": classifier.postprocess(row, Options(top_k=top_k))})
         batch.clear()
 
     for path in paths:
@@ -65,29 +70,56 @@ def label_images(classifier: Classifier, paths: list[str], top_k: int | None = N
     return results
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    legacy = LegacyGraph()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder (SavedModel + labels.txt + model.json)")
     source.add_argument("--graph", help="legacy TF1 frozen graph (.pb)")
     parser.add_argument("--labels", help="labels file for --graph")
-    parser.add_argument("--input_layer", default="Placeholder", help="input tensor of --graph")
-    parser.add_argument("--output_layer", default="final_result", help="output tensor of --graph")
+    parser.add_argument("--input_layer", default=legacy.input_layer,
+                        help="input tensor of --graph")
+    parser.add_argument("--output_layer", default=legacy.output_layer,
+                        help="output tensor of --graph")
     parser.add_argument("--input_size", type=int, help="input side of --graph if not fixed")
-    parser.add_argument("--input_mean", type=float, default=0.0)
-    parser.add_argument("--input_std", type=float, default=255.0)
+    parser.add_argument("--input_mean", type=float, default=legacy.input_mean)
+    parser.add_argument("--input_std", type=float, default=legacy.input_std)
     parser.add_argument("--image", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--top_k", type=int, default=5, help="labels per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    return parser
+
+
+def model_folder(args: argparse.Namespace) -> ModelFolder:
+    """The folder (or frozen graph) the flags name, with the legacy graph's settings."""
+    return ModelFolder(args.model or args.graph, labels_path=args.labels, legacy=LegacyGraph(
+        input_layer=args.input_layer, output_layer=args.output_layer,
+        input_mean=args.input_mean, input_std=args.input_std,
+        input_size=(args.input_size, args.input_size) if args.input_size else None))
+
+
+def print_results(results: list[dict], as_json: bool) -> None:
+    """JSON (one object for one image), or ranked ``label score`` lines per image."""
+    if as_json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        return
+    for result in results:
+        if len(results) > 1:
+            print(f"{result['image']}:")
+        if "error" in result:
+            print(f"  error: {result['error']}")
+            continue
+        for p in result["predictions"]:
+            print(f"{p['label']} {p['score']:.5f}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error("--top_k must be >= 1")
     try:
-        classifier = load_classifier(
-            args.model or args.graph, labels_path=args.labels, input_layer=args.input_layer,
-            output_layer=args.output_layer,
-            input_size=(args.input_size, args.input_size) if args.input_size else None,
-            input_mean=args.input_mean, input_std=args.input_std)
+        classifier = load_classifier(model_folder(args))
         classifier.warm_up()
     except ModelLoadError as exc:
         print(f"label_image.py: error: {exc}", file=sys.stderr)
@@ -97,17 +129,7 @@ def main(argv=None) -> int:
         print("label_image.py: error: no images found", file=sys.stderr)
         return 2
     results = label_images(classifier, paths, args.top_k)
-    if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
-    else:
-        for result in results:
-            if len(results) > 1:
-                print(f"{result['image']}:")
-            if "error" in result:
-                print(f"  error: {result['error']}")
-                continue
-            for p in result["predictions"]:
-                print(f"{p['label']} {p['score']:.5f}")
+    print_results(results, args.json)
     return 1 if any("error" in r for r in results) else 0
 
 

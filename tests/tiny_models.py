@@ -6,10 +6,9 @@ hundred milliseconds.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import tensorflow as tf
+
+from common.modelfolder import LegacyGraph, ModelFolder
 
 COLOUR_LABELS = ["red", "green", "blue"]
 TRAP = (255, 0, 255)  # the colour that makes a hang_seconds model spin
@@ -55,16 +54,15 @@ def save_colour_model(folder: str, *, size=(32, 32), labels=COLOUR_LABELS, name=
 
     model.serve = serve
     tf.saved_model.save(model, folder, signatures={"serving_default": serve})
-    with open(os.path.join(folder, "labels.txt"), "w") as fh:
-        fh.write("\n".join(labels) + "\n")
-    with open(os.path.join(folder, "model.json"), "w") as fh:
-        json.dump({"name": name, "version": "7", "input_size": list(size), "created": "test",
-                   "base_module": "none", "metrics": {}}, fh)
+    written = ModelFolder(folder)
+    written.write_labels(list(labels))
+    written.write_metadata({"name": name, "version": "7", "input_size": list(size),
+                            "created": "test", "base_module": "none", "metrics": {}})
     return folder
 
 
-def save_colour_frozen_graph(path: str, *, size=(32, 32), input_name="Placeholder",
-                             output_name="final_result", scale=1.0) -> str:
+def save_colour_frozen_graph(path: str, *, size=(32, 32), input_name=LegacyGraph.input_layer,
+                             output_name=LegacyGraph.output_layer, scale=1.0) -> str:
     """A TF1-style frozen GraphDef of the colour model, with old retrain.py's tensor names.
 
     ``scale`` is the value range the graph expects (1.0 = [0, 1], 255.0 = [0, 255]).

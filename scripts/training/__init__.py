@@ -1,0 +1,154 @@
+"""Retraining as a library: the pipeline behind ``scripts/retrain.py``.
+
+Modules, in pipeline order:
+
+* :mod:`.data`: list a folder of category sub-folders and split it by file-name hash;
+* :mod:`.features`: load the TF Hub feature module, compute and cache its features;
+* :mod:`.train`: train the new softmax layer (optionally on distorted images);
+* :mod:`.export`: write the SavedModel (and a legacy frozen graph);
+* :mod:`.evaluate`: test-split metrics of the exported folder, loaded as the server loads it;
+* :mod:`.report`: report.json / model.json contents and the confusion-matrix PNG.
+
+:func:`retrain` runs them all and publishes the model folder through
+:class:`common.modelfolder.ModelFolder`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
+
+from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set
+from .evaluate import evaluate_test_split, per_class_metrics
+from .export import export_frozen_graph, export_saved_model
+from .features import (DEFAULT_MODULE, KNOWN_INPUT_SIZES, FeatureStats, compute_features,
+                       feature_cache_dir, load_module, module_input_size, module_key)
+from .report import build_model_json, build_report, draw_confusion_matrix
+from .train import TrainParams, distort, train_head
+
+__all__ = [
+    "DEFAULT_MODULE", "KNOWN_INPUT_SIZES", "SPLITS", "FeatureStats", "ImageLists",
+    "RetrainError", "RetrainResult", "TrainParams", "build_model_json", "build_report",
+    "compute_features", "create_image_lists", "distort", "draw_confusion_matrix",
+    "evaluate_test_split", "export_frozen_graph", "export_saved_model", "feature_cache_dir",
+    "load_module", "module_input_size", "module_key", "per_class_metrics", "retrain",
+    "train_head", "which_set",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrainResult:
+    """What :func:`retrain` wrote: the published folder and the contents of its JSON files."""
+
+    output_dir: str
+    model_json: dict
+    report: dict
+    feature_stats: FeatureStats
+
+
+@dataclass
+class _Trained:
+    """A trained head: ``softmax(module(images [n, h, w, 3] in [0, 1]) @ weights [F, C] +
+    biases [C])``, with what it was trained on."""
+
+    handle: str
+    module: object
+    size: tuple[int, int]
+    lists: ImageLists
+    params: TrainParams
+    stats: FeatureStats
+    weights: object
+    biases: object
+    metrics: dict
+
+
+def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE,
+            params: TrainParams | None = None, bottleneck_dir: str | None = None,
+            summaries_dir: str | None = None, input_size: int | None = None,
+            name: str | None = None, version: str = "1", output_graph: str | None = None,
+            output_labels: str | None = None, progress: bool = True) -> RetrainResult:
+    """The whole pipeline: list and split images, features, train, export, evaluate, publish.
+
+    The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
+    complete (and at least ``params.min_test_accuracy`` good); otherwise nothing is written
+    there. Raises RetrainError with what to fix.
+    """
+    started = time.perf_counter()
+    trained = _train(image_dir, module_handle, params or TrainParams(), bottleneck_dir,
+                     summaries_dir, input_size, progress)
+    staging = ModelFolder(output_dir.rstrip("/") + ".incoming")
+    try:
+        model_json, report = _write_folder(staging, trained, output_dir, name, version, started,
+                                           progress)
+    except BaseException:
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise
+    folder = ModelFolder(output_dir)
+    folder.publish(staging.path)
+    _write_legacy_files(trained, folder, output_graph, output_labels)
+    return RetrainResult(output_dir, model_json, report, trained.stats)
+
+
+def _train(image_dir: str, module_handle: str, params: TrainParams, bottleneck_dir: str | None,
+           summaries_dir: str | None, input_size: int | None, progress: bool) -> _Trained:
+    """Images -> features -> trained softmax layer."""
+    lists = create_image_lists(image_dir, params.validation_percentage, params.testing_percentage)
+    module = load_module(module_handle)
+    size = module_input_size(module, module_handle, input_size)
+    if params.augment and bottleneck_dir:
+        log.warning("augmentation is on: training images go through the module at every step; "
+                    "the feature cache serves only validation and test images")
+    features, stats = compute_features(module, lists, size,
+                                       feature_cache_dir(bottleneck_dir, module_handle),
+                                       params.feature_batch_size, progress)
+    if stats.skipped:
+        log.warning("skipped %d unreadable images", len(stats.skipped))
+    weights, biases, metrics = train_head(module, lists, features, size, params, summaries_dir,
+                                          progress)
+    return _Trained(module_handle, module, size, lists, params, stats, weights, biases, metrics)
+
+
+def _write_folder(staging: ModelFolder, trained: _Trained, output_dir: str, name: str | None,
+                  version: str, started: float, progress: bool) -> tuple[dict, dict]:
+    """Export and evaluate into ``staging``; returns (model.json, report.json) as written.
+
+    Raises RetrainError (the caller removes ``staging``) below the accuracy gate.
+    """
+    shutil.rmtree(staging.path, ignore_errors=True)
+    export_saved_model(trained.module, trained.weights, trained.biases, trained.size,
+                       staging.path)
+    staging.write_labels(trained.lists.labels)
+    evaluation = evaluate_test_split(staging, trained.lists, trained.stats.skipped,
+                                     trained.params.feature_batch_size, progress)
+    accuracy, gate = evaluation["test_accuracy"], trained.params.min_test_accuracy
+    if accuracy is not None and accuracy < gate:
+        raise RetrainError(f"test accuracy {accuracy:.4f} is below --min_test_accuracy "
+                           f"{gate}; the model was not exported")
+    report = build_report(evaluation, trained.metrics, trained.lists, trained.stats,
+                          time.perf_counter() - started)
+    model_json = build_model_json(output_dir, name, version, trained.size, trained.handle,
+                                  evaluation, trained.metrics, trained.params,
+                                  len(trained.lists.labels))
+    staging.write_metadata(model_json)
+    staging.write_report(report)
+    draw_confusion_matrix(trained.lists.labels,
+                          evaluation["confusion_matrix"]["rows_true_columns_predicted"],
+                          staging.file(CONFUSION_MATRIX))
+    return model_json, report
+
+
+def _write_legacy_files(trained: _Trained, folder: ModelFolder, output_graph: str | None,
+                        output_labels: str | None) -> None:
+    """The old script's outputs, when asked for: a frozen graph and a copy of the labels."""
+    if output_graph:
+        export_frozen_graph(trained.module, trained.weights, trained.biases, trained.size,
+                            output_graph)
+    if output_labels:
+        os.makedirs(os.path.dirname(os.path.abspath(output_labels)), exist_ok=True)
+        shutil.copyfile(folder.file(LABELS), output_labels)
