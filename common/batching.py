@@ -1,18 +1,26 @@
-"""Dynamic batching: concurrent requests of one worker share model calls.
+"""Dynamic batching with admission: concurrent requests of one worker share model calls, and a
+request learns whether it will be served before it does any work. No web framework here.
 
-Request threads decode their image and call :meth:`Batcher.predict`; one model thread takes
+A request first asks for a :class:`Ticket` (:meth:`Batcher.admit`), before its body is read,
+decoded or stored and before a URL is downloaded. The batcher admits it while the *expected
+wait* of its images, the time until the batch holding them starts, stays within a budget
+(``max_wait_ms``, ``QUEUE_MAX_WAIT_MS``): the running call's remaining time plus one batch time
+for every full batch ahead of it, from the batcher's own measured batch times (per padded batch
+size, seeded by the warm-up). A slow model so gets a short queue and a fast one a long queue,
+and ``Retry-After`` says how long the queue takes to drain. ``max_queue`` is a hard cap on
+admitted-but-unstarted images. A refused request gets 503 at once, having done nothing.
+
+Admitted requests decode their image and call :meth:`Ticket.predict`; one model thread takes
 whatever has queued up (up to ``max_batch_size``) and runs it as one batch. Nothing waits on
-purpose when the queue is empty (``max_wait_ms`` = 0), so a lone request goes straight to the
-model: batching costs nothing at concurrency 1 and batches form by themselves while the model is
-busy. The queue is bounded: when it is full the request is refused at once with 503 and
-Retry-After (load shedding) instead of waiting behind work that cannot finish in time. Each
-request has a deadline; one that passes it gets 503 and its image is dropped from any batch not
-yet started. Batches are padded to a few fixed sizes so the model never sees a new shape after
-warm-up. No web framework here.
+purpose when the queue is empty (``batch_wait_ms`` = 0), so a lone request goes straight to the
+model. Each request has a deadline; one that passes it gets 503 and its image is dropped from
+any batch not yet started. Batches are padded to a few fixed sizes so the model never sees a
+new shape after warm-up.
 """
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -28,6 +36,7 @@ from .errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 log = logging.getLogger(__name__)
 
 _STOP = object()
+_EWMA = 0.3  # weight of the newest measurement in a batch-time estimate
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -58,56 +67,155 @@ class BatchStats:
     sizes: dict = field(default_factory=dict)  # real batch size -> count
 
 
+class Ticket:
+    """Room for ``images`` images in a batcher's queue, reserved before any work.
+
+    Use it as a context manager: room not used by :meth:`predict` is given back on exit.
+    """
+
+    def __init__(self, batcher: "Batcher", images: int):
+        self._batcher = batcher
+        self.left = images
+
+    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Scores of one admitted image (float32 ``[h, w, 3]`` in [0, 1]) -> ``[labels]``.
+
+        Raises ModelTimeout (503) after the deadline, ModelFailed (503) when the model call
+        raised, ServiceUnavailable (503) once the batcher is closed.
+        """
+        if self.left < 1:
+            raise RuntimeError("this ticket has no room left")
+        self.left -= 1
+        return self._batcher._submit(image, timeout)
+
+    def release(self) -> None:
+        """Give back the room not used."""
+        if self.left:
+            self._batcher._unreserve(self.left)
+            self.left = 0
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Batcher:
-    """One model thread serving many request threads.
+    """One model thread serving many request threads, with admission by expected wait.
 
     Args:
         predict_fn: float32 ``[n, h, w, 3]`` -> ``[n, num_labels]`` (``Classifier.predict``).
         max_batch_size: most images in one model call.
-        max_wait_ms: how long the model thread may wait for more images once it has one
+        batch_wait_ms: how long the model thread may wait for more images once it has one
             (0: never wait, run what is queued).
-        max_queue: images waiting beyond the running batch before new ones are refused (503).
+        max_queue: hard cap on admitted images whose batch has not started.
+        max_wait_ms: admit a request only while its expected wait is within this (0: no
+            budget, only the hard cap).
         timeout: seconds a request may wait for its result before it is answered 503.
+        batch_seconds: measured seconds of one call per padded batch size (the warm-up's), the
+            first estimates of the batch times.
         metrics: optional hooks (``common.metrics.Metrics``): ``queue_changed(delta)``,
             ``batch_done(size, seconds)``, ``rejected_request(reason)``.
     """
 
     def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], *,
-                 max_batch_size: int = 16, max_wait_ms: float = 0.0, max_queue: int = 32,
-                 timeout: float = 15.0, metrics=None):
+                 max_batch_size: int = 16, batch_wait_ms: float = 0.0, max_queue: int = 32,
+                 max_wait_ms: float = 0.0, timeout: float = 15.0,
+                 batch_seconds: dict[int, float] | None = None, metrics=None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
         self.predict_fn = predict_fn
         self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000.0
+        self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.timeout = timeout
         self.buckets = bucket_sizes(max_batch_size)
         self.stats = BatchStats()
         self.metrics = metrics
         self.busy_since: float | None = None  # monotonic start of the running model call
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._running_bucket = 0
+        self._estimates = {b: s for b, s in (batch_seconds or {}).items() if b in self.buckets}
+        self._lock = threading.Lock()
+        self._waiting = 0  # admitted images whose batch has not started
+        self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="model-batcher", daemon=True)
         self._thread.start()
 
-    # -- request threads -------------------------------------------------------------------
-    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        """Scores of one image (float32 ``[h, w, 3]`` in [0, 1]) -> ``[num_labels]``.
+    # -- admission (request threads, before any work) -----------------------------------------
+    def admit(self, images: int = 1) -> Ticket:
+        """Reserve room for ``images`` images, or refuse at once.
 
-        Raises Overloaded (503) when the queue is full, ModelTimeout (503) after the deadline,
-        ServiceUnavailable (503) once the batcher is closed.
+        Raises Overloaded (503, ``Retry-After`` = the expected drain time) when the expected
+        wait would pass the budget or the hard cap would be passed; ServiceUnavailable (503)
+        once closed.
         """
-        if self._closed:
-            raise ServiceUnavailable("the worker is shutting down")
-        timeout = self.timeout if timeout is None else timeout
-        job = _Job(image, time.monotonic() + timeout)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("the worker is shutting down")
+            refused = self._waiting + images > self.max_queue or (
+                self.max_wait > 0 and self.expected_wait() > self.max_wait)
+            if not refused:
+                self._waiting += images
+        if refused:
             self.stats.shed += 1
             self._event("rejected_request", "overloaded")
-            raise Overloaded() from None
-        self._event("queue_changed", 1)
+            raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
+        self._event("queue_changed", images)
+        return Ticket(self, images)
+
+    def expected_wait(self) -> float:
+        """Seconds until a new request's first batch would start: the running call's rest plus
+        one full batch for every ``max_batch_size`` images admitted before it."""
+        full_batches_ahead = self._waiting // self.max_batch_size
+        return self._running_remaining() + full_batches_ahead * self.batch_estimate(
+            self.max_batch_size)
+
+    def drain_seconds(self) -> float:
+        """Seconds until every admitted image's batch has run, as far as the estimates say."""
+        batches = math.ceil(self._waiting / self.max_batch_size)
+        return self._running_remaining() + batches * self.batch_estimate(self.max_batch_size)
+
+    def batch_estimate(self, size: int) -> float:
+        """Expected seconds of one call padded to ``size`` (0 while nothing was measured)."""
+        bucket = next(b for b in self.buckets if b >= min(size, self.max_batch_size))
+        if bucket in self._estimates:
+            return self._estimates[bucket]
+        if not self._estimates:
+            return 0.0
+        known, seconds = min(self._estimates.items(), key=lambda kv: abs(kv[0] - bucket))
+        return seconds * bucket / known  # scaled from the nearest measured size
+
+    def _running_remaining(self) -> float:
+        """Expected rest of the running call. A call already past its estimate is expected to
+        run as much longer again as it has overrun, so a hung model sheds new work."""
+        since = self.busy_since
+        if since is None:
+            return 0.0
+        elapsed = time.monotonic() - since
+        estimate = self.batch_estimate(self._running_bucket)
+        return abs(estimate - elapsed)
+
+    def _unreserve(self, images: int) -> None:
+        with self._lock:
+            self._waiting -= images
+        self._event("queue_changed", -images)
+
+    # -- request threads ----------------------------------------------------------------------
+    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Admit and predict one image in one call (:meth:`admit`, then :meth:`Ticket.predict`)."""
+        with self.admit(1) as ticket:
+            return ticket.predict(image, timeout)
+
+    def _submit(self, image: np.ndarray, timeout: float | None) -> np.ndarray:
+        timeout = self.timeout if timeout is None else timeout
+        job = _Job(image, time.monotonic() + timeout)
+        if self._closed:  # admitted, but the worker began to stop while it decoded
+            self._unreserve(1)
+            raise ServiceUnavailable("the worker is shutting down")
+        self._queue.put(job)
         try:
             return job.future.result(timeout=timeout)
         except FutureTimeout:
@@ -122,7 +230,8 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        """Admitted images whose batch has not started."""
+        return self._waiting
 
     @property
     def closed(self) -> bool:
@@ -134,20 +243,27 @@ class Batcher:
         since = self.busy_since
         return 0.0 if since is None else time.monotonic() - since
 
-    # -- the model thread ------------------------------------------------------------------
+    # -- the model thread ---------------------------------------------------------------------
+    def _take(self, block: bool, timeout: float | None = None):
+        """One job from the queue (its room leaves the waiting count), _STOP, or None."""
+        try:
+            job = self._queue.get(block, timeout)
+        except queue.Empty:
+            return None
+        if job is not _STOP:
+            self._unreserve(1)
+        return job
+
     def _collect(self, batch: list[_Job]) -> tuple[list[_Job], bool]:
-        """Top ``batch`` up from the queue (waiting at most max_wait); True if told to stop."""
-        wait_until = time.monotonic() + self.max_wait
+        """Top ``batch`` up from the queue (waiting at most batch_wait); True if told to stop."""
+        wait_until = time.monotonic() + self.batch_wait
         while len(batch) < self.max_batch_size:
-            try:
-                remaining = wait_until - time.monotonic()
-                job = self._queue.get(timeout=remaining) if remaining > 0 else \
-                    self._queue.get_nowait()
-            except queue.Empty:
+            remaining = wait_until - time.monotonic()
+            job = self._take(remaining > 0, remaining if remaining > 0 else None)
+            if job is None:
                 break
             if job is _STOP:
                 return batch, True
-            self._event("queue_changed", -1)
             batch.append(job)
         return batch, False
 
@@ -158,10 +274,9 @@ class Batcher:
             if not pending:
                 if stopping:
                     return
-                first = self._queue.get()
+                first = self._take(True)
                 if first is _STOP:
                     return
-                self._event("queue_changed", -1)
                 pending = [first]
             batch, stop = self._collect(pending) if not stopping else (pending, False)
             stopping = stopping or stop
@@ -175,7 +290,7 @@ class Batcher:
             if not stopping:
                 # Take what queued up meanwhile *before* answering: the clients answered now
                 # come straight back, and must find room in the queue rather than a 503.
-                pending, stopping = self._collect([]) if self.max_wait == 0 else ([], False)
+                pending, stopping = self._collect([]) if self.batch_wait == 0 else ([], False)
             for i, job in enumerate(live):
                 if error is not None:
                     job.future.set_exception(error)
@@ -190,6 +305,7 @@ class Batcher:
         if size > n:  # pad to a warmed-up shape
             images = np.concatenate([images, np.zeros((size - n, *images.shape[1:]),
                                                       images.dtype)])
+        self._running_bucket = size
         self.busy_since = started = time.monotonic()
         try:
             scores = self.predict_fn(images)[:n]
@@ -198,20 +314,20 @@ class Batcher:
             return None, ModelFailed(f"the model failed on this batch: {type(exc).__name__}")
         finally:
             self.busy_since = None
+        seconds = time.monotonic() - started
+        old = self._estimates.get(size)
+        self._estimates[size] = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds
         self.stats.batches += 1
         self.stats.images += n
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
-        self._event("batch_done", n, time.monotonic() - started)
+        self._event("batch_done", n, seconds)
         return scores, None
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, finish what is queued, and end the model thread."""
-        if self._closed:
-            return
-        self._closed = True
-        try:  # behind the queued jobs: they are drained first
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.warning("batcher queue still full at shutdown; model thread left running")
-            return
+        """Stop admitting requests, finish what is queued, and end the model thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(_STOP)  # behind the queued jobs: they are drained first
         self._thread.join(timeout)

@@ -124,7 +124,9 @@ class Config:
     max_requests: int = env("MAX_REQUESTS", _int(0), default=0)
     batch_max_size: int = env("BATCH_MAX_SIZE", _int(1), default=8)
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
-    batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=8)
+    batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=48)
+    queue_max_wait_ms: float = env("QUEUE_MAX_WAIT_MS", _float(0.0, lo_open=False),
+                                   default=1000.0)
     request_timeout: float = env("REQUEST_TIMEOUT", _float(), default=15.0)
     model_hang_timeout: float = env("MODEL_HANG_TIMEOUT", _float(0.0, lo_open=False),
                                     default=120.0)

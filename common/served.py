@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batching import Batcher, bucket_sizes
+from .batching import Batcher, Ticket, bucket_sizes
 from .classifier import Classifier
 from .config import Config
 from .errors import ModelNotReady, ModelTimeout, ServiceUnavailable
@@ -57,6 +57,25 @@ class Health:
         if self.state is State.STOPPED:
             return ServiceUnavailable("the worker is shutting down")
         return ModelNotReady()
+
+
+@dataclass
+class Admission:
+    """An admitted request: the classifier that serves it and its room in the batcher's queue.
+    A context manager: room not used is given back on exit."""
+
+    classifier: Classifier
+    ticket: Ticket
+
+    def infer(self, image: np.ndarray) -> np.ndarray:
+        """One preprocessed image -> its scores, through the batcher (503 on timeout)."""
+        return self.ticket.predict(image)
+
+    def __enter__(self) -> "Admission":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ticket.release()
 
 
 @dataclass(frozen=True)
@@ -112,9 +131,11 @@ class ServedModel:
             self.load_seconds = time.perf_counter() - t0
             self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
             batcher = Batcher(clf.predict, max_batch_size=self.config.batch_max_size,
-                              max_wait_ms=self.config.batch_max_wait_ms,
+                              batch_wait_ms=self.config.batch_max_wait_ms,
                               max_queue=self.config.batch_queue_size,
-                              timeout=self.config.request_timeout, metrics=self.metrics)
+                              max_wait_ms=self.config.queue_max_wait_ms,
+                              timeout=self.config.request_timeout,
+                              batch_seconds=clf.batch_seconds, metrics=self.metrics)
             self._running = _Running(clf, batcher)
             if self.metrics is not None:
                 self.metrics.model_ready(clf.name, clf.version, self.load_seconds,
@@ -187,13 +208,23 @@ class ServedModel:
         running = self._running
         return running.classifier.describe() if running else None
 
-    def infer(self, image: np.ndarray) -> np.ndarray:
-        """One preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) -> ``[labels]`` scores,
-        always through the batcher (503 when overloaded, timed out or shutting down)."""
+    def admit(self, images: int = 1) -> "Admission":
+        """Room for ``images`` images of one request, before the request does any work.
+
+        Raises the 503 of a version that is not ready, or Overloaded when the expected wait
+        passes ``QUEUE_MAX_WAIT_MS``. The admission holds the classifier that will serve it:
+        one request is served by one version from start to finish.
+        """
         running = self._running
-        if running is None:
+        if running is None or self._stopped:
             raise self.health().error() or ModelNotReady()
-        return running.batcher.predict(image)
+        return Admission(running.classifier, running.batcher.admit(images))
+
+    def infer(self, image: np.ndarray) -> np.ndarray:
+        """Admit and classify one preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) ->
+        ``[labels]`` scores, through the batcher."""
+        with self.admit(1) as admission:
+            return admission.infer(image)
 
     @property
     def batcher(self) -> Batcher | None:

@@ -5,24 +5,26 @@ method of :class:`Service`; the protocol adapters of later issues will do the sa
 path, top to bottom:
 
 1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad);
-2. the served model is looked up and must be ready (503 otherwise), before any download;
-3. a URL is downloaded under ``fetch.py``'s rules;
+2. admission: the served model must be ready and its batcher must expect to start the request
+   within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise), before the body is read or a
+   URL downloaded: a refused request does no work and stores nothing;
+3. the body is read, or the URL downloaded under ``fetch.py``'s rules;
 4. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes);
 5. the bytes are stored in temp/ under their content hash (``storage.py``);
-6. ``served.infer``: through the batcher, always (503 when overloaded or timed out);
+6. ``admission.infer``: through the batcher, always (503 when timed out);
 7. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
 """
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
-from .classifier import Classifier, Options
+from .classifier import Options
 from .config import Config
 from .errors import EmptyImage, InvalidParameter, NotFound
 from .fetch import UrlFetcher
 from .modelfolder import LegacyGraph, ModelFolder
-from .served import ServedModel
+from .served import Admission, ServedModel
 from .storage import ImageStore
 
 
@@ -80,27 +82,30 @@ class Service:
         return app.extensions[cls._KEY]
 
     # -- classification -------------------------------------------------------------------------
-    def classify_bytes(self, data: bytes, args: Mapping[str, str],
-                       started: float | None = None) -> dict:
-        """An uploaded image -> DESIGN.md's 200 answer."""
+    def classify_upload(self, read_body: Callable[[], bytes], args: Mapping[str, str],
+                        started: float | None = None) -> dict:
+        """An uploaded image -> DESIGN.md's 200 answer. ``read_body`` is called only once the
+        request is admitted: a refused request never reads its body."""
         options = parse_options(args, self.config.top_k)
-        return self._classify(self.model.classifier, data, options, started)
+        with self.model.admit(1) as admission:
+            return self._classify(admission, read_body(), options, started)
 
     def classify_url(self, url: str, args: Mapping[str, str],
                      started: float | None = None) -> dict:
-        """An image URL, downloaded once the request is known to be servable -> the answer."""
+        """An image URL, downloaded only once the request is admitted -> the answer."""
         options = parse_options(args, self.config.top_k)
-        classifier = self.model.classifier  # 503 before downloading when not ready
-        return self._classify(classifier, self.fetcher.fetch(url), options, started)
+        with self.model.admit(1) as admission:
+            return self._classify(admission, self.fetcher.fetch(url), options, started)
 
-    def _classify(self, classifier: Classifier, data: bytes, options: Options,
+    def _classify(self, admission: Admission, data: bytes, options: Options,
                   started: float | None) -> dict:
         started = time.perf_counter() if started is None else started
         if not data:
             raise EmptyImage()
+        classifier = admission.classifier
         array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
         filename = self.store.save(data, decoded.extension)
-        predictions = classifier.postprocess(self.model.infer(array), options)
+        predictions = classifier.postprocess(admission.infer(array), options)
         return {
             "filename": filename,
             "model": classifier.describe(),

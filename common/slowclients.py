@@ -9,6 +9,10 @@ a watchdog thread shuts the socket's read side (gunicorn puts it in ``environ['g
 so the read returns at once; the request then fails with 408 ``request_timeout``. Without a
 socket (development server, test client) the deadline is checked after each read.
 
+An error answered before the whole body arrived (a request refused by admission, a wrong
+Content-Type, a slow body) closes the connection after the response, so the server never reads
+megabytes it is going to throw away.
+
 The real answer for deployments is a buffering reverse proxy in front (docs/RELIABILITY.md):
 it also bounds slow request *headers*, which gunicorn does not.
 """
@@ -155,7 +159,33 @@ class UploadDeadline:
         stream = DeadlineStream(environ["wsgi.input"], environ.get("gunicorn.socket"),
                                 self.grace_seconds, self.min_rate, self.watchdog)
         environ["wsgi.input"] = stream
+        declared = _declared_length(environ)
+
+        def start(status, headers, exc_info=None):
+            if int(status.split(" ", 1)[0]) >= 400 and (declared is None
+                                                         or stream.received < declared):
+                _close_after_response(start_response)
+            return start_response(status, headers, exc_info)
+
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, start)
         finally:
             stream.done()
+
+
+def _declared_length(environ) -> int | None:
+    try:
+        return int(environ.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return None  # chunked: the length is unknown until the last chunk
+
+
+def _close_after_response(start_response) -> None:
+    """An error answered before the body was read (a refused request, a wrong type, a slow
+    body): close the connection after the response instead of reading the rest of the body to
+    keep it alive. gunicorn passes its Response's bound ``start_response``, whose
+    ``force_close`` does that (it then closes gracefully, draining at most 64 KiB); elsewhere
+    (development server, test client) nothing happens."""
+    force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+    if callable(force_close):
+        force_close()

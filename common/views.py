@@ -65,21 +65,27 @@ def _finish_request(response):
 
 @bp.post("/classify")
 def classify_upload():
-    """Multipart field ``image``, or the raw image as the body with an image/* Content-Type."""
+    """Multipart field ``image``, or the raw image as the body with an image/* Content-Type.
+
+    The body is read only once the Service has admitted the request."""
     g.source = "upload"
     mimetype = request.mimetype or ""
     if mimetype == "multipart/form-data":
-        upload = request.files.get("image")
-        if upload is None:
-            raise MissingImage()
-        data = upload.read()
+        read_body = _multipart_image
     elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
-        data = request.get_data(cache=False)
+        read_body = lambda: request.get_data(cache=False)  # noqa: E731
     else:
         raise UnsupportedMediaType(
             f"send multipart/form-data with an 'image' field, or a raw image/* body "
             f"(got {mimetype or 'no Content-Type'})")
-    return jsonify(_service().classify_bytes(data, request.args, started=g.started))
+    return jsonify(_service().classify_upload(read_body, request.args, started=g.started))
+
+
+def _multipart_image() -> bytes:
+    upload = request.files.get("image")
+    if upload is None:
+        raise MissingImage()
+    return upload.read()
 
 
 @bp.get("/classify")

@@ -156,7 +156,7 @@ def test_close_drains_the_queue_and_ends_the_thread():
 
 def test_max_wait_gathers_a_bigger_batch():
     model = Recorder()
-    batcher = Batcher(model, max_batch_size=8, max_wait_ms=200)
+    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200)
     try:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda v: batcher.predict(image(v)), [0.1, 0.2, 0.3, 0.4]))
@@ -181,3 +181,83 @@ def test_clients_coming_straight_back_find_room():
     finally:
         batcher.close()
     assert batcher.stats.shed == 0 and batcher.stats.images == 60
+
+
+def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100) -> Batcher:
+    """A batcher whose batches are known to take ``seconds_per_batch`` (max size 2)."""
+    return Batcher(Recorder(), max_batch_size=2, max_queue=max_queue, max_wait_ms=budget_ms,
+                   batch_seconds={1: seconds_per_batch, 2: seconds_per_batch})
+
+
+def admitted(batcher: Batcher, limit: int = 1000) -> list:
+    """Tickets taken until the first refusal (no model call runs: tickets only reserve)."""
+    tickets = []
+    while len(tickets) < limit:
+        try:
+            tickets.append(batcher.admit(1))
+        except Overloaded as refused:
+            tickets.append(refused)
+            break
+    return tickets
+
+
+@pytest.mark.parametrize("seconds,budget_ms,expected_admitted,retry_after", [
+    (0.2, 300, 4, "1"),    # wait = (admitted // 2) * 0.2 s: 0, 0, 0.2, 0.2 admitted; 0.4 not
+    (2.0, 3000, 4, "4"),   # ten times slower, ten times the budget: same queue, longer retry
+    (2.0, 300, 2, "2"),    # a slow model with a short budget gets a short queue
+    (0.01, 300, 20, "1"),  # a fast model: 60 would fit the budget, the hard cap of 20 holds
+])
+def test_admission_honours_the_budget(seconds, budget_ms, expected_admitted, retry_after):
+    batcher = idle_batcher(seconds, budget_ms, max_queue=20)
+    try:
+        *tickets, refused = admitted(batcher)
+        assert len(tickets) == expected_admitted and isinstance(refused, Overloaded)
+        assert refused.status == 503 and refused.headers["Retry-After"] == retry_after
+        assert batcher.queue_depth == expected_admitted and batcher.stats.shed == 1
+        tickets[0].release()  # room given back is room for the next request
+        assert batcher.admit(1).left == 1
+    finally:
+        batcher.close()
+
+
+def test_a_ticket_gives_back_unused_room_and_answers_what_it_used():
+    batcher = idle_batcher(0.01, 300)
+    try:
+        with batcher.admit(3) as ticket:
+            assert batcher.queue_depth == 3
+            assert ticket.predict(image(0.25))[0] == pytest.approx(0.25)
+            assert batcher.queue_depth == 2  # one went to the model
+        assert batcher.queue_depth == 0
+    finally:
+        batcher.close()
+
+
+def test_a_call_running_past_its_estimate_sheds_new_work():
+    """A hung call makes the expected wait grow with its overrun: once past the budget, new
+    requests are refused at once instead of queueing behind it."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def model(x):
+        entered.set()
+        gate.wait(30)
+        return np.zeros((len(x), 1))
+
+    batcher = Batcher(model, max_batch_size=2, max_queue=100, max_wait_ms=200, timeout=60,
+                      batch_seconds={1: 0.001, 2: 0.001})
+    pool = ThreadPoolExecutor(1)
+    try:
+        running = pool.submit(batcher.predict, image(0))
+        assert entered.wait(10)
+        assert batcher.admit(1) is not None  # just started: within the budget
+        for _ in range(600):
+            if batcher.busy_seconds > 0.25:
+                break
+            threading.Event().wait(0.01)
+        with pytest.raises(Overloaded):
+            batcher.admit(1)
+        gate.set()
+        assert running.result(10).shape == (1,)
+    finally:
+        gate.set()
+        batcher.close()
+        pool.shutdown()
