@@ -10,7 +10,6 @@ the feature cache on a second pass). Data and caches go to build/ (not committed
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.modelfolder import ModelFolder  # noqa: E402
-from scripts import make_demo_data, make_feature_module, training  # noqa: E402
+from scripts import cli, make_demo_data, make_feature_module, training  # noqa: E402
 
 
 def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
@@ -91,10 +90,10 @@ def _cache_record(first: training.FeatureStats, data_dir: str, module_dir: str,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per_class", type=int, default=300, help="demo images per shape")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     record = build(per_class=args.per_class, progress=not args.quiet)
     print(json.dumps(record, indent=2))
     return 0

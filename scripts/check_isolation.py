@@ -13,7 +13,6 @@ a closing ``N passed, N failed`` line; the exit status is 1 when any test failed
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import random
@@ -22,6 +21,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):
+    sys.path.insert(0, ROOT)
+
+from scripts import cli  # noqa: E402
 
 
 def collect(marker: str = "not long") -> list[str]:
@@ -59,7 +62,7 @@ def run_alone(test_id: str, timeout: float = 600) -> tuple[bool, float, str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], verbose_flag=False)
     parser.add_argument("--sample", type=int, default=12, help="how many tests to run alone")
     parser.add_argument("--seed", type=int, default=datetime.date.today().toordinal(),
                         help="sample seed (default: today's date, so the sample moves daily)")

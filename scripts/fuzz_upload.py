@@ -12,7 +12,6 @@ libFuzzer's own flags pass through (-runs, -max_total_time, -timeout, -jobs ...)
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from common.config import DEFAULT_MAX_IMAGE_PIXELS  # noqa: E402
+from scripts import cli  # noqa: E402
 
 
 def write_corpus(folder: str) -> int:
@@ -54,7 +54,8 @@ def make_target(size=(64, 64), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
 
 def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False,
+                                verbose_flag=False)
     parser.add_argument("--corpus", default=os.path.join(ROOT, "build", "fuzz", "corpus"))
     args, rest = parser.parse_known_args(argv[1:])
     import warnings

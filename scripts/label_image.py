@@ -23,6 +23,7 @@ from common.classifier import Classifier, Options, load_classifier  # noqa: E402
 from common.errors import ApiError  # noqa: E402
 from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
 from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
+from scripts import cli  # noqa: E402
 
 
 def expand_images(items: list[str]) -> list[str]:
@@ -72,7 +73,7 @@ def label_images(classifier: Classifier, paths: list[str], top_k: int | None = N
 
 def build_parser() -> argparse.ArgumentParser:
     legacy = LegacyGraph()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder (SavedModel + labels.txt + model.json)")
     source.add_argument("--graph", help="legacy TF1 frozen graph (.pb)")
@@ -115,7 +116,7 @@ def print_results(results: list[dict], as_json: bool) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     if args.top_k < 1:
         parser.error("--top_k must be >= 1")
     try:

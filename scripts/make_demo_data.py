@@ -9,7 +9,6 @@ gradients, noise). Everything comes from one seed, so a data set can be rebuilt 
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -20,6 +19,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scripts import cli  # noqa: E402
 
 #: The demo's classes. make_feature_module.py pretrains on these and EXTRA_SHAPES, from
 #: another seed.
@@ -195,7 +196,7 @@ def sketch_batch(shapes: tuple[str, ...], n: int, rng: np.random.Generator,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], verbose_flag=False)
     parser.add_argument("--output_dir", required=True, help="where the class folders go")
     parser.add_argument("--per_class", type=int, default=DataParams.per_class)
     parser.add_argument("--size", type=int, default=DataParams.size, help="image side, pixels")

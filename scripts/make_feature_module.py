@@ -5,7 +5,7 @@ Pretrained weights cannot be downloaded here, so the offline demo brings its own
 a small CNN pretrained on ten synthetic shape classes (the demo's six and four others) from a
 seed of its own, then saved as a TF Hub image feature vector:
 
-    module = hub.load(path)            # or tf.saved_model.load
+    module = tf.saved_model.load(path)  # what hub.load(path) does with a folder
     features = module(images)          # float32 [batch, H, W, 3] in [0, 1] -> [batch, 128]
 
 retrain.py treats it exactly as it treats Inception v3. The classification layer used for
@@ -15,7 +15,6 @@ pretraining is thrown away; only the feature extractor is saved.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.preprocessing import to_model_input  # noqa: E402
+from scripts import cli  # noqa: E402
 from scripts.make_demo_data import DEMO_SHAPES, EXTRA_SHAPES, sketch_batch  # noqa: E402
 
 
@@ -150,13 +150,13 @@ def save_module(module, output_dir: str, params: ModuleParams, metrics: dict) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="where the module is saved")
     parser.add_argument("--images_per_class", type=int, default=ModuleParams.images_per_class)
     parser.add_argument("--epochs", type=int, default=ModuleParams.epochs)
     parser.add_argument("--input_size", type=int, default=ModuleParams.input_size)
     parser.add_argument("--seed", type=int, default=ModuleParams.seed)
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     params = ModuleParams(input_size=args.input_size, images_per_class=args.images_per_class,
                           epochs=args.epochs, seed=args.seed)
     module, metrics = train_module(params)

@@ -8,13 +8,17 @@ those numbers, so the document shows the last run and how it was made.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ""):
+    sys.path.insert(0, ROOT)
+
+from scripts import cli  # noqa: E402
+
 START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 
 # name -> (title, formatted with the figures; [(key, label)])
@@ -90,7 +94,7 @@ def update(doc_path: str, figures: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], verbose_flag=False)
     parser.add_argument("--results", default=os.path.join(ROOT, "build", "reliability"))
     parser.add_argument("--doc", default=os.path.join(ROOT, "docs", "RELIABILITY.md"))
     args = parser.parse_args(argv)

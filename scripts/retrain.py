@@ -9,14 +9,15 @@ labels.txt, model.json and an evaluation report.
 
     python scripts/retrain.py --image_dir ~/flower_photos --output_dir tf_files/flowers
 
-The module is loaded with ``hub.load`` (a TF Hub handle or URL, or a local SavedModel folder);
-``hub.KerasLayer`` is not used, so it works with Keras 3.
+The module (a TF Hub handle or URL, or a local SavedModel folder) is loaded as ``hub.load``
+loads it, by scripts/training/hub.py (downloads cached in ``$TFHUB_CACHE_DIR``), without the
+tensorflow_hub package, whose tf-keras dependency would install a second TensorFlow; no Keras
+layer is involved, so it works with Keras 3.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
 
@@ -24,14 +25,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
+from scripts import cli  # noqa: E402
 from scripts.training import (DEFAULT_MODULE, RetrainError, RetrainResult,  # noqa: E402
                               TrainParams, retrain)
 
 
 def build_parser() -> argparse.ArgumentParser:
     legacy = LegacyGraph()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image_dir", required=True, help="folder with one sub-folder per category")
     p.add_argument("--tfhub_module", default=DEFAULT_MODULE,
                    help="TF Hub image feature-vector handle or URL, or a local SavedModel folder")
@@ -78,8 +80,7 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = cli.parse_args(parser, argv)
     output_dir = args.output_dir
     if not output_dir:
         if not args.output_graph:
