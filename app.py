@@ -54,7 +54,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
         MAX_FORM_PARTS=16,
     )
     store = ImageStore(config.temp_dir, max_files=config.temp_max_files,
-                       max_bytes=config.temp_max_bytes)
+                       max_bytes=config.temp_max_bytes, writers=config.workers)
     try:
         store.ensure()
     except OSError as exc:

@@ -7,6 +7,7 @@ import glob
 import os
 import shutil
 import tempfile
+import threading
 
 from common.config import Config
 
@@ -80,6 +81,25 @@ def post_worker_init(worker):
     model = Service.of(worker.wsgi).model
     while model.wait(1.0).state is State.LOADING:
         worker.notify()
+
+
+_request_thread = threading.local()
+
+
+def pre_request(worker, req):
+    """Run request threads at a lower CPU priority than the model (REQUEST_NICE).
+
+    The model's threads (the batcher and TensorFlow's pools, made before the first request)
+    keep priority 0; each of gthread's request threads lowers its own priority once, at its
+    first request. Under overload, clients that resend at once can keep the request threads
+    busy refusing them; at a lower priority that work takes only the CPU the model leaves,
+    instead of a fair share of it (measured in docs/BENCHMARKS.md). A process cannot raise its
+    threads' priority back without privileges, so nothing made by a request thread may be a
+    model thread.
+    """
+    if _settings.request_nice and not getattr(_request_thread, "reniced", False):
+        _request_thread.reniced = True
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _settings.request_nice)
 
 
 def worker_exit(server, worker):

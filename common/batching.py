@@ -8,7 +8,12 @@ wait* of its images, the time until the batch holding them starts, stays within 
 for every full batch ahead of it, from the batcher's own measured batch times (per padded batch
 size, seeded by the warm-up). A slow model so gets a short queue and a fast one a long queue,
 and ``Retry-After`` says how long the queue takes to drain. ``max_queue`` is a hard cap on
-admitted-but-unstarted images. A refused request gets 503 at once, having done nothing.
+admitted-but-unstarted images. A refused request gets 503, having done nothing: at once, up to
+``refusals_per_second`` (``MAX_REFUSALS_PER_SECOND``) per worker; past that rate each refusal
+is held back (sleeping, no CPU) until the rate allows it, at most one second. Clients that
+resend a 503 at once would otherwise keep the request threads refusing them as fast as the
+CPU allows, and under the GIL that work starves the model thread and the admitted requests
+(measured in docs/BENCHMARKS.md); paced, they cost a bounded share of one core.
 
 Admitted requests decode their image and call :meth:`Ticket.predict`; one model thread takes
 whatever has queued up (up to ``max_batch_size``) and runs it as one batch. Nothing waits on
@@ -67,6 +72,29 @@ class BatchStats:
     sizes: dict = field(default_factory=dict)  # real batch size -> count
 
 
+class Pacer:
+    """Spaces events out to at most ``rate`` per second, after a burst of ``burst`` at once.
+
+    :meth:`delay` says how long the caller must wait before its event: the generic cell rate
+    algorithm (a theoretical arrival time advanced by ``1 / rate`` per event, with a tolerance
+    of ``burst - 1`` intervals), the wait never longer than ``max_delay``.
+    """
+
+    def __init__(self, rate: float, burst: int = 1, max_delay: float = 1.0):
+        self.interval = 1.0 / rate
+        self.tolerance = (max(1, burst) - 1) * self.interval
+        self.max_delay = max_delay
+        self._tat = 0.0  # theoretical arrival time of the next event
+        self._lock = threading.Lock()
+
+    def delay(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            tat = min(max(self._tat, now), now + self.tolerance + self.max_delay)
+            self._tat = tat + self.interval
+            return max(0.0, tat - self.tolerance - now)
+
+
 class Ticket:
     """Room for ``images`` images in a batcher's queue, reserved before any work.
 
@@ -112,6 +140,8 @@ class Batcher:
         max_queue: hard cap on admitted images whose batch has not started.
         max_wait_ms: admit a request only while its expected wait is within this (0: no
             budget, only the hard cap).
+        refusals_per_second: refusals answered at once per second (after a burst of a tenth
+            of it); past that, a refusal sleeps until its turn, at most 1 s (0: never wait).
         timeout: seconds a request may wait for its result before it is answered 503.
         batch_seconds: measured seconds of one call per padded batch size (the warm-up's), the
             first estimates of the batch times.
@@ -121,7 +151,8 @@ class Batcher:
 
     def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], *,
                  max_batch_size: int = 16, batch_wait_ms: float = 0.0, max_queue: int = 32,
-                 max_wait_ms: float = 0.0, timeout: float = 15.0,
+                 max_wait_ms: float = 0.0, refusals_per_second: float = 0.0,
+                 timeout: float = 15.0,
                  batch_seconds: dict[int, float] | None = None, metrics=None):
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
@@ -131,6 +162,8 @@ class Batcher:
         self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000.0
         self.timeout = timeout
+        self.pacer = (Pacer(refusals_per_second, burst=int(refusals_per_second // 10))
+                      if refusals_per_second > 0 else None)
         self.buckets = bucket_sizes(max_batch_size)
         self.stats = BatchStats()
         self.metrics = metrics
@@ -162,6 +195,8 @@ class Batcher:
         if refused:
             self.stats.shed += 1
             self._event("rejected_request", "overloaded")
+            if self.pacer is not None:
+                time.sleep(self.pacer.delay())
             raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
         self._event("queue_changed", images)
         return Ticket(self, images)

@@ -134,6 +134,7 @@ class ServedModel:
                               batch_wait_ms=self.config.batch_max_wait_ms,
                               max_queue=self.config.batch_queue_size,
                               max_wait_ms=self.config.queue_max_wait_ms,
+                              refusals_per_second=self.config.max_refusals_per_second,
                               timeout=self.config.request_timeout,
                               batch_seconds=clf.batch_seconds, metrics=self.metrics)
             self._running = _Running(clf, batcher)

@@ -2,9 +2,15 @@
 
 A stored file is named ``<first 16 hex of sha256(bytes)>.<ext>`` where ``ext`` comes from the
 format Pillow detected, so the client's file name never becomes a path, two clients sending the
-same name never collide, and the same bytes are stored once. Writes go to a hidden temporary file
-in the same folder and are renamed into place. After each write the folder is trimmed, oldest
-first, to its file-count and byte caps.
+same name never collide, and the same bytes are stored once (a second save of the same bytes only touches the file). Writes go to
+a hidden temporary file in the same folder and are renamed into place.
+
+The folder is kept within its file-count and byte caps, oldest first. Scanning it costs a stat
+per file, so a save does not scan every time: each scan leaves a room (the caps less what the
+folder holds; a folder found within 5% of a cap is trimmed to 90% of it, so the room is never
+tiny), and each of the ``writers`` processes sharing the folder (gunicorn's workers) scans again
+once it has written its share of that room, ``1 / writers`` of it, in files or in bytes. The
+caps hold after every scan; between scans the writers together add at most one room.
 """
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
+import itertools
 import threading
 
 from .errors import StorageUnavailable
@@ -25,11 +31,18 @@ _NAME = re.compile(r"^[0-9a-f]{16}\.[a-z]{3,4}$")
 class ImageStore:
     """Stores image bytes under safe names in one folder, within count and byte caps."""
 
-    def __init__(self, root: str, *, max_files: int = 1000, max_bytes: int = 512 * 1024 * 1024):
+    HEADROOM = 0.1  # a folder near a cap is trimmed to 90% of it, so the room is never tiny
+
+    def __init__(self, root: str, *, max_files: int = 1000, max_bytes: int = 512 * 1024 * 1024,
+                 writers: int = 1):
         self.root = os.path.abspath(root)
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
+        self.writers = max(1, writers)
+        self._lock = threading.Lock()  # the quota
+        self._scan_lock = threading.Lock()  # one scan at a time in this process
+        self._names = itertools.count()
+        self._quota = (0, 0)  # files, bytes this process may write before it scans again
 
     def ensure(self) -> None:
         """Create the folder if needed; called once at start-up."""
@@ -46,7 +59,13 @@ class ImageStore:
         name = self.name_for(data, extension)
         path = os.path.join(self.root, name)
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-", suffix=".part")
+            try:
+                os.utime(path)  # stored before: the same bytes, now the newest
+                return name
+            except FileNotFoundError:
+                pass
+            tmp = os.path.join(self.root, f".incoming-{os.getpid()}-{next(self._names)}.part")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
@@ -57,8 +76,20 @@ class ImageStore:
         except OSError as exc:
             log.error("cannot write to %s: %s", self.root, exc)
             raise StorageUnavailable(f"cannot store the image: {exc.strerror or exc}") from None
-        self.trim()
+        self._written(len(data))
         return name
+
+    def _written(self, size: int) -> None:
+        """Charge one new file to the quota; scan (and trim) once it is spent."""
+        with self._lock:
+            files, size_left = self._quota
+            self._quota = (files - 1, size_left - size)
+            if self._quota[0] > 0 and self._quota[1] > 0:
+                return
+        count, total, _ = self._trim(self.HEADROOM)
+        with self._lock:
+            self._quota = ((self.max_files - count) // self.writers,
+                           (self.max_bytes - total) // self.writers)
 
     def files(self) -> list[os.DirEntry]:
         """Stored images (our own names only), oldest first."""
@@ -88,7 +119,13 @@ class ImageStore:
 
     def trim(self) -> int:
         """Evict oldest files until both caps hold; returns how many were removed."""
-        with self._lock:
+        return self._trim(0.0)[2]
+
+    def _trim(self, headroom: float) -> tuple[int, int, int]:
+        """Scan; when the folder is within ``headroom / 2`` of a cap (or over it), evict oldest
+        files until it holds at most the cap less ``headroom`` of each (a share of the cap,
+        rounded down: 0 for caps under 10 files). Returns (files left, bytes left, removed)."""
+        with self._scan_lock:
             entries = self.files()
             sizes = []
             for entry in entries:
@@ -97,15 +134,20 @@ class ImageStore:
                 except FileNotFoundError:
                     sizes.append(0)
             count, total = len(entries), sum(sizes)
+            spare_files = int(self.max_files * headroom)
+            spare_bytes = int(self.max_bytes * headroom)
+            if (count <= self.max_files - spare_files // 2
+                    and total <= self.max_bytes - spare_bytes // 2):
+                return count, total, 0
             removed = 0
             for entry, size in zip(entries, sizes):
-                if count <= self.max_files and total <= self.max_bytes:
+                if count <= self.max_files - spare_files and total <= self.max_bytes - spare_bytes:
                     break
                 _unlink(entry.path)
                 count -= 1
                 total -= size
                 removed += 1
-            return removed
+            return count, total, removed
 
 
 def _unlink(path: str) -> None:

@@ -3,28 +3,40 @@
 
 Starts the real server (the Dockerfile's gunicorn command) with a model, drives it over loopback
 at several concurrencies with a ~500x375 JPEG and a 12-megapixel JPEG, then stops it and measures
-the same model alone in-process (batch 1 and the best batch size). Reports throughput,
-p50/p95/p99 latency, errors and 503s apart, peak RSS per worker, time to ready, first-request
+the same model alone in-process (batch 1, the best batch size, and the decode + resize of each
+JPEG). Reports goodput (200s per second), the share of 503s, p50/p95/p99 of the 200s, errors,
+the load generator's own CPU seconds, peak RSS per worker, time to ready, first-request
 latency, and the ratios service / in-process, as a Markdown table and JSON.
 
     python scripts/benchmark.py --model build/models/inception_v3 --json build/bench.json
 
-Clients are threads of this process sending raw ``image/jpeg`` bodies on keep-alive
-connections; a client that gets 503 waits as its Retry-After says (at most 1 s) before its next
-request.
+The load generator is ``wrk`` (``scripts/wrk/post_image.lua``, one connection per wrk thread)
+when it is installed, else threads of this process (``scripts/loadgen.drive``, with a warning):
+both send raw ``image/jpeg`` bodies on keep-alive connections, in a closed loop. By default a
+client answered 503 sends again at once (``--polite``: it waits Retry-After, at most 1 s).
 They ask for ``top_k=5`` (``--top_k``), as clients of a 1000-class model do. They share the
-machine with the server, as a sidecar would.
+machine with the server, as a sidecar would; their CPU seconds are reported beside each level.
+
+``--refusal_cpu SECONDS`` adds the CPU a refused request costs the worker (see
+:func:`refused_request_cpu`); ``--profile SECONDS`` samples the worker with py-spy during one
+more level (see :func:`profile_level`).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
+import io
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,7 +46,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts.liveserver import LiveServer  # noqa: E402
-from scripts.loadgen import drive, photo_jpeg  # noqa: E402
+from scripts.loadgen import drive, photo_jpeg, wrk_available, wrk_drive  # noqa: E402
 
 
 @dataclass
@@ -49,6 +61,11 @@ class BenchParams:
     env: dict = field(default_factory=dict)  # extra server environment (WORKERS, THREADS, ...)
     inprocess_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # batch sizes tried in-process
     top_k: int = 5  # what clients ask for (0: every label)
+    driver: str = "auto"  # load generator: "wrk", "python", or "auto" (wrk when installed)
+    polite: bool = False  # after a 503 wait Retry-After (True) or send again at once (False)
+    refusal_cpu: float = 0.0  # seconds of the refused-request CPU measurement (0: skip it)
+    profile: float = 0.0  # seconds of py-spy on the worker during one more level (0: skip it)
+    profile_concurrency: int = 16  # clients during the profiled level
 
 
 def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> dict:
@@ -65,8 +82,10 @@ def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> dict:
     return out
 
 
-def in_process(model: str, batches: tuple[int, ...], env: dict) -> dict:
-    """The model alone: median latency at batch 1 and the best images/s over ``batches``."""
+def in_process(model: str, batches: tuple[int, ...], env: dict,
+               images: dict[str, bytes] | None = None) -> dict:
+    """The model alone: median latency at batch 1, the best images/s over ``batches``, and the
+    median decode and resize times of each of ``images`` (the service's own functions)."""
     from common import tfruntime
     from common.classifier import load_classifier
 
@@ -91,18 +110,95 @@ def in_process(model: str, batches: tuple[int, ...], env: dict) -> dict:
     best = max(per_batch, key=lambda n: per_batch[n]["images_per_s"])
     return {"batch1_ms": per_batch[1]["ms_per_batch"] if 1 in per_batch else None,
             "best_batch": best, "best_images_per_s": per_batch[best]["images_per_s"],
-            "per_batch": per_batch}
+            "per_batch": per_batch,
+            "decode": {name: decode_times(data, tuple(clf.input_size))
+                       for name, data in (images or {}).items()}}
+
+
+def decode_times(data: bytes, size: tuple[int, int], repeats: int = 15) -> dict:
+    """Median ms of ``decode_image`` (draft-mode JPEG decode to RGB) and of ``to_model_input``
+    (resize + scale) for one image, as the service runs them for a model of input ``size``."""
+    from common.images import decode_image
+    from common.preprocessing import to_model_input
+
+    decode, resize = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        decoded = decode_image(data, target_size=size)
+        t1 = time.perf_counter()
+        to_model_input(decoded.image, size)
+        t2 = time.perf_counter()
+        decode.append(t1 - t0)
+        resize.append(t2 - t1)
+    return {"bytes": len(data), "decode_ms": round(statistics.median(decode) * 1000, 2),
+            "resize_ms": round(statistics.median(resize) * 1000, 2)}
+
+
+def choose_driver(driver: str) -> str:
+    """"wrk" or "python": "auto" is wrk when it is installed, else python with a warning."""
+    if driver == "auto":
+        if wrk_available():
+            return "wrk"
+        print("warning: wrk is not installed (apt-get install wrk); the clients are Python "
+              "threads of this process, which take CPU from the server", file=sys.stderr)
+        return "python"
+    if driver == "wrk" and not wrk_available():
+        raise SystemExit("--driver wrk: wrk is not installed (apt-get install wrk)")
+    return driver
+
+
+def warm(port: int, body: bytes, requests: int, top_k: int, patience: float = 60.0) -> int:
+    """``requests`` 200s on one connection, not counted; a 503 is retried after its
+    Retry-After, so a level starts only once what the previous one left queued has drained.
+    Returns the 503s met."""
+    shed = 0
+    ok = 0
+    deadline = time.monotonic() + patience
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    while ok < requests and time.monotonic() < deadline:
+        conn.request("POST", f"/classify?top_k={top_k}" if top_k else "/classify", body=body,
+                     headers={"Content-Type": "image/jpeg"})
+        response = conn.getresponse()
+        response.read()
+        if response.status == 200:
+            ok += 1
+        else:
+            shed += 1
+            conn.close()
+            time.sleep(min(float(response.getheader("Retry-After") or 1), 1.0))
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.close()
+    return shed
+
+
+def level(driver: str, port: int, body: bytes, body_path: str, concurrency: int,
+          params: BenchParams, duration: float | None = None) -> dict:
+    """One load level with the chosen driver (warm-up requests first, not counted)."""
+    duration = params.duration if duration is None else duration
+    warm_503 = warm(port, body, max(1, params.warmup_requests), params.top_k)
+    if driver == "wrk":
+        out = wrk_drive(f"http://127.0.0.1:{port}", body_path, concurrency, duration,
+                        polite=params.polite, top_k=params.top_k)
+    else:
+        out = drive(port, body, concurrency, duration, 0, params.top_k, polite=params.polite)
+    return {**out, "warmup_503s": warm_503}
 
 
 def run(params: BenchParams, log_dir: str | None = None) -> dict:
     small = photo_jpeg(500, 375, seed=1)
     large = photo_jpeg(4000, 3000, seed=2)
     log_dir = log_dir or tempfile.mkdtemp(prefix="bench-")
+    paths = {}
+    for name, data in (("500x375", small), ("4000x3000", large)):
+        paths[name] = os.path.join(log_dir, f"{name}.jpg")
+        with open(paths[name], "wb") as fh:
+            fh.write(data)
+    driver = choose_driver(params.driver)
     env = {"MODEL_PATH": params.model, "TEMP_DIR": os.path.join(log_dir, "temp"),
            "LOG_LEVEL": "warning", **params.env}
     server = LiveServer(env)
     server.start(os.path.join(log_dir, "server.log"), wait_ready=False)
-    result = {"model": params.model, "params": asdict(params),
+    result = {"model": params.model, "params": asdict(params), "driver": driver,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}}
     try:
@@ -117,55 +213,404 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         result["first_request_status"] = first.status
         conn.close()
         levels = []
-        for c in params.concurrency:
-            levels.append({"image": "500x375", **drive(server.port, small, c, params.duration,
-                                                        params.warmup_requests, params.top_k)})
-            print(json.dumps(levels[-1]), file=sys.stderr)
-        for c in params.large_concurrency:
-            levels.append({"image": "4000x3000", **drive(server.port, large, c, params.duration,
-                                                          params.warmup_requests, params.top_k)})
-            print(json.dumps(levels[-1]), file=sys.stderr)
+        for name, body, counts in (("500x375", small, params.concurrency),
+                                   ("4000x3000", large, params.large_concurrency)):
+            for c in counts:
+                levels.append({"image": name, **level(driver, server.port, body, paths[name], c,
+                                                      params)})
+                print(json.dumps(levels[-1]), file=sys.stderr)
         result["levels"] = levels
+        if params.profile:
+            result["profile"] = profile_level(server, driver, small, paths["500x375"], params,
+                                              log_dir)
         result["peak_rss_mb"] = peak_rss_mb(server.worker_pids())
         result["anon_rss_mb"] = peak_rss_mb(server.worker_pids(), "RssAnon")
     finally:
         server.stop()
-    result["in_process"] = inproc = in_process(params.model, params.inprocess_batches, params.env)
-    by = {(lv["image"], lv["concurrency"]): lv for lv in result["levels"]}
-    ratios = {}
-    if ("500x375", 16) in by:
-        ratios["throughput_c16_vs_best_batch"] = round(
-            by[("500x375", 16)]["throughput"] / inproc["best_images_per_s"], 3)
-    if ("500x375", 1) in by and inproc["batch1_ms"]:
-        c1 = by[("500x375", 1)]
-        ratios["p50_c1_vs_batch1"] = round(c1["p50_ms"] / inproc["batch1_ms"], 3)
-        ratios["first_request_vs_median"] = round(result["first_request_ms"] / c1["p50_ms"], 3)
-        if ("4000x3000", 1) in by:
-            ratios["large_vs_small_p50_c1"] = round(by[("4000x3000", 1)]["p50_ms"]
-                                                    / c1["p50_ms"], 3)
-    result["ratios"] = ratios
+    result["in_process"] = inproc = in_process(params.model, params.inprocess_batches, params.env,
+                                               {"500x375": small, "4000x3000": large})
+    if params.refusal_cpu:
+        result["refusal_cpu"] = refused_request_cpu(params.refusal_cpu, paths["500x375"],
+                                                    log_dir, driver)
+    result["ratios"] = ratios(result)
     return result
 
 
+def ratios(result: dict) -> dict:
+    """Service ÷ in-process (goodput at each small-image level, p50 at 1 client) and more."""
+    inproc = result["in_process"]
+    by = {(lv["image"], lv["concurrency"]): lv for lv in result["levels"]}
+    out = {}
+    for (image, c), lv in by.items():
+        if image == "500x375" and c > 1:
+            out[f"goodput_c{c}_vs_best_batch"] = round(lv["ok"] / lv["seconds"]
+                                                       / inproc["best_images_per_s"], 3)
+    if ("500x375", 1) in by and inproc["batch1_ms"]:
+        c1 = by[("500x375", 1)]
+        out["p50_c1_vs_batch1"] = round(c1["p50_ms"] / inproc["batch1_ms"], 3)
+        out["first_request_vs_median"] = round(result["first_request_ms"] / c1["p50_ms"], 3)
+        if ("4000x3000", 1) in by:
+            out["large_vs_small_p50_c1"] = round(by[("4000x3000", 1)]["p50_ms"]
+                                                 / c1["p50_ms"], 3)
+    return out
+
+
+# -- the CPU of one refused request --------------------------------------------------------------
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def task_cpu(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread of ``pid``: (utime + stime in clock ticks from task/*/stat, ns on CPU from
+    task/*/schedstat)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                ns = int(fh.read().split()[0])
+        except OSError:  # the thread ended
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12]), ns)
+    return out
+
+
+def process_ticks(pid: int, system_only: bool = False) -> int:
+    """utime + stime (or stime alone) of the whole process in clock ticks (threads that ended
+    included)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) + (0 if system_only else int(fields[11]))
+
+
+def _delta(before: dict, after: dict) -> dict[int, tuple[int, int]]:
+    return {tid: (a[0] - before.get(tid, (0, 0))[0], a[1] - before.get(tid, (0, 0))[1])
+            for tid, a in after.items()}
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    names = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as fh:
+                names[int(tid)] = fh.read().strip()
+        except OSError:
+            continue
+    return names
+
+
+class _Window:
+    """Worker CPU over a window: whole process (ticks) and per thread (ticks, ns)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __enter__(self):
+        self.s0 = process_ticks(self.pid, system_only=True)
+        self.p0, self.t0, self.w0 = process_ticks(self.pid), task_cpu(self.pid), time.monotonic()
+        return self
+
+    def __exit__(self, *exc):
+        self.p1, self.t1 = process_ticks(self.pid), task_cpu(self.pid)
+        self.system = process_ticks(self.pid, system_only=True) - self.s0  # kernel time
+        self.wall = time.monotonic() - self.w0
+        self.threads = _delta(self.t0, self.t1)
+
+    def without(self, tids: set[int]) -> tuple[int, int]:
+        """(ticks of the process, ns of its live threads), less the threads ``tids``."""
+        ticks = self.p1 - self.p0 - sum(self.threads.get(t, (0, 0))[0] for t in tids)
+        ns = sum(v[1] for t, v in self.threads.items() if t not in tids)
+        return ticks, ns
+
+
+def refused_request_cpu(seconds: float, body_path: str, log_dir: str, driver: str,
+                        clients: tuple[int, ...] = (2, 16)) -> dict:
+    """Worker CPU per refused request, in ms.
+
+    Serves the test suite's colour model built to spin (a busy loop in the graph) whenever a
+    batch holds a pure magenta image. Windows of ``seconds`` each, read from
+    /proc/<worker>/stat (whole process, threads that ended included) and
+    /proc/<worker>/task/*/{stat,schedstat} (per thread):
+
+    1. idle: no requests at all;
+    2. spinning: one magenta image sent (2.5 s earlier, so the running call has overrun the
+       admission budget and every new request is refused), no other request; the threads busy
+       here (> 5% of the wall time), and every TensorFlow pool thread (tf_*, the loop moves
+       between them), are the spinning ones;
+    3. one flood per entry of ``clients``: that many impolite clients send the 500x375 JPEG,
+       every request refused at admission (503 + Retry-After, body not read, connection closed).
+
+    A flood's refusals are charged the worker's CPU less the spinning threads', less the same
+    for the idle window, divided by the number of 503s.
+    """
+    from PIL import Image
+
+    from tests.tiny_models import TRAP, save_colour_model
+
+    hang = (3 + len(clients)) * seconds + 10
+    folder = save_colour_model(os.path.join(log_dir, "spinning_model"), hang_seconds=hang)
+    env = {"MODEL_PATH": folder, "TEMP_DIR": os.path.join(log_dir, "temp-refusal"),
+           "LOG_LEVEL": "warning", "REQUEST_TIMEOUT": str(hang + 10),
+           "MODEL_HANG_TIMEOUT": str(hang + 60)}
+    server = LiveServer(env)
+    server.start(os.path.join(log_dir, "server-refusal.log"))
+    out: dict = {"seconds": seconds, "driver": driver, "clk_tck": CLK_TCK,
+                 "hang_seconds": hang, "floods": []}
+    floods = []
+    try:
+        with open(body_path, "rb") as fh:
+            body = fh.read()
+        warm(server.port, body, 20, 5)  # the request threads exist and have served once
+        (pid,) = server.worker_pids()
+        time.sleep(1.0)
+        with _Window(pid) as idle:
+            time.sleep(seconds)
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), TRAP).save(buf, "PNG")
+        trapped = {}
+
+        def send_trap():
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=hang + 30)
+            conn.request("POST", "/classify", body=buf.getvalue(),
+                         headers={"Content-Type": "image/png"})
+            trapped["status"] = conn.getresponse().status
+
+        threading.Thread(target=send_trap, daemon=True).start()
+        time.sleep(2.5)  # the call has overrun its estimate by more than the 1 s budget
+        probe = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        probe.request("POST", "/classify", body=body, headers={"Content-Type": "image/jpeg"})
+        out["probe_status"] = probe.getresponse().status
+        probe.close()
+        with _Window(pid) as spinning:
+            time.sleep(seconds)
+        for c in clients:
+            with _Window(pid) as window:
+                if driver == "wrk":
+                    load = wrk_drive(server.url, body_path, c, seconds, polite=False)
+                else:
+                    load = drive(server.port, body, c, seconds, polite=False)
+            floods.append((window, load))
+        # one more flood, not measured, with py-spy on the worker: where a refusal's CPU goes
+        raw = os.path.join(log_dir, "profile-refusals.txt")
+        spy = _start_pyspy(pid, seconds, raw, gil=True)  # a refusal is Python alone
+        if spy is not None:
+            time.sleep(0.5)
+            load = (wrk_drive(server.url, body_path, clients[-1], seconds, polite=False)
+                    if driver == "wrk" else
+                    drive(server.port, body, clients[-1], seconds, polite=False))
+            spy.communicate(timeout=seconds + 60)
+            if spy.returncode == 0 and os.path.exists(raw):
+                answers = load["shed_503"] * min(1.0, int(seconds) / load["seconds"])
+                out["profile"] = {**summarise_profile(raw, 100, round(answers)), "raw": raw,
+                                  "clients": clients[-1], "seconds": int(seconds)}
+        out["trap_answered_before_the_end"] = "status" in trapped
+        names = _thread_names(pid)
+    finally:
+        server.stop()
+    # the spinning call moves between TensorFlow's pool threads (named tf_*); a refused request
+    # never reaches TensorFlow, so all of them are left out, with any other busy one
+    spin = {t for t, v in spinning.threads.items() if v[1] > 0.05 * spinning.wall * 1e9}
+    spin |= {t for w, _ in floods for t in w.threads if names.get(t, "").startswith("tf_")}
+    idle_ticks, idle_ns = idle.without(spin)
+    out.update({
+        "idle_wall_s": round(idle.wall, 2),
+        "idle_worker_cpu_s": round(idle_ticks / CLK_TCK, 3),
+        "spinning_threads": {f"{t} {names.get(t, '?')}": round(spinning.threads[t][1] / 1e9, 2)
+                             for t in spin},
+        "spinning_wall_s": round(spinning.wall, 2),
+        "spinning_window_other_cpu_s": round(spinning.without(spin)[1] / 1e9, 3)})
+    for window, load in floods:
+        ticks, ns = window.without(spin)
+        refused = load["shed_503"]
+        busiest = sorted(((v[1], t) for t, v in window.threads.items() if t not in spin),
+                         reverse=True)[:5]
+        out["floods"].append({
+            "clients": load["concurrency"], "refused": refused, "accepted": load["ok"],
+            "wall_s": round(window.wall, 2),
+            "spinning_threads_cpu_s": round(sum(window.threads.get(t, (0, 0))[1]
+                                                for t in spin) / 1e9, 2),
+            "worker_cpu_s_without_spinning": round(ticks / CLK_TCK, 2),
+            "cpu_ms_per_refusal": round((ticks - idle_ticks) * 1000 / CLK_TCK / refused, 3)
+            if refused else None,
+            "kernel_ms_per_refusal": round((window.system - idle.system) * 1000 / CLK_TCK
+                                           / refused, 3) if refused else None,
+            "cpu_ms_per_refusal_schedstat": round((ns - idle_ns) / 1e6 / refused, 3)
+            if refused else None,
+            "client_cpu_ms_per_refusal": round(load["client_cpu_s"] * 1000 / refused, 3)
+            if refused else None,
+            "busiest_threads_s": {f"{t} {names.get(t, '?')}": round(ns_ / 1e9, 2)
+                                  for ns_, t in busiest},
+            "load": load})
+    print(json.dumps({k: v for k, v in out.items() if k != "floods"}), file=sys.stderr)
+    return out
+
+
+# -- where the request path's CPU goes ---------------------------------------------------------
+# Each sample is charged to the innermost frame that matches one of these (first match wins
+# on that frame); patterns are matched against py-spy's "function (file:line)" frames.
+CATEGORIES = [
+    ("model call (TensorFlow)", r"tensorflow/|\(common/classifier\.py"),
+    ("JPEG decode", r"\(common/images\.py|PIL/JpegImagePlugin|PIL/ImageFile|decode_image"),
+    ("resize + scale", r"\(common/preprocessing\.py|PIL/Image\.py.*resize"),
+    ("JSON", r"\(json/|jsonify|flask/json"),
+    ("storage (temp files)", r"\(common/storage\.py"),
+    ("logging", r"\(logging/|\(common/logs\.py"),
+    ("metrics", r"\(common/metrics\.py|prometheus_client/"),
+    ("body read / upload", r"\(common/slowclients\.py|werkzeug/formparser|werkzeug/wsgi|"
+                           r"gunicorn/http/body|\(socket\.py"),
+    ("batcher", r"\(common/batching\.py"),
+    ("gunicorn HTTP parse", r"gunicorn/http/(message|parser|unreader)"),
+    ("gunicorn response write", r"gunicorn/http/wsgi|write \(gunicorn/util\.py"),
+    ("gunicorn worker loop", r"gunicorn/"),
+    ("service code (views, served, service)", r"\(common/|\(app\.py"),
+    ("Flask / Werkzeug", r"flask/|werkzeug/"),
+]
+
+
+# Leaf frames that block in C (lock, queue, selector waits): py-spy's --nonblocking idle
+# detection misses some of them; they are counted apart and left out of the shares.
+WAITING = re.compile(r"^(Condition\.wait|Event\.wait|Queue\.get|_worker|.*\.select|"
+                     r"_wait_for_tstate_lock|Thread\.join|poll|sleep) \((threading|queue|"
+                     r"selectors|concurrent/futures/thread|gunicorn/workers/gthread|time)\.py")
+
+
+def summarise_profile(raw_path: str, rate: int, requests: int, top: int = 15) -> dict:
+    """py-spy's raw (collapsed) stacks -> samples per category and per leaf function, with an
+    estimate of ms per request (samples / rate / requests). Idle threads are not sampled;
+    samples whose leaf is a blocking wait (WAITING) are counted apart and not in the shares."""
+    compiled = [(name, re.compile(pattern)) for name, pattern in CATEGORIES]
+    per_category, per_leaf = collections.Counter(), collections.Counter()
+    total = waiting = 0
+    with open(raw_path) as fh:
+        for line in fh:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            frames = stack.split(";")
+            if WAITING.search(frames[-1]):
+                waiting += n
+                continue
+            total += n
+            per_leaf[frames[-1]] += n
+            name = "other"
+            for frame in reversed(frames):
+                match = next((cat for cat, rx in compiled if rx.search(frame)), None)
+                if match:
+                    name = match
+                    break
+            per_category[name] += n
+
+    def entry(n):
+        return {"samples": n, "share": round(n / total, 3) if total else 0.0,
+                "ms_per_request": round(n / rate * 1000 / requests, 2) if requests else None}
+
+    return {"samples": total, "waiting_samples_left_out": waiting, "rate_hz": rate,
+            "requests": requests,
+            "categories": {k: entry(v) for k, v in per_category.most_common()},
+            "top_leaf_functions": {k: entry(v) for k, v in per_leaf.most_common(top)}}
+
+
+def _start_pyspy(pid: int, seconds: float, raw: str, rate: int = 100, gil: bool = False):
+    """py-spy record (raw stacks, --nonblocking) on ``pid`` for ``seconds``; None without it.
+    ``gil``: only the thread holding the GIL is sampled, so threads waiting for the GIL (many,
+    with one thread per connection) are not charged to the line they wait on; native code that
+    releases the GIL (JPEG decode, TensorFlow) is then not seen."""
+    pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(pyspy):
+        print("warning: py-spy not installed (pip install py-spy); no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([pyspy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", str(rate), "--format", "raw", "--nonblocking",
+                             "--output", raw] + (["--gil"] if gil else []),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def profile_level(server: LiveServer, driver: str, body: bytes, body_path: str,
+                  params: BenchParams, log_dir: str, rate: int = 100) -> dict:
+    """py-spy (``record --nonblocking``, raw stacks) on the worker for ``params.profile`` s while
+    ``params.profile_concurrency`` clients send ``body``. Not counted in the levels: the
+    sampler takes CPU from the server."""
+    (pid,) = server.worker_pids()[:1]
+    raw = os.path.join(log_dir, "profile.txt")
+    seconds = params.profile
+    spy = _start_pyspy(pid, seconds, raw, rate)
+    if spy is None:
+        return {"skipped": "py-spy not installed"}
+    time.sleep(0.5)  # attached
+    load = level(driver, server.port, body, body_path, params.profile_concurrency, params,
+                 duration=seconds)
+    _, err = spy.communicate(timeout=seconds + 60)
+    if spy.returncode != 0 or not os.path.exists(raw):
+        return {"skipped": f"py-spy failed: {err.decode(errors='replace')[-500:]}"}
+    # requests answered while py-spy sampled: the level's answers, scaled to py-spy's seconds
+    answers = (load["ok"] + load["shed_503"]) * min(1.0, int(seconds) / load["seconds"])
+    out = summarise_profile(raw, rate, round(answers))
+    out.update({"raw": raw, "load": load, "seconds": int(seconds)})
+    return out
+
+
 def markdown(result: dict) -> str:
-    lines = [f"Model `{result['model']}` · time to ready {result['time_to_ready_s']} s · first "
+    lines = [f"Model `{result['model']}` · load generator: {result.get('driver', 'python')} · "
+             f"time to ready {result['time_to_ready_s']} s · first "
              f"request {result['first_request_ms']} ms · peak RSS per worker "
              f"{', '.join(f'{v} MB' for v in result['peak_rss_mb'].values())} (private at the "
              f"end: {', '.join(f'{v} MB' for v in result['anon_rss_mb'].values())})", "",
-             "| image | clients | images/s | p50 ms | p95 ms | p99 ms | 200s | 503s | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| image | clients | after 503 | goodput 200/s | 503 share | p50 ms | p95 ms | "
+             "p99 ms | 200s | 503s | errors | client CPU s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
-        lines.append(f"| {lv['image']} | {lv['concurrency']} | {lv['throughput']} | "
+        lines.append(f"| {lv['image']} | {lv['concurrency']} | "
+                     f"{'wait Retry-After' if lv.get('polite') else 'retry at once'} | "
+                     f"{lv['throughput']} | {lv.get('shed_share', '')} | "
                      f"{lv['p50_ms']} | {lv['p95_ms']} | {lv['p99_ms']} | {lv['ok']} | "
-                     f"{lv['shed_503']} | {lv['errors']} |")
+                     f"{lv['shed_503']} | {lv['errors']} | {lv.get('client_cpu_s', '')} |")
     ip = result["in_process"]
     per_batch = ", ".join(f"{n}: {v['images_per_s']}" for n, v in ip["per_batch"].items())
     lines += ["", f"In-process, same run: batch 1 {ip['batch1_ms']} ms; best batch "
               f"{ip['best_batch']}: {ip['best_images_per_s']} images/s "
-              f"({per_batch})",
-              "", "| ratio | value |", "|---|---:|"]
+              f"({per_batch})"]
+    if ip.get("decode"):
+        lines.append("Decode + resize in-process (median): " + "; ".join(
+            f"{name} ({d['bytes'] // 1000} KB): decode {d['decode_ms']} ms, resize "
+            f"{d['resize_ms']} ms" for name, d in ip["decode"].items()))
+    lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
+    rc = result.get("refusal_cpu")
+    if rc:
+        lines += ["", f"Refused requests (spinning model, {rc['seconds']} s windows; idle "
+                  f"window worker CPU {rc['idle_worker_cpu_s']} s; spinning threads "
+                  f"{rc['spinning_threads']}):", "",
+                  "| impolite clients | refused | accepted | worker CPU s (less spinning) | "
+                  "ms per refusal (stat) | of which kernel | (schedstat) | "
+                  "client ms per refusal |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {f['clients']} | {f['refused']} | {f['accepted']} | "
+                  f"{f['worker_cpu_s_without_spinning']} | **{f['cpu_ms_per_refusal']}** | "
+                  f"{f['kernel_ms_per_refusal']} | "
+                  f"{f['cpu_ms_per_refusal_schedstat']} | {f['client_cpu_ms_per_refusal']} |"
+                  for f in rc["floods"]]
+        if rc.get("profile"):
+            lines += _profile_tables(rc["profile"], f"py-spy --gil during one more flood of "
+                                     f"{rc['profile']['clients']} clients (not measured)", 12)
+    prof = result.get("profile")
+    if prof and "categories" in prof:
+        lines += _profile_tables(prof, f"py-spy, {prof['seconds']} s at "
+                                 f"{prof['load']['concurrency']} clients")
     return "\n".join(lines)
+
+
+def _profile_tables(prof: dict, title: str, top: int = 15) -> list[str]:
+    lines = ["", f"{title}: {prof['samples']} samples at {prof['rate_hz']} Hz over "
+             f"~{prof['requests']} answers ({prof['waiting_samples_left_out']} samples in "
+             "blocking waits left out):", "", "| where | share of samples | ms per answer |",
+             "|---|---:|---:|"]
+    lines += [f"| {k} | {v['share']} | {v['ms_per_request']} |"
+              for k, v in prof["categories"].items()]
+    lines += ["", "| leaf function | share | ms per answer |", "|---|---:|---:|"]
+    lines += [f"| `{k}` | {v['share']} | {v['ms_per_request']} |"
+              for k, v in list(prof["top_leaf_functions"].items())[:top]]
+    return lines
 
 
 def main(argv=None) -> int:
@@ -178,13 +623,26 @@ def main(argv=None) -> int:
                         help="server setting, e.g. --env THREADS=64 (repeatable)")
     parser.add_argument("--top_k", type=int, default=BenchParams.top_k,
                         help="top_k the clients ask for (0: every label)")
+    parser.add_argument("--driver", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator (auto: wrk when installed)")
+    parser.add_argument("--polite", action="store_true",
+                        help="clients wait Retry-After after a 503 (default: send again at once)")
+    parser.add_argument("--refusal_cpu", type=float, default=0.0, metavar="SECONDS",
+                        help="also measure the worker CPU of one refused request")
+    parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
+                        help="also sample the worker with py-spy during one more level")
+    parser.add_argument("--profile_concurrency", type=int, default=16)
+    parser.add_argument("--inprocess_batches", default="1,2,4,8,16,32")
     parser.add_argument("--json", help="write the full result here")
     args = parser.parse_args(argv)
     env = dict(item.split("=", 1) for item in args.env)
     params = BenchParams(
         model=args.model, duration=args.duration, env=env,
         top_k=args.top_k, concurrency=tuple(int(c) for c in args.concurrency.split(",") if c),
-        large_concurrency=tuple(int(c) for c in args.large_concurrency.split(",") if c))
+        large_concurrency=tuple(int(c) for c in args.large_concurrency.split(",") if c),
+        inprocess_batches=tuple(int(c) for c in args.inprocess_batches.split(",") if c),
+        driver=args.driver, polite=args.polite, refusal_cpu=args.refusal_cpu,
+        profile=args.profile, profile_concurrency=args.profile_concurrency)
     result = run(params)
     result["command"] = "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])
     if args.json:

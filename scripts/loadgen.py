@@ -1,12 +1,20 @@
 """Load generation over loopback: photo-like JPEGs and closed-loop HTTP clients.
 
-A library (no CLI) shared by ``scripts/benchmark.py`` and the reliability tests. Clients are
-threads of the calling process sending raw ``image/jpeg`` bodies on keep-alive connections.
+A library (no CLI) shared by ``scripts/benchmark.py`` and the reliability tests. Two drivers:
+:func:`drive`, clients that are threads of the calling process (what the tests use), and
+:func:`wrk_drive`, the C load generator ``wrk`` with ``scripts/wrk/post_image.lua``, which
+costs far less CPU per request on a machine shared with the server. Both send raw
+``image/jpeg`` bodies on keep-alive connections and report the latencies of the 200s.
 """
 from __future__ import annotations
 
 import http.client
 import io
+import json
+import os
+import resource
+import shutil
+import subprocess
 import threading
 import time
 
@@ -83,17 +91,97 @@ def drive(port: int, body: bytes, concurrency: int, duration: float, warmup: int
     threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)  # this process: the clients' own CPU
     began = time.perf_counter()
     stop_at[0] = began + duration
     start.wait()
     for t in threads:
         t.join(duration + 120)
     elapsed = time.perf_counter() - began
-    return {"concurrency": concurrency, "seconds": round(elapsed, 1), "ok": len(ok),
-            "throughput": round(len(ok) / elapsed, 2),
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    answers = len(ok) + shed[0]
+    return {"driver": "python", "concurrency": concurrency, "polite": polite,
+            "seconds": round(elapsed, 1), "ok": len(ok),
+            "throughput": round(len(ok) / elapsed, 2), "goodput": round(len(ok) / elapsed, 2),
+            "shed_share": round(shed[0] / answers, 4) if answers else 0.0,
+            "client_cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime
+                                  - cpu0.ru_stime, 2),
             "p50_ms": _ms(percentile(ok, 50)), "p95_ms": _ms(percentile(ok, 95)),
             "p99_ms": _ms(percentile(ok, 99)), "shed_503": shed[0],
             "shed_without_retry_after": bad_shed[0], "errors": errors[0]}
+
+
+WRK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wrk", "post_image.lua")
+
+
+def wrk_available() -> str | None:
+    """The wrk executable's path, or None when wrk is not installed."""
+    return shutil.which("wrk")
+
+
+def wrk_drive(url: str, body_path: str, connections: int, duration: float,
+              threads: int | None = None, polite: bool = False, top_k: int = 5,
+              timeout: float = 30.0, unique: bool = True) -> dict:
+    """``connections`` closed-loop wrk clients POST the file ``body_path`` for ``duration`` s.
+
+    ``threads`` wrk threads (default: one per connection, which the Lua script needs to time
+    each answer and keep the 200s' latencies apart; with fewer, p50/p99 are None). Impolite
+    (default): a client answered 503 sends again at once; polite: it waits Retry-After (at most
+    1 s). Returns goodput (200s per second), the share of 503s among the answers, the wrk
+    process's own CPU seconds (user + system, from wait4), and the Lua summary's counts and
+    percentiles, with the same keys as :func:`drive` where they mean the same. ``unique``
+    (default): each request's JPEG carries its own counter in a comment segment, so every
+    request is a new image to the service's content-addressed store, as in real traffic.
+    """
+    exe = wrk_available()
+    if exe is None:
+        raise RuntimeError("wrk is not installed (apt-get install wrk)")
+    threads = threads or connections
+    env = {**os.environ, "WRK_PATH": f"/classify?top_k={top_k}" if top_k else "/classify"}
+    cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
+           "--timeout", f"{max(1, round(timeout))}s", "-s", WRK_SCRIPT, url, "--",
+           os.path.abspath(body_path), "polite" if polite else "impolite",
+           "unique" if unique else "same"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    out = proc.stdout.read()
+    # wait4 gives exactly this child's rusage; RUSAGE_CHILDREN before/after cross-checks it
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = out.decode(errors="replace")
+    line = next((ln for ln in text.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {' '.join(cmd)}\n{text[-3000:]}")
+    summary = json.loads(line[len("WRK_JSON "):])
+    paired = threads == connections
+    seconds = summary["duration_s"]
+    answers = summary["ok"] + summary["shed_503"] + summary["other"]
+    socket_errors = sum(summary["socket_errors"].values())
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"driver": "wrk", "concurrency": connections, "polite": polite,
+            "seconds": round(seconds, 1), "ok": summary["ok"],
+            "goodput": round(summary["ok"] / seconds, 2),
+            "throughput": round(summary["ok"] / seconds, 2),  # 200s per second, as drive()
+            "p50_ms": summary["ok_p50_ms"] if paired else None,
+            "p95_ms": summary["ok_p95_ms"] if paired else None,
+            "p99_ms": summary["ok_p99_ms"] if paired else None,
+            "shed_503": summary["shed_503"],
+            "shed_share": round(summary["shed_503"] / answers, 4) if answers else 0.0,
+            "shed_without_retry_after": summary["shed_without_retry_after"],
+            "other_statuses": summary["other_statuses"], "socket_errors": summary["socket_errors"],
+            "errors": summary["other"] + socket_errors,
+            "client_cpu_s": round(cpu, 2),
+            "client_cpu_s_children": round(after.ru_utime + after.ru_stime
+                                           - before.ru_utime - before.ru_stime, 2),
+            "client_cpu_ms_per_answer": round(cpu * 1000 / answers, 3) if answers else None,
+            "wall_s": round(elapsed, 1), "wrk_threads": threads,
+            "shed_p50_ms": summary["shed_p50_ms"] if paired else None,
+            "wrk_all_answers_p50_ms": summary["wrk_all_answers_p50_ms"],
+            "wrk_all_answers_p99_ms": summary["wrk_all_answers_p99_ms"],
+            "first_503": summary.get("first_503")}
 
 
 def _ms(seconds: float | None) -> float | None:

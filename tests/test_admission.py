@@ -109,3 +109,28 @@ def test_refused_uploads_store_nothing_and_health_answers(busy_server):
         assert_envelope(response, 503, "overloaded")
     assert requests.get(busy_server.url + "/healthz", timeout=5).status_code == 200
     assert sorted(os.listdir(busy_server.temp_dir)) == busy_server.stored_before
+
+
+def _thread_nice(pid: int) -> dict[int, tuple[str, int]]:
+    """Per thread of ``pid``: (name, nice) from /proc/<pid>/task/<tid>/stat."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                head, _, rest = fh.read().rpartition(")")
+            out[int(tid)] = (head.split("(", 1)[1], int(rest.split()[16]))
+        except OSError:
+            continue
+    return out
+
+
+def test_request_threads_run_below_the_model_threads(demo_server):
+    """REQUEST_NICE (default 10): a thread that served a request has lowered its priority; the
+    main thread and TensorFlow's pool threads keep theirs (0)."""
+    assert post_image(demo_server, ig.png(ig.RED)).status_code == 200
+    (pid,) = demo_server.worker_pids()
+    threads = _thread_nice(pid)
+    assert 10 in {nice for _, nice in threads.values()}, threads
+    assert threads[pid][1] == 0
+    model_threads = [nice for name, nice in threads.values() if name.startswith("tf_")]
+    assert model_threads and set(model_threads) == {0}, threads

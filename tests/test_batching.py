@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common.batching import Batcher, bucket_sizes
+from common.batching import Batcher, Pacer, bucket_sizes
 from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 
 
@@ -261,3 +261,31 @@ def test_a_call_running_past_its_estimate_sheds_new_work():
         gate.set()
         batcher.close()
         pool.shutdown()
+
+
+def test_pacer_lets_a_burst_through_then_spaces_events_out():
+    pacer = Pacer(rate=10, burst=3, max_delay=0.35)
+    delays = [pacer.delay() for _ in range(8)]  # all at (almost) the same instant
+    assert delays[:3] == [0.0, 0.0, 0.0]
+    # then one interval (0.1 s) more each, never past max_delay
+    assert [round(d, 2) for d in delays[3:]] == [0.1, 0.2, 0.3, 0.35, 0.35]
+
+
+def test_refusals_past_the_rate_wait_for_their_turn(monkeypatch):
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    gate = threading.Event()
+    batcher = Batcher(lambda x: gate.wait(5) and np.zeros((len(x), 2), np.float32) or
+                      np.zeros((len(x), 2), np.float32), max_batch_size=1, max_queue=1,
+                      refusals_per_second=20)
+    try:
+        ticket = batcher.admit(1)  # fills the queue: every further request is refused
+        for _ in range(4):
+            with pytest.raises(Overloaded):
+                batcher.admit(1)
+        ticket.release()
+    finally:
+        gate.set()
+        batcher.close()
+    # a burst of 2 (a tenth of 20/s) at once, then one 1/20 s interval more each
+    assert [round(s, 2) for s in slept] == [0.0, 0.0, 0.05, 0.1]

@@ -56,3 +56,25 @@ def test_unwritable_folder_is_503(tmp_path):
     with pytest.raises(StorageUnavailable) as info:
         store.save(b"x", "png")
     assert info.value.status == 503
+
+
+def test_saves_scan_once_per_share_of_the_room(tmp_path, monkeypatch):
+    """A save does not list the folder each time: a scan leaves a room and each of the
+    ``writers`` processes scans again after writing its share of it; the caps still hold."""
+    store = ImageStore(str(tmp_path), max_files=400, writers=2)
+    scans = []
+    files = store.files
+    monkeypatch.setattr(store, "files", lambda: scans.append(1) or files())
+    for i in range(1000):
+        store.save(i.to_bytes(4, "big"), "png")
+        assert len(os.listdir(tmp_path)) <= 400
+    # near full, the folder is trimmed to 360: a room of 40, 20 then 10 files per writer
+    assert 1000 / 200 <= len(scans) <= 1000 / 10
+
+
+def test_same_bytes_are_written_once(tmp_path):
+    store = ImageStore(str(tmp_path))
+    name = store.save(b"abc", "jpg")
+    os.utime(tmp_path / name, ns=(0, 0))
+    assert store.save(b"abc", "jpg") == name
+    assert os.stat(tmp_path / name).st_mtime_ns > 0  # touched: now the newest, not rewritten
