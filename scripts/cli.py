@@ -9,7 +9,7 @@
 * :class:`ArgumentParser` accepts ``--image-dir`` wherever ``--image_dir`` is defined (the seed
   tutorial's users typed hyphens); ``--help`` shows the underscore spelling and says so.
 * :func:`parse_args` parses, sets up logging (``LEVEL message`` lines on stderr) and calls
-  :func:`quiet_tensorflow` with ``args.verbose``.
+  :func:`quiet_tensorflow` with ``args.verbose`` (``tensorflow=False``: a script without it).
 * :func:`quiet_tensorflow` must run before TensorFlow is first imported (the scripts import it
   lazily, after parsing): it keeps TensorFlow's C++ start-up lines (CUDA probing on a machine
   without a GPU, CPU-feature and absl notices) and its Python INFO logs (the SavedModel export's
@@ -75,12 +75,15 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
-def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse ``argv``, set up logging and quiet TensorFlow (unless ``--verbose``)."""
+def parse_args(parser: argparse.ArgumentParser, argv=None,
+               tensorflow: bool = True) -> argparse.Namespace:
+    """Parse ``argv``, set up logging and (for a script that uses TensorFlow) start TensorFlow
+    quietly, unless ``--verbose``."""
     args = parser.parse_args(argv)
     verbose = bool(getattr(args, "verbose", False))
     setup_logging(verbose)
-    quiet_tensorflow(verbose)
+    if tensorflow:
+        quiet_tensorflow(verbose)
     return args
 
 

@@ -26,8 +26,11 @@ if __package__ in (None, ""):
 
 from common.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
 from scripts import cli  # noqa: E402
-from scripts.training import (DEFAULT_MODULE, RetrainError, RetrainResult,  # noqa: E402
-                              TrainParams, retrain)
+from scripts.training import (DEFAULT_MODULE, RUNS_LOG, RetrainError,  # noqa: E402
+                              RetrainResult, TrainParams, default_runs_log, retrain)
+
+#: Flags that change what is printed, not what is trained: left out of the run record.
+NOT_RECORDED = ("quiet", "verbose", "print_misclassified_test_images")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_labels", help="also write the labels file here")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck",
                    help="cache of feature vectors; '' to disable")
-    p.add_argument("--summaries_dir", help="TensorBoard logs of loss and accuracy")
+    p.add_argument("--summaries_dir", help="TensorBoard logs of loss and accuracy, and the "
+                   "run's hyper-parameters (HParams); one folder per run")
+    p.add_argument("--runs_log", help=f"append this run's record to this file (default: "
+                   f"{RUNS_LOG} beside the output folder; '' for none); compare runs with "
+                   "scripts/compare_runs.py")
     p.add_argument("--input_size", type=int, help="module input side, when it cannot be told")
     _add_training_flags(p)
     p.add_argument("--print_misclassified_test_images", action="store_true")
@@ -88,12 +95,15 @@ def main(argv=None) -> int:
         output_dir = os.path.splitext(args.output_graph)[0] + "_model"
     params = TrainParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainParams)
                             if hasattr(args, f.name)})
+    runs_log = default_runs_log(output_dir) if args.runs_log is None else args.runs_log
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
     try:
         result = retrain(args.image_dir, output_dir, args.tfhub_module, params,
                          bottleneck_dir=args.bottleneck_dir or None,
                          summaries_dir=args.summaries_dir, input_size=args.input_size,
                          name=args.name, version=args.version, output_graph=args.output_graph,
-                         output_labels=args.output_labels, progress=not args.quiet)
+                         output_labels=args.output_labels, progress=not args.quiet,
+                         flags=flags, runs_log=runs_log or None)
     except RetrainError as exc:
         print(f"retrain.py: error: {exc}", file=sys.stderr)
         return 2
@@ -112,6 +122,8 @@ def print_summary(result: RetrainResult, misclassified: bool = False) -> None:
           f"{len(stats.skipped)} skipped, {stats.seconds:.1f} s")
     print(f"test accuracy {report['accuracy']} on {report['test_images']} images; "
           f"model written to {result.output_dir} ({REPORT_JSON}, {CONFUSION_MATRIX})")
+    if result.runs_log:
+        print(f"run {result.run['id']} ({result.run['seconds']} s) recorded in {result.runs_log}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ Modules, in pipeline order:
 * :mod:`.train`: train the new softmax layer (optionally on distorted images);
 * :mod:`.export`: write the SavedModel (and a legacy frozen graph);
 * :mod:`.evaluate`: test-split metrics of the exported folder, loaded as the server loads it;
-* :mod:`.report`: report.json / model.json contents and the confusion-matrix PNG.
+* :mod:`.report`: report.json / model.json contents and the confusion-matrix PNG;
+* :mod:`.runs`: the run record (flags, module, data fingerprints, splits, duration, metrics) in
+  model.json, a ``runs.jsonl`` and TensorBoard's HParams.
 
 :func:`retrain` runs them all and publishes the model folder through
 :class:`common.modelfolder.ModelFolder`.
@@ -18,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
 
@@ -28,15 +30,18 @@ from .export import export_frozen_graph, export_saved_model
 from .features import (DEFAULT_MODULE, KNOWN_INPUT_SIZES, FeatureStats, compute_features,
                        feature_cache_dir, load_module, module_input_size, module_key)
 from .report import build_model_json, build_report, draw_confusion_matrix
+from .runs import (RUNS_LOG, append_run, build_run_record, data_record, default_runs_log,
+                   log_hparams, new_run_id, read_runs)
 from .train import TrainParams, distort, train_head
 
 __all__ = [
-    "DEFAULT_MODULE", "KNOWN_INPUT_SIZES", "SPLITS", "FeatureStats", "ImageLists",
-    "RetrainError", "RetrainResult", "TrainParams", "build_model_json", "build_report",
-    "compute_features", "create_image_lists", "distort", "draw_confusion_matrix",
-    "evaluate_test_split", "export_frozen_graph", "export_saved_model", "feature_cache_dir",
-    "load_module", "module_input_size", "module_key", "per_class_metrics", "retrain",
-    "train_head", "which_set",
+    "DEFAULT_MODULE", "KNOWN_INPUT_SIZES", "RUNS_LOG", "SPLITS", "FeatureStats", "ImageLists",
+    "RetrainError", "RetrainResult", "TrainParams", "append_run", "build_model_json",
+    "build_report", "build_run_record", "compute_features", "create_image_lists", "data_record",
+    "default_runs_log", "distort", "draw_confusion_matrix", "evaluate_test_split",
+    "export_frozen_graph", "export_saved_model", "feature_cache_dir", "load_module",
+    "log_hparams", "module_input_size", "module_key", "new_run_id", "per_class_metrics",
+    "read_runs", "retrain", "train_head", "which_set",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,12 +49,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RetrainResult:
-    """What :func:`retrain` wrote: the published folder and the contents of its JSON files."""
+    """What :func:`retrain` wrote: the published folder and the contents of its JSON files
+    (``model_json["run"]`` is the run record, also appended to ``runs_log`` when one was given)."""
 
     output_dir: str
     model_json: dict
     report: dict
     feature_stats: FeatureStats
+    runs_log: str | None = None
+
+    @property
+    def run(self) -> dict:
+        return self.model_json["run"]
 
 
 @dataclass
@@ -72,27 +83,40 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
             params: TrainParams | None = None, bottleneck_dir: str | None = None,
             summaries_dir: str | None = None, input_size: int | None = None,
             name: str | None = None, version: str = "1", output_graph: str | None = None,
-            output_labels: str | None = None, progress: bool = True) -> RetrainResult:
+            output_labels: str | None = None, progress: bool = True, flags: dict | None = None,
+            runs_log: str | None = None) -> RetrainResult:
     """The whole pipeline: list and split images, features, train, export, evaluate, publish.
 
     The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
     complete (and at least ``params.min_test_accuracy`` good); otherwise nothing is written
     there. Raises RetrainError with what to fix.
+
+    The run record (:mod:`.runs`) goes into model.json; ``flags`` are the options to record
+    (the CLI's; default: ``params`` and the arguments above). It is also appended to
+    ``runs_log`` when given, and logged as HParams under ``summaries_dir`` when given.
     """
     started = time.perf_counter()
-    trained = _train(image_dir, module_handle, params or TrainParams(), bottleneck_dir,
-                     summaries_dir, input_size, progress)
+    params = params or TrainParams()
+    if flags is None:
+        flags = {**asdict(params), "image_dir": image_dir, "tfhub_module": module_handle,
+                 "input_size": input_size, "output_dir": output_dir}
+    trained = _train(image_dir, module_handle, params, bottleneck_dir, summaries_dir,
+                     input_size, progress)
     staging = ModelFolder(output_dir.rstrip("/") + ".incoming")
     try:
         model_json, report = _write_folder(staging, trained, output_dir, name, version, started,
-                                           progress)
+                                           flags, progress)
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
     folder = ModelFolder(output_dir)
     folder.publish(staging.path)
     _write_legacy_files(trained, folder, output_graph, output_labels)
-    return RetrainResult(output_dir, model_json, report, trained.stats)
+    if runs_log:
+        append_run(runs_log, model_json["run"])
+    if summaries_dir:
+        log_hparams(summaries_dir, model_json["run"])
+    return RetrainResult(output_dir, model_json, report, trained.stats, runs_log)
 
 
 def _train(image_dir: str, module_handle: str, params: TrainParams, bottleneck_dir: str | None,
@@ -115,7 +139,8 @@ def _train(image_dir: str, module_handle: str, params: TrainParams, bottleneck_d
 
 
 def _write_folder(staging: ModelFolder, trained: _Trained, output_dir: str, name: str | None,
-                  version: str, started: float, progress: bool) -> tuple[dict, dict]:
+                  version: str, started: float, flags: dict,
+                  progress: bool) -> tuple[dict, dict]:
     """Export and evaluate into ``staging``; returns (model.json, report.json) as written.
 
     Raises RetrainError (the caller removes ``staging``) below the accuracy gate.
@@ -135,6 +160,10 @@ def _write_folder(staging: ModelFolder, trained: _Trained, output_dir: str, name
     model_json = build_model_json(output_dir, name, version, trained.size, trained.handle,
                                   evaluation, trained.metrics, trained.params,
                                   len(trained.lists.labels))
+    model_json["run"] = build_run_record(
+        new_run_id(), flags, trained.handle, data_record(trained.lists, trained.stats.skipped),
+        evaluation, trained.metrics, time.perf_counter() - started, output_dir,
+        model_json["name"], version)
     staging.write_metadata(model_json)
     staging.write_report(report)
     draw_confusion_matrix(trained.lists.labels,
