@@ -27,7 +27,8 @@
     statusEl.textContent = "Something went wrong.";
   }
 
-  function showResult(body) {
+  // ``where``: "in your browser" for results of the in-browser mode (inbrowser.js).
+  function showResult(body, where) {
     errorEl.hidden = true;
     bars.innerHTML = "";
     for (const p of body.predictions) {
@@ -54,7 +55,7 @@
     const top = body.predictions[0];
     statusEl.textContent = top ? "It looks like: " + top.label : "No label passed the threshold.";
     meta.textContent = "Model " + body.model.name + " v" + body.model.version +
-      " · " + body.elapsed_ms.toFixed(1) + " ms on the server";
+      " · " + (where || "on the server") + ", " + body.elapsed_ms.toFixed(1) + " ms";
   }
 
   async function call(request, busyText) {
@@ -81,10 +82,19 @@
     if (!blob) return;
     preview.src = URL.createObjectURL(blob);
     preview.hidden = false;
+    if (inBrowserTakes(blob)) return;
     const form = new FormData();
     form.append("image", blob, name || "image");
     call(fetch("/classify", { method: "POST", body: form }), "Classifying…");
   }
+
+  // The in-browser mode (inbrowser.js) classifies instead of the server while it is switched on.
+  function inBrowserTakes(blob) {
+    if (!(window.InBrowser && window.InBrowser.active())) return false;
+    window.InBrowser.classifyBlob(blob);
+    return true;
+  }
+  window.ClassifierPage = { showResult, showError };
 
   // Pick a file (the drop zone is the input's label, so it is keyboard-accessible too).
   fileInput.addEventListener("change", () => {
@@ -172,6 +182,7 @@
   // The model's evaluation summary, when its folder has one.
   fetch("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
     if (!model) return;
+    if (window.InBrowser) window.InBrowser.offer(model);
     $("model-name").innerHTML = "";
     $("model-name").append("Model ", Object.assign(document.createElement("strong"), { textContent: model.name }),
       " v" + model.version + " · " + model.labels.length + " labels");
