@@ -143,28 +143,36 @@
   ctx.lineCap = "round";
   ctx.lineJoin = "round";
   ctx.strokeStyle = "#111111";
-  ctx.lineWidth = 12;
-  let drawing = false, drawn = false;
+  // Stroke width in canvas pixels (the canvas is 280 x 280 whatever its size on screen): 12 is
+  // 1/23 of the side, about 3 pixels of a 64 x 64 model input. A pen's pressure scales it
+  // (0.5, a mouse's pressure, gives 12).
+  const LINE_WIDTH = 12;
+  let drawing = false, drawn = false, last = null;
 
   function point(e) {
     const r = canvas.getBoundingClientRect();
     return [(e.clientX - r.left) * canvas.width / r.width, (e.clientY - r.top) * canvas.height / r.height];
   }
+  function segment(e, from, to) {
+    const pressure = e.pointerType === "pen" && e.pressure > 0 ? e.pressure : 0.5;
+    ctx.lineWidth = Math.max(1, LINE_WIDTH * 2 * pressure);
+    ctx.beginPath();
+    ctx.moveTo(from[0], from[1]);
+    ctx.lineTo(to[0], to[1]);
+    ctx.stroke();
+  }
   canvas.addEventListener("pointerdown", (e) => {
     drawing = true;
     drawn = true;
     canvas.setPointerCapture && canvas.setPointerCapture(e.pointerId);
-    const [x, y] = point(e);
-    ctx.beginPath();
-    ctx.moveTo(x, y);
-    ctx.lineTo(x + 0.01, y);
-    ctx.stroke();
+    last = point(e);
+    segment(e, last, [last[0] + 0.01, last[1]]);
   });
   canvas.addEventListener("pointermove", (e) => {
     if (!drawing) return;
-    const [x, y] = point(e);
-    ctx.lineTo(x, y);
-    ctx.stroke();
+    const p = point(e);
+    segment(e, last, p);
+    last = p;
   });
   ["pointerup", "pointercancel", "pointerleave"].forEach((type) =>
     canvas.addEventListener(type, () => { drawing = false; }));
