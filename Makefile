@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo bench clean
+.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean
 
 venv: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ reliability:
 
 demo: venv
 	$(BIN)/python scripts/build_demo.py
+
+# The demo's independent test set: shapes drawn with pointer strokes in the real page in headless
+# Chromium (needs chromium and chromium-driver), into tf_files/canvas_drawings/ (a few minutes).
+# Never trained on; `make demo` measures the demo on it.
+canvas-drawings: venv
+	$(BIN)/python scripts/make_canvas_drawings.py
 
 # Benchmarks (minutes, not part of the tests): random-weight Inception v3 / MobileNetV2 folders,
 # then the server against the in-process model; see docs/BENCHMARKS.md.

@@ -166,13 +166,21 @@ class ModelFolder:
         return path if os.path.isfile(path) else None
 
     def evaluation_summary(self) -> dict | None:
-        """What the page and ``GET /model`` show of report.json, or None without one."""
+        """What the page and ``GET /model`` show of report.json, or None without one.
+
+        ``extra_tests``: accuracy and size of the separate test sets report.json lists beside
+        the test split (the demo's canvas drawings), ``[{"name", "description", "accuracy",
+        "images"}]``.
+        """
         report = self.read_report()
         if report is None:
             return None
+        extra = [{key: test.get(key) for key in ("name", "description", "accuracy", "images")}
+                 for test in report.get("extra_tests") or [] if isinstance(test, dict)]
         return {"accuracy": report.get("accuracy"), "test_images": report.get("test_images"),
                 "per_class": report.get("per_class", {}),
-                "confusion_matrix_png": self.public_file(CONFUSION_MATRIX) is not None}
+                "confusion_matrix_png": self.public_file(CONFUSION_MATRIX) is not None,
+                "extra_tests": extra}
 
     def _read_json(self, name: str) -> dict | None:
         path = self.file(name)

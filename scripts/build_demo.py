@@ -7,10 +7,16 @@ Writes tf_files/modules/sketch_features/ (the TF Hub style feature extractor),
 tf_files/demo/ (the classifier the server serves by default, with report.json and
 confusion_matrix.png) and tf_files/demo/build.json (what each step took, and the speed-up of
 the feature cache on a second pass). Data and caches go to build/ (not committed).
+
+Then the demo is measured on tf_files/canvas_drawings/, the independent test set drawn in the
+real page (scripts/make_canvas_drawings.py, ``make canvas-drawings``; never trained on): its
+accuracy goes into report.json's ``extra_tests`` beside the synthetic test split's, and the page
+shows both.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -22,10 +28,20 @@ if __package__ in (None, ""):
 from common.modelfolder import ModelFolder  # noqa: E402
 from scripts import cli, make_demo_data, make_feature_module, training  # noqa: E402
 
+log = logging.getLogger(__name__)
+
+
+#: report.json's record of the canvas test set (its figures are added by _canvas_test).
+CANVAS_TEST = {"name": "canvas drawings",
+               "description": "drawn with pointer strokes in the real page, never trained on",
+               "path": os.path.join("tf_files", "canvas_drawings"),
+               "command": "make canvas-drawings"}
+
 
 def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
           min_test_accuracy: float = 0.95, progress: bool = True) -> dict:
-    """Run the three steps; returns the build record written to tf_files/demo/build.json."""
+    """Run the three steps, then measure the demo on the canvas drawings (when present);
+    returns the build record written to tf_files/demo/build.json."""
     build_dir = os.path.join(root, "build")
     data_dir = os.path.join(build_dir, "demo_data")
     cache_dir = os.path.join(build_dir, "bottlenecks")
@@ -62,8 +78,31 @@ def build(root: str = ".", per_class: int = 300, data_seed: int = 2,
         "feature_cache": _cache_record(result.feature_stats, data_dir, module_dir, cache_dir),
         "machine": f"{os.cpu_count()} CPU cores",
     }
+    canvas = _canvas_test(root, demo_dir, progress)
+    if canvas:
+        record["canvas_accuracy"], record["canvas_images"] = canvas["accuracy"], canvas["images"]
     ModelFolder(demo_dir).write_build_record(record)
     return record
+
+
+def _canvas_test(root: str, demo_dir: str, progress: bool) -> dict | None:
+    """The demo's figures on the canvas drawings, added to its report.json (``extra_tests``);
+    None (and a warning) when the set has not been drawn."""
+    canvas_dir = os.path.join(root, CANVAS_TEST["path"])
+    if not os.path.isdir(canvas_dir):
+        log.warning("no %s: run `make canvas-drawings` to measure the demo on drawings made in "
+                    "the page", canvas_dir)
+        return None
+    folder = ModelFolder(demo_dir)
+    evaluation = training.evaluate_image_folder(folder, canvas_dir, progress=progress)
+    entry = {**CANVAS_TEST, "accuracy": evaluation["test_accuracy"],
+             "images": evaluation["test_images"], "per_class": evaluation["per_class"],
+             "confusion_matrix": evaluation["confusion_matrix"],
+             "misclassified": evaluation["misclassified"]}
+    report = folder.read_report() or {}
+    report["extra_tests"] = [entry]
+    folder.write_report(report)
+    return entry
 
 
 def _make_module(module_dir: str, progress: bool) -> dict:

@@ -10,6 +10,7 @@
   tutorial's users typed hyphens); ``--help`` shows the underscore spelling and says so.
 * :func:`parse_args` parses, sets up logging (``LEVEL message`` lines on stderr) and calls
   :func:`quiet_tensorflow` with ``args.verbose`` (``tensorflow=False``: a script without it).
+* :class:`filtered_stderr` hides such lines around any later step that prints them.
 * :func:`quiet_tensorflow` must run before TensorFlow is first imported (the scripts import it
   lazily, after parsing): it keeps TensorFlow's C++ start-up lines (CUDA probing on a machine
   without a GPU, CPU-feature and absl notices) and its Python INFO logs (the SavedModel export's
@@ -114,18 +115,19 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     if "tensorflow" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    with _filtered_stderr(START_UP_NOISE):
+    with filtered_stderr(START_UP_NOISE):
         import tensorflow as tf
 
         tf.config.list_physical_devices()  # the CUDA probe happens here, not at import
     _tensorflow_loggers(logging.WARNING)
 
 
-class _filtered_stderr:
-    """Capture file descriptor 2 (C++ and Python writes alike) into a temporary file; on exit,
-    write back the lines that do not match ``noise``."""
+class filtered_stderr:
+    """``with filtered_stderr(pattern):`` captures file descriptor 2 (C++ and Python writes
+    alike) into a temporary file; on exit, writes back the lines that do not match ``pattern``.
+    For a noisy step after start-up (a converter's C++ notices), when not ``--verbose``."""
 
-    def __init__(self, noise: re.Pattern):
+    def __init__(self, noise: re.Pattern = START_UP_NOISE):
         self.noise = noise
 
     def __enter__(self):

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Synthetic hand-drawn-looking sketches in the folder-per-class layout (like flower_photos).
 
-Each picture is one shape drawn as a wobbly stroke: jittered outline, random stroke width, size,
-position, rotation, colours and background (plain white as on a drawing canvas, solid colours,
+Each picture is one shape drawn as a wobbly stroke: jittered outline, random stroke width (thin
+lines of 1% of the side to heavy ones of 7%), size (small ones too), position (off-centre),
+rotation (any way round but for hearts), ends that stop short or overshoot, stars as outlines
+or pentagrams, colours and background (plain white as on a drawing canvas, solid colours,
 gradients, noise). Everything comes from one seed, so a data set can be rebuilt exactly.
 
     python scripts/make_demo_data.py --output_dir build/demo_data --per_class 300 --seed 2
@@ -40,28 +42,34 @@ def _outline(shape: str, rng: np.random.Generator) -> list[np.ndarray]:
         t = np.linspace(0, 2 * np.pi + rng.uniform(0.0, 0.5), 60)
         ratio = rng.uniform(0.8, 1.2)
         return [np.stack([np.cos(t) * ratio, np.sin(t)], axis=1)]
-    if shape == "triangle":
-        return _polygon(3, -np.pi / 2)
+    if shape == "triangle":  # any triangle, not only equilateral ones
+        t = np.array([0, 2 * np.pi / 3, 4 * np.pi / 3]) - np.pi / 2 + rng.uniform(-0.3, 0.3, 3)
+        pts = np.stack([np.cos(t), np.sin(t)], axis=1) * rng.uniform(0.8, 1.0, (3, 1))
+        return [np.vstack([pts, pts[:1]])]
     if shape == "square":
-        return _polygon(4, np.pi / 4)
-    if shape == "diamond":
+        (pts,) = _polygon(4, np.pi / 4)
+        return [pts + rng.normal(0, 0.03, pts.shape)]
+    if shape == "diamond":  # narrow, so that a square turned 45 degrees is not one
         (pts,) = _polygon(4, 0.0)
-        return [pts * np.array([rng.uniform(0.55, 0.8), 1.0])]
+        return [pts * np.array([rng.uniform(0.45, 0.65), 1.0])]
     if shape == "hexagon":
         return _polygon(6, 0.0)
+    if shape == "star" and rng.random() < 0.5:  # the pentagram: five lines in one stroke
+        t = np.arange(0, 6) * 4 * np.pi / 5 - np.pi / 2
+        return [np.stack([np.cos(t), np.sin(t)], axis=1)]
     if shape == "star":
         t = np.linspace(0, 2 * np.pi, 10, endpoint=False) - np.pi / 2
         r = np.where(np.arange(10) % 2 == 0, 1.0, rng.uniform(0.35, 0.5))
         pts = np.stack([np.cos(t) * r, np.sin(t) * r], axis=1)
         return [np.vstack([pts, pts[:1]])]
-    if shape == "cross":
-        arm = rng.uniform(0.8, 1.0)
-        return [np.array([[-arm, 0.0], [arm, 0.0]]), np.array([[0.0, -1.0], [0.0, 1.0]])]
+    if shape == "cross":  # arms of unequal length, crossing off-centre
+        arm, cx, cy = rng.uniform(0.7, 1.0), *rng.uniform(-0.2, 0.2, 2)
+        return [np.array([[-arm, cy], [arm, cy]]), np.array([[cx, -1.0], [cx, 1.0]])]
     if shape == "heart":
         t = np.linspace(0, 2 * np.pi, 80)
         x = 16 * np.sin(t) ** 3
         y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        return [np.stack([x / 17.0, (y + 2.0) / 17.0], axis=1)]
+        return [np.stack([x / 17.0 * rng.uniform(0.85, 1.15), (y + 2.0) / 17.0], axis=1)]
     if shape == "arrow":
         head = rng.uniform(0.35, 0.5)
         return [np.array([[-1.0, 0.0], [1.0, 0.0]]),
@@ -86,6 +94,21 @@ def _resample(stroke: np.ndarray, step: float) -> np.ndarray:
     return np.stack([np.interp(samples, positions, stroke[:, i]) for i in (0, 1)], axis=1)
 
 
+def _loose_end(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A hand's stroke end (points every 0.08 units): stop up to 6% (at most 0.32 units) short,
+    or overshoot up to 8% (at most 0.24 units) along the last step."""
+    n = len(points)
+    change = int(round(n * rng.uniform(-0.06, 0.08)))
+    if change < 0:
+        return points[:max(2, n + max(change, -4))]
+    step = points[-1] - points[-2]
+    return np.vstack([points, points[-1] + step * np.arange(1, min(change, 3) + 1)[:, None]])
+
+
+#: Rotation range of each shape in degrees: hearts are drawn upright, the rest any way round.
+ROTATION = {"heart": 30}
+
+
 def _wobble(points: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
     """Smooth random displacement: a few low-frequency sines per axis plus fine jitter."""
     n = len(points)
@@ -100,8 +123,8 @@ def _wobble(points: np.ndarray, rng: np.random.Generator, amount: float) -> np.n
 
 
 def _background(size: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
-    """A background and its mean colour. Half are plain white, as on a drawing canvas."""
-    kind = rng.choice(["white", "solid", "gradient", "noise"], p=[0.5, 0.2, 0.15, 0.15])
+    """A background and its mean colour. 60% are plain white, as on a drawing canvas."""
+    kind = rng.choice(["white", "solid", "gradient", "noise"], p=[0.6, 0.16, 0.12, 0.12])
     if kind == "white":
         arr = np.full((size, size, 3), 255.0)
     elif kind == "solid":
@@ -136,19 +159,23 @@ def draw_sketch(shape: str, rng: np.random.Generator, size: int = 128) -> Image.
     image, bg_mean = _background(size, rng)
     draw = ImageDraw.Draw(image)
     colour = _stroke_colour(bg_mean, rng)
-    width = int(rng.integers(max(1, size // 60), max(3, size // 14)))
-    scale = rng.uniform(0.22, 0.42) * size
-    angle = math.radians(rng.uniform(-25, 25) if shape not in ("cross", "circle")
-                         else rng.uniform(-45, 45))
+    scale = rng.uniform(0.12, 0.42) * size
+    # Line width 1% to 7% of the side, but at most a fifth of the shape's radius.
+    width = max(1, int(round(size * rng.uniform(0.008, min(0.07, 0.2 * scale / size)))))
+    limit = ROTATION.get(shape, 180)
+    angle = math.radians(rng.uniform(-limit, limit))
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     stretch = np.array([rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)])
     margin = scale * 1.1
     centre = rng.uniform(margin, size - margin, 2) if size - 2 * margin > 0 else \
         np.array([size / 2, size / 2])
-    filled = shape not in ("cross", "arrow") and rng.random() < 0.15
+    filled = shape not in ("cross", "arrow") and rng.random() < 0.08
+    wobble = rng.uniform(0.01, 0.05)
     for stroke in _outline(shape, rng):
         pts = _resample(stroke, 0.08)
-        pts = _wobble(pts, rng, 0.035)
+        if not filled:
+            pts = _loose_end(pts, rng)
+        pts = _wobble(pts, rng, wobble)
         pts = (pts * stretch) @ rot.T * scale + centre
         xy = [tuple(p) for p in pts]
         if filled:

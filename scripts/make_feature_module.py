@@ -37,7 +37,7 @@ class ModuleParams:
 
     input_size: int = 64  # square input side the module expects, pixels
     channels: tuple[int, ...] = (16, 32, 64, 128)  # conv widths; the last is the feature size
-    images_per_class: int = 500  # synthetic pretraining images per class
+    images_per_class: int = 800  # synthetic pretraining images per class
     epochs: int = 20  # passes over the pretraining images
     batch_size: int = 64  # pretraining batch size
     learning_rate: float = 2e-3  # Adam learning rate

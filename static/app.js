@@ -197,7 +197,10 @@
     const ev = model.evaluation;
     if (!ev || ev.accuracy == null) return;
     $("eval-summary").textContent = "Accuracy " + (ev.accuracy * 100).toFixed(1) + "% on " +
-      ev.test_images + " test images it never saw in training.";
+      ev.test_images + " test images it never saw in training" +
+      (ev.extra_tests || []).filter((t) => t.accuracy != null).map((t) =>
+        "; " + (t.accuracy * 100).toFixed(1) + "% on " + t.images + " " + t.name +
+        (t.description ? " (" + t.description + ")" : "")).join("") + ".";
     if (ev.confusion_matrix_png) {
       const img = $("confusion");
       img.src = "/model/confusion_matrix.png";

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
 
 from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set
-from .evaluate import evaluate_test_split, per_class_metrics
+from .evaluate import evaluate_image_folder, evaluate_test_split, per_class_metrics
 from .export import export_frozen_graph, export_saved_model
 from .features import (DEFAULT_MODULE, KNOWN_INPUT_SIZES, FeatureStats, compute_features,
                        feature_cache_dir, load_module, module_input_size, module_key)
@@ -38,7 +38,8 @@ __all__ = [
     "DEFAULT_MODULE", "KNOWN_INPUT_SIZES", "RUNS_LOG", "SPLITS", "FeatureStats", "ImageLists",
     "RetrainError", "RetrainResult", "TrainParams", "append_run", "build_model_json",
     "build_report", "build_run_record", "compute_features", "create_image_lists", "data_record",
-    "default_runs_log", "distort", "draw_confusion_matrix", "evaluate_test_split",
+    "default_runs_log", "distort", "draw_confusion_matrix", "evaluate_image_folder",
+    "evaluate_test_split",
     "export_frozen_graph", "export_saved_model", "feature_cache_dir", "load_module",
     "log_hparams", "module_input_size", "module_key", "new_run_id", "per_class_metrics",
     "read_runs", "retrain", "train_head", "which_set",

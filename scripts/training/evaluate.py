@@ -9,7 +9,7 @@ from common.classifier import Classifier, load_classifier
 from common.images import load_image_file
 from common.modelfolder import ModelFolder
 
-from .data import ImageLists
+from .data import SPLITS, ImageLists, RetrainError, _image_files
 
 
 def evaluate_test_split(folder: ModelFolder, lists: ImageLists, skipped: list[str],
@@ -23,6 +23,32 @@ def evaluate_test_split(folder: ModelFolder, lists: ImageLists, skipped: list[st
     """
     clf = load_classifier(folder)
     items = [(p, c) for p, c in lists.paths("testing") if p not in skipped]
+    return _evaluate(clf, lists, items, batch_size, progress)
+
+
+def evaluate_image_folder(folder: ModelFolder, image_dir: str, batch_size: int = 32,
+                          progress: bool = True) -> dict:
+    """Metrics of the model in ``folder`` on EVERY image of a separate labelled set laid out as
+    ``image_dir/<label>/`` (a test set kept apart from training, such as the demo's canvas
+    drawings). Same keys as :func:`evaluate_test_split`. Raises RetrainError for a sub-folder
+    that is not one of the model's labels."""
+    clf = load_classifier(folder)
+    folders = sorted(d for d in os.listdir(image_dir)
+                     if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
+    unknown = set(folders) - set(clf.labels)
+    if unknown:
+        raise RetrainError(f"{image_dir}: {', '.join(sorted(unknown))} not among the model's "
+                           "labels")
+    lists = {label: {split: [] for split in SPLITS} for label in clf.labels}
+    for label in folders:
+        lists[label]["testing"] = [os.path.join(label, f)
+                                   for f in _image_files(os.path.join(image_dir, label))]
+    image_lists = ImageLists(image_dir, list(clf.labels), lists)
+    return _evaluate(clf, image_lists, image_lists.paths("testing"), batch_size, progress)
+
+
+def _evaluate(clf: Classifier, lists: ImageLists, items: list[tuple[str, int]], batch_size: int,
+              progress: bool) -> dict:
     confusion, misclassified = _confusion(clf, lists, items, batch_size, progress)
     total = int(confusion.sum())
     return {"test_accuracy": round(float(np.trace(confusion)) / total, 4) if total else None,
