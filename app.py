@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping
 
 from flask import Flask
 
-from common import errors, tfruntime
-from common.classifier import Classifier, load_classifier
+from common import errors
+from common.classifier import Classifier, RuntimeOptions, load_classifier
 from common.config import Config
 from common.fetch import UrlFetcher
 from common.logs import configure_logging
@@ -80,8 +80,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
 
 
 def _load(config: Config) -> Classifier:
-    tfruntime.configure(config.tf_intra_op_threads, config.tf_inter_op_threads, config.precision)
-    return load_classifier(model_folder(config))
+    """The model on the runtime RUNTIME chooses (TensorFlow is configured only when used)."""
+    return load_classifier(model_folder(config), RuntimeOptions.from_config(config))
 
 
 def _exit_on_failure(config: Config):

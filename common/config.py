@@ -80,6 +80,16 @@ def _precision(raw: str) -> str:
     return value
 
 
+RUNTIMES = ("tensorflow", "onnx", "auto")
+
+
+def _runtime(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in RUNTIMES:
+        raise ValueError("expected tensorflow, onnx or auto")
+    return value
+
+
 def _bool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -138,6 +148,9 @@ class Config:
     tf_intra_op_threads: int = env("TF_INTRA_OP_THREADS", _int(0), default=0)
     tf_inter_op_threads: int = env("TF_INTER_OP_THREADS", _int(0), default=0)
     precision: str = env("PRECISION", _precision, default="fp32")
+    runtime: str = env("RUNTIME", _runtime, default="tensorflow")
+    onnx_intra_op_threads: int = env("ONNX_INTRA_OP_THREADS", _int(0), default=0)
+    onnx_inter_op_threads: int = env("ONNX_INTER_OP_THREADS", _int(0), default=0)
     malloc_arena_max: int = env("MALLOC_ARENA_MAX", _int(1), default=2)
     log_level: str = env("LOG_LEVEL", _level, default="info")
     metrics_dir: str | None = env("PROMETHEUS_MULTIPROC_DIR", _optional(str), default=None)

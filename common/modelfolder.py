@@ -8,7 +8,11 @@ A model folder (DESIGN.md) holds
 * ``labels.txt``: one label per output, in output order;
 * ``model.json``: ``name``, ``version``, ``input_size``, ``created``, ``base_module``,
   ``metrics``, the training record;
-* optionally ``report.json`` (the evaluation) and ``confusion_matrix.png``.
+* optionally ``report.json`` (the evaluation) and ``confusion_matrix.png``;
+* optionally exports of the same model for other runtimes (``scripts/export.py``):
+  ``model.onnx`` (ONNX Runtime, in the server or the browser) and ``model*.tflite`` (LiteRT,
+  phones), each with its record under ``exports`` in model.json (file, size, sha256, how it was
+  verified against TensorFlow, and reference outputs the loaders check).
 
 A legacy TF1 frozen graph (``retrained_graph.pb``, ``Placeholder`` -> ``final_result``, with a
 labels file) is a model folder too, with the graph's own settings in :class:`LegacyGraph`.
@@ -19,6 +23,7 @@ routes read through it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,8 +36,18 @@ REPORT_JSON = "report.json"
 BUILD_JSON = "build.json"  # how the bundled demo was built (scripts/build_demo.py)
 CONFUSION_MATRIX = "confusion_matrix.png"
 LEGACY_LABELS = "retrained_labels.txt"  # looked for beside a frozen graph
+ONNX = "model.onnx"
+TFLITE = "model.tflite"
+#: Export key (model.json ``exports``) -> its file in the folder.
+EXPORT_FILES = {
+    "onnx": ONNX,
+    "tflite": TFLITE,  # float32
+    "tflite-float16": "model.float16.tflite",
+    "tflite-dynamic": "model.dynamic.tflite",  # int8 weights, float activations
+    "tflite-int8": "model.int8.tflite",  # int8 weights and activations (calibrated)
+}
 #: Files of the folder that the HTTP routes may hand out, by name (never a name from a URL).
-PUBLIC_FILES = {CONFUSION_MATRIX: "image/png"}
+PUBLIC_FILES = {CONFUSION_MATRIX: "image/png", ONNX: "application/octet-stream"}
 #: Input side of a legacy graph whose input shape is not fixed and not configured (Inception v3).
 DEFAULT_LEGACY_INPUT_SIDE = 299
 
@@ -165,6 +180,37 @@ class ModelFolder:
         path = self.file(name)
         return path if os.path.isfile(path) else None
 
+    # -- exports for other runtimes (scripts/export.py) ------------------------------------------
+    def export_record(self, key: str) -> dict | None:
+        """model.json's record of the export ``key`` (an ``EXPORT_FILES`` key), or None."""
+        return (self.read_metadata().get("exports") or {}).get(key)
+
+    def verified_export(self, key: str) -> tuple[str, dict] | None:
+        """``(path, record)`` of an export that passed its verification and whose file is the
+        one verified (same SHA-256), else None."""
+        record = self.export_record(key)
+        if self.folder is None or not record or not record.get("verification", {}).get("passed"):
+            return None
+        path = self.file(EXPORT_FILES[key])
+        if not os.path.isfile(path) or file_sha256(path) != record.get("sha256"):
+            return None
+        return path, record
+
+    def write_export(self, key: str, data: bytes, record: dict) -> str:
+        """Write an export's file (atomically) and its record into model.json; returns the
+        path. ``record`` gains ``file``, ``bytes`` and ``sha256``."""
+        path = self.file(EXPORT_FILES[key])
+        tmp = path + ".part"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        meta = self.read_metadata()
+        meta.setdefault("exports", {})[key] = {
+            "file": EXPORT_FILES[key], "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), **record}
+        self.write_metadata(meta)
+        return path
+
     def evaluation_summary(self) -> dict | None:
         """What the page and ``GET /model`` show of report.json, or None without one.
 
@@ -241,6 +287,22 @@ def infer_size(size) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise ModelLoadError(f"input size must be positive, got {size}")
     return height, width
+
+
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks; remembered while its size and mtime stay."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def parse_labels(path: str) -> list[str]:

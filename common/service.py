@@ -16,6 +16,8 @@ path, top to bottom:
 """
 from __future__ import annotations
 
+import base64
+import os
 import time
 from typing import Callable, Mapping
 
@@ -23,7 +25,7 @@ from .classifier import Options
 from .config import Config
 from .errors import EmptyImage, InvalidParameter, NotFound
 from .fetch import UrlFetcher
-from .modelfolder import LegacyGraph, ModelFolder
+from .modelfolder import ONNX, LegacyGraph, ModelFolder
 from .served import Admission, ServedModel
 from .storage import ImageStore
 
@@ -47,6 +49,11 @@ def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
     if value is None or not valid(value):
         raise InvalidParameter(f"{name} must be {expected}, got {raw[:40]!r}")
     return value
+
+
+def digest_b64(sha256_hex: str) -> str:
+    """A hex SHA-256 in base64, as Subresource Integrity and Repr-Digest write it."""
+    return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
 def model_folder(config: Config) -> ModelFolder:
@@ -129,7 +136,27 @@ class Service:
         clf = self.model.classifier
         return {**clf.describe(), "labels": list(clf.labels), "input_size": list(clf.input_size),
                 "metrics": clf.metadata.get("metrics", {}),
-                "evaluation": clf.folder.evaluation_summary() if clf.folder else None}
+                "evaluation": clf.folder.evaluation_summary() if clf.folder else None,
+                "runtime": clf.runtime, "onnx": self.onnx_export()}
+
+    def onnx_export(self) -> dict | None:
+        """The folder's verified model.onnx for the page's in-browser mode: its URL (versioned
+        by its hash), size and Subresource Integrity hash; None without one."""
+        found = self.onnx_file(required=False)
+        if found is None:
+            return None
+        path, sha256 = found
+        return {"url": f"/model/{ONNX}?v={sha256[:16]}", "bytes": os.path.getsize(path),
+                "sha256": sha256, "integrity": "sha256-" + digest_b64(sha256),
+                "outputs": self.model.classifier.outputs}
+
+    def onnx_file(self, required: bool = True) -> tuple[str, str] | None:
+        """(path, sha256) of the verified model.onnx; 404 (or None) when there is none."""
+        clf = self.model.classifier
+        found = clf.folder.verified_export("onnx") if clf.folder and clf.folder.folder else None
+        if found is None and required:
+            raise NotFound(f"this model has no verified {ONNX}")
+        return None if found is None else (found[0], found[1]["sha256"])
 
     def model_file(self, name: str) -> str:
         """Path of one of the model folder's public files (404 when it has none)."""

@@ -13,8 +13,8 @@ from flask import (Blueprint, Request, Response, current_app, g, jsonify, render
 
 from . import errors
 from .errors import InvalidParameter, MissingImage, UnsupportedMediaType
-from .modelfolder import CONFUSION_MATRIX, PUBLIC_FILES
-from .service import Service
+from .modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
+from .service import Service, digest_b64
 
 log = logging.getLogger("classifier.access")
 bp = Blueprint("api", __name__)
@@ -133,6 +133,16 @@ def model_info():
 def confusion_matrix():
     return send_file(_service().model_file(CONFUSION_MATRIX),
                      mimetype=PUBLIC_FILES[CONFUSION_MATRIX], max_age=300)
+
+
+@bp.get("/model/model.onnx")
+def model_onnx():
+    """The verified model.onnx for onnxruntime-web (the page's in-browser mode): cached, with
+    its SHA-256 as ETag and Repr-Digest (the page checks it as Subresource Integrity)."""
+    path, sha256 = _service().onnx_file()
+    response = send_file(path, mimetype=PUBLIC_FILES[ONNX], max_age=86400, etag=sha256)
+    response.headers["Repr-Digest"] = f"sha-256=:{digest_b64(sha256)}:"
+    return response
 
 
 @bp.get("/")

@@ -4,6 +4,7 @@
     python scripts/label_image.py --model tf_files/demo --image star.png
     python scripts/label_image.py --graph retrained_graph.pb --labels retrained_labels.txt \
         --image photos/ --top_k 3 --json
+    python scripts/label_image.py --model tf_files/demo --tflite --image star.png
 
 Prints ranked ``label score`` lines per image, like the original label_image.py, or JSON.
 """
@@ -19,10 +20,11 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.classifier import Classifier, Options, load_classifier  # noqa: E402
+from common.classifier import (Classifier, Options, RuntimeOptions,  # noqa: E402
+                               load_classifier)
 from common.errors import ApiError  # noqa: E402
 from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
-from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
+from common.modelfolder import TFLITE, LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
 from scripts import cli  # noqa: E402
 
 
@@ -88,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", nargs="+", required=True, help="image files or folders")
     parser.add_argument("--top_k", type=int, default=5, help="labels per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    parser.add_argument("--tflite", nargs="?", const=TFLITE, metavar="FILE",
+                        help="with --model: run the folder's TFLite export (default "
+                        f"{TFLITE}; or model.float16.tflite, ...) on LiteRT, as a phone would, "
+                        "instead of the SavedModel; needs ai-edge-litert")
     return parser
 
 
@@ -119,8 +125,11 @@ def main(argv=None) -> int:
     args = cli.parse_args(parser, argv)
     if args.top_k < 1:
         parser.error("--top_k must be >= 1")
+    if args.tflite and not args.model:
+        parser.error("--tflite needs --model (the folder holding the export)")
+    runtime = RuntimeOptions("tflite", tflite_file=args.tflite) if args.tflite else None
     try:
-        classifier = load_classifier(model_folder(args))
+        classifier = load_classifier(model_folder(args), runtime)
         classifier.warm_up()
     except ModelLoadError as exc:
         print(f"label_image.py: error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ from scripts.training import (DEFAULT_MODULE, RUNS_LOG, RetrainError,  # noqa: E
                               RetrainResult, TrainParams, default_runs_log, retrain)
 
 #: Flags that change what is printed, not what is trained: left out of the run record.
-NOT_RECORDED = ("quiet", "verbose", "print_misclassified_test_images")
+NOT_RECORDED = ("quiet", "verbose", "print_misclassified_test_images", "no_export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print_misclassified_test_images", action="store_true")
     p.add_argument("--name", help="model name in model.json (default: the folder name)")
     p.add_argument("--version", default="1", help="model version in model.json")
+    p.add_argument("--no_export", action="store_true", help="do not also write model.onnx "
+                   "and model.tflite (written by default where the converters of "
+                   "requirements-export.txt are installed; see scripts/export.py)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
                          summaries_dir=args.summaries_dir, input_size=args.input_size,
                          name=args.name, version=args.version, output_graph=args.output_graph,
                          output_labels=args.output_labels, progress=not args.quiet,
-                         flags=flags, runs_log=runs_log or None)
+                         flags=flags, runs_log=runs_log or None, exports=not args.no_export)
     except RetrainError as exc:
         print(f"retrain.py: error: {exc}", file=sys.stderr)
         return 2

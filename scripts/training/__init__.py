@@ -85,7 +85,7 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
             summaries_dir: str | None = None, input_size: int | None = None,
             name: str | None = None, version: str = "1", output_graph: str | None = None,
             output_labels: str | None = None, progress: bool = True, flags: dict | None = None,
-            runs_log: str | None = None) -> RetrainResult:
+            runs_log: str | None = None, exports: bool = True) -> RetrainResult:
     """The whole pipeline: list and split images, features, train, export, evaluate, publish.
 
     The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
@@ -95,6 +95,9 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     The run record (:mod:`.runs`) goes into model.json; ``flags`` are the options to record
     (the CLI's; default: ``params`` and the arguments above). It is also appended to
     ``runs_log`` when given, and logged as HParams under ``summaries_dir`` when given.
+
+    With ``exports`` the folder also gets model.onnx and model.tflite, each verified on the
+    test images, where the converters are installed (:func:`scripts.exporting.export_default`).
     """
     started = time.perf_counter()
     params = params or TrainParams()
@@ -107,6 +110,10 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     try:
         model_json, report = _write_folder(staging, trained, output_dir, name, version, started,
                                            flags, progress)
+        if exports:
+            from scripts.exporting import export_default
+            export_default(staging, tuple(os.path.join(trained.lists.image_dir, p) for p, _
+                                          in trained.lists.paths("testing")), progress)
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)
         raise

@@ -1,0 +1,79 @@
+"""ONNX Runtime: the server's second back end, for model folders with a verified ``model.onnx``.
+No TensorFlow and no web framework here (a serving image without TensorFlow runs on this alone).
+
+``load_graph(path)`` gives the same :class:`~common.tfruntime.RuntimeGraph` as
+the TensorFlow loader: a thread-safe ``predict_fn`` (float32 ``[n, h, w, 3]`` in ``[0, 1]`` ->
+float32 ``[n, outputs]``), so the classifier, the batcher and the warm-up do not care which
+runtime runs. ``common.classifier.load_classifier`` checks its outputs against TensorFlow's
+reference outputs recorded in model.json before it is used (``common.exports``).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .modelfolder import ModelLoadError
+from .tfruntime import RuntimeGraph
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """True when onnxruntime can be imported."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def session_options(intra_op: int = 0, inter_op: int = 0):
+    """ONNX Runtime session options: thread pools (0 = its own choice, one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op
+    options.inter_op_num_threads = inter_op
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0) -> RuntimeGraph:
+    """An ONNX file (or its bytes) as a RuntimeGraph; ModelLoadError with the reason when
+    onnxruntime is missing or the file is damaged."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelLoadError("RUNTIME=onnx needs the onnxruntime package "
+                             "(pip install -r requirements.txt)") from None
+    where = path if isinstance(path, str) else "the ONNX model"
+    try:
+        session = ort.InferenceSession(path, sess_options=session_options(intra_op, inter_op),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for a damaged file
+        raise ModelLoadError(f"cannot load {where}: {exc}") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        raise ModelLoadError(f"{where}: the model must take one input, has "
+                             f"{[i.name for i in inputs]}")
+    input_name = inputs[0].name
+    output = next((o for o in outputs if o.name == "probabilities"), outputs[0])
+    output_name = output.name
+
+    def predict_fn(images: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: np.asarray(images, np.float32)})[0]
+
+    static = _static_size(inputs[0].shape)
+    declared = output.shape
+    width = declared[-1] if len(declared) == 2 and isinstance(declared[-1], int) else None
+    log.info("ONNX Runtime %s loaded %s (threads: intra %s, inter %s)", ort.__version__,
+             where, intra_op or "auto", inter_op or "auto")
+    return RuntimeGraph(predict_fn, static, width, session)
+
+
+def _static_size(shape) -> tuple[int, int] | None:
+    """``(h, w)`` of an ONNX input shape ``[n, h, w, 3]`` when both are fixed integers."""
+    if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:3]):
+        return int(shape[1]), int(shape[2])
+    return None

@@ -1,0 +1,240 @@
+"""scripts/export.py: a tiny real model exported to ONNX and TFLite with the real converters,
+verified against TensorFlow, refused when its outputs stray; the loaders' checks; the ONNX
+runtime through the real gunicorn server."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import requests
+from onnx import helper, numpy_helper
+
+import imagegen as ig
+from common import exports
+from common.classifier import RuntimeOptions, load_classifier
+from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
+from helpers import ROOT, post_image, start_server
+from scripts import export as export_cli
+from scripts import exporting, label_image
+from scripts.exporting import ExportError, ExportParams, converters
+from tiny_models import save_colour_model
+
+#: Colours with no tie between channels: the colour model ranks all three labels.
+MIXED = [(200, 120, 90), (40, 180, 120), (90, 60, 220), (128, 128, 140), (250, 240, 10)]
+
+
+def _colour_images(size=(32, 32)) -> np.ndarray:
+    return np.stack([np.full((*size, 3), c, np.float32) / 255.0 for c in MIXED])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> str:
+    """The colour model with a verified model.onnx and model.tflite."""
+    folder = save_colour_model(str(tmp_path_factory.mktemp("exported") / "colours"))
+    for fmt in ("onnx", "tflite"):
+        exporting.export(folder, ExportParams(format=fmt, generated=12), progress=False)
+    return folder
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def copy(folder: str) -> str:
+        return shutil.copytree(folder, str(tmp_path / os.path.basename(folder)))
+    return copy
+
+
+def test_onnx_export_is_written_verified_and_recorded(exported):
+    folder = ModelFolder(exported)
+    record = folder.export_record("onnx")
+    assert record["file"] == "model.onnx" and record["opset"] == 17
+    assert record["sha256"] == file_sha256(folder.file("model.onnx"))
+    assert record["bytes"] == os.path.getsize(folder.file("model.onnx"))
+    check = record["verification"]
+    assert check["passed"] and check["images"] == 12 and check["top1_agreement"] == 1.0
+    assert check["max_abs_diff"] <= check["tolerance"]["max_abs_diff"] == 1e-4
+    assert np.asarray(record["reference"]["outputs"]).shape == (exports.REFERENCE_COUNT, 3)
+    # The export answers like the SavedModel, through the same Classifier.
+    tf_clf = load_classifier(exported)
+    onnx_clf = load_classifier(exported, RuntimeOptions("onnx"))
+    assert onnx_clf.runtime == "onnx" and onnx_clf.input_size == tf_clf.input_size
+    images = _colour_images()
+    np.testing.assert_allclose(onnx_clf.predict(images), tf_clf.predict(images), atol=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["fp32", "float16", "dynamic", "int8"])
+def test_tflite_exports_run_on_litert_and_in_label_image(exported, copy_of, tmp_path, quantize,
+                                                         capsys):
+    folder = copy_of(exported)
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    # (int8 flattens the grey's small lead to a tie: it is left out of the calibration set)
+    for i, colour in enumerate([c for c in MIXED if c != (128, 128, 140)] * 4):
+        (calibration / f"{i}.png").write_bytes(ig.png(colour))
+    own = exporting.find_images(str(calibration))  # the model's "own" images: calibrate, verify
+    params = ExportParams(format="tflite", quantize=quantize, images=own, calibration=own)
+    record = exporting.export(folder, params, progress=False)
+    key = "tflite" if quantize == "fp32" else f"tflite-{quantize}"
+    assert record["file"] == EXPORT_FILES[key] and record["verification"]["passed"]
+    assert os.path.isfile(os.path.join(folder, record["file"]))
+    image = tmp_path / "orange.png"
+    image.write_bytes(ig.png(MIXED[0]))
+    assert label_image.main(["--model", folder, "--tflite", record["file"], "--image",
+                             str(image), "--top_k", "3", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert [p["label"] for p in answer["predictions"]] == ["red", "green", "blue"]
+
+
+def _scaled_onnx(real):
+    """A converter whose model multiplies the 'blue' score by 0.5: outputs altered."""
+    def convert(*args, **kwargs):
+        model = onnx.load_from_string(real(*args, **kwargs))
+        out = model.graph.output[0].name
+        for node in model.graph.node:
+            node.output[:] = [o + "_raw" if o == out else o for o in node.output]
+        model.graph.initializer.append(numpy_helper.from_array(
+            np.array([1.0, 1.0, 0.5], np.float32), "alter"))
+        model.graph.node.append(helper.make_node("Mul", [out + "_raw", "alter"], [out]))
+        return model.SerializeToString()
+    return convert
+
+
+def test_an_export_with_altered_outputs_is_refused_and_nothing_is_written(
+        exported, copy_of, monkeypatch):
+    folder = copy_of(exported)
+    os.remove(os.path.join(folder, "model.onnx"))
+    before = open(os.path.join(folder, "model.json")).read()
+    monkeypatch.setattr(exporting, "to_onnx", _scaled_onnx(converters.to_onnx))
+    with pytest.raises(ExportError, match=r"model.onnx refused: .*largest score difference"):
+        exporting.export(folder, ExportParams(format="onnx", generated=12), progress=False)
+    assert not os.path.exists(os.path.join(folder, "model.onnx"))
+    assert open(os.path.join(folder, "model.json")).read() == before
+
+
+def test_a_missing_converter_is_named(exported, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # import tf2onnx -> ImportError
+    assert converters.missing_packages("onnx") == ["tf2onnx"]
+    assert export_cli.main(["--model", exported, "--format", "onnx", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "tf2onnx" in err and "requirements-export.txt" in err and "Traceback" not in err
+    outcome = exporting.export_default(exported, progress=False)
+    assert outcome["onnx"].startswith("skipped: tf2onnx not installed")
+
+
+def test_cli_exports_and_prints_the_verification(copy_of, exported, capsys):
+    folder = copy_of(exported)
+    assert export_cli.main(["--model", folder, "--format", "onnx", "--generated", "6",
+                            "--quiet"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["file"] == "model.onnx"
+    assert printed["verification"]["passed"] and printed["verification"]["images"] == 6
+
+
+def test_a_changed_file_is_not_served_auto_falls_back_to_tensorflow(exported, copy_of):
+    folder = copy_of(exported)
+    assert load_classifier(folder, RuntimeOptions("auto")).runtime == "onnx"
+    with open(os.path.join(folder, "model.onnx"), "ab") as fh:
+        fh.write(b"\0")  # no longer the verified file
+    assert load_classifier(folder, RuntimeOptions("auto")).runtime == "tensorflow"
+    with pytest.raises(ModelLoadError, match="differs from the verified one"):
+        load_classifier(folder, RuntimeOptions("onnx"))
+
+
+def test_the_loader_checks_the_recorded_reference_outputs(exported, copy_of):
+    folder = ModelFolder(copy_of(exported))
+    meta = folder.read_metadata()
+    outputs = meta["exports"]["onnx"]["reference"]["outputs"]
+    outputs[0] = outputs[0][::-1]  # TensorFlow "said" something else
+    folder.write_metadata(meta)
+    with pytest.raises(ModelLoadError, match="does not reproduce the recorded outputs of tensorflow"):
+        load_classifier(folder, RuntimeOptions("onnx"))
+
+
+def test_without_an_export_onnx_is_refused_and_auto_uses_tensorflow(colour_model_dir):
+    assert load_classifier(colour_model_dir, RuntimeOptions("auto")).runtime == "tensorflow"
+    with pytest.raises(ModelLoadError, match="no verified model.onnx .*scripts/export.py"):
+        load_classifier(colour_model_dir, RuntimeOptions("onnx"))
+
+
+# -- the real server ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def servers(exported, tmp_path_factory):
+    """The exported folder served twice by the real server: TensorFlow and ONNX Runtime."""
+    started = {}
+    try:
+        for runtime in ("tensorflow", "onnx"):
+            started[runtime] = start_server(tmp_path_factory.mktemp(runtime), {
+                "MODEL_PATH": exported, "RUNTIME": runtime, "WORKERS": "1",
+                "ONNX_INTRA_OP_THREADS": "1"}, name=runtime)
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+@pytest.mark.server
+def test_the_onnx_runtime_server_ranks_like_the_tensorflow_server(servers):
+    for runtime, server in servers.items():
+        assert requests.get(server.url + "/model", timeout=5).json()["runtime"] == runtime
+    for colour in MIXED:
+        answers = [post_image(server, ig.png(colour)).json()["predictions"]
+                   for server in servers.values()]
+        assert [p["label"] for p in answers[0]] == [p["label"] for p in answers[1]]
+        for a, b in zip(*answers):
+            assert abs(a["score"] - b["score"]) <= 1e-4, (colour, answers)
+
+
+@pytest.mark.server
+def test_model_onnx_is_served_with_caching_headers_and_its_hash(servers, exported):
+    server = servers["onnx"]
+    summary = requests.get(server.url + "/model", timeout=5).json()["onnx"]
+    data = open(os.path.join(exported, "model.onnx"), "rb").read()
+    sha256 = file_sha256(os.path.join(exported, "model.onnx"))
+    response = requests.get(server.url + summary["url"], timeout=10)
+    assert response.status_code == 200 and response.content == data
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert "max-age=86400" in response.headers["Cache-Control"]
+    assert response.headers["ETag"] == f'"{sha256}"'
+    digest = __import__("base64").b64encode(bytes.fromhex(sha256)).decode()
+    assert response.headers["Repr-Digest"] == f"sha-256=:{digest}:"
+    assert summary["integrity"] == f"sha256-{digest}" and summary["bytes"] == len(data)
+    again = requests.get(server.url + summary["url"], timeout=10,
+                         headers={"If-None-Match": response.headers["ETag"]})
+    assert again.status_code == 304 and not again.content
+
+
+@pytest.mark.server
+def test_a_model_without_onnx_answers_404_in_the_envelope(live_server):
+    from helpers import assert_envelope
+    assert requests.get(live_server.url + "/model", timeout=5).json()["onnx"] is None
+    assert_envelope(requests.get(live_server.url + "/model/model.onnx", timeout=5), 404,
+                    "not_found")
+
+
+@pytest.mark.server
+def test_the_onnx_server_needs_no_tensorflow(exported, tmp_path):
+    """RUNTIME=onnx serves with TensorFlow impossible to import (the TensorFlow-free image)."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoTensorFlow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tf_keras', 'keras'):\n"
+        "            raise ImportError('TensorFlow is not installed in this image')\n"
+        "sys.meta_path.insert(0, _NoTensorFlow())\n")
+    env = {"MODEL_PATH": exported, "RUNTIME": "onnx", "WORKERS": "1",
+           "PYTHONPATH": os.pathsep.join([str(blocker), ROOT])}
+    server = start_server(tmp_path, env)
+    try:
+        body = post_image(server, ig.png(MIXED[1])).json()
+        assert body["predictions"][0]["label"] == "green"
+    finally:
+        server.stop()
+    # The same server on TensorFlow cannot start: the blocker works.
+    check = subprocess.run([sys.executable, "-c", "import tensorflow"], env={
+        **os.environ, "PYTHONPATH": env["PYTHONPATH"]}, capture_output=True, text=True)
+    assert check.returncode != 0 and "not installed in this image" in check.stderr
