@@ -19,8 +19,9 @@ from common.config import Config
 from common.fetch import UrlFetcher
 from common.logs import configure_logging
 from common.metrics import Metrics
-from common.served import ServedModel
-from common.service import Service, model_folder
+from common.modelfolder import ModelFolder
+from common.registry import Registry, load_version
+from common.service import Service
 from common.slowclients import UploadDeadline
 from common.storage import ImageStore
 from common.views import InMemoryUploadRequest, bp
@@ -37,7 +38,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
         config: a Config, or a mapping of Config field names to override the defaults (tests);
             None reads the environment (``Config.from_env``).
         classifier: a loaded classifier, or a zero-argument callable that loads one in the
-            background (tests); None loads ``MODEL_PATH`` in the background.
+            background (tests); None serves ``MODEL_REPOSITORY``'s models (or the one model
+            ``MODEL_PATH`` names), loaded in the background and kept in step with the disk.
     """
     if config is None:
         config = Config.from_env(os.environ)
@@ -51,7 +53,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     app.config.update(
         MAX_CONTENT_LENGTH=config.max_upload_bytes + 64 * 1024,  # room for multipart framing
         MAX_FORM_MEMORY_SIZE=64 * 1024,
-        MAX_FORM_PARTS=16,
+        MAX_FORM_PARTS=max(16, config.max_images_per_request + 8),
     )
     store = ImageStore(config.temp_dir, max_files=config.temp_max_files,
                        max_bytes=config.temp_max_bytes, writers=config.workers)
@@ -66,12 +68,15 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          allow_hosts=config.url_allow_hosts)
     metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
     own_model = classifier is None
-    model = ServedModel(
-        (lambda: _load(config)) if own_model else classifier, config, metrics=metrics,
-        on_failure=_exit_on_failure(config) if own_model else None,
-        on_hung=_exit_when_hung(config) if own_model else None).start()
+    single = own_model and not config.model_repository
+    load = _loader(config)
+    registry = Registry(
+        config, lambda folder: load_version(folder, config, load), metrics=metrics,
+        on_failure=_exit_on_failure(config) if single else None,
+        on_hung=_exit_when_hung(config) if own_model else None,
+        classifier=classifier).start()
 
-    Service(config, model, store, fetcher, metrics).attach(app)
+    Service(config, registry, store, fetcher, metrics).attach(app)
     errors.init_app(app)
     app.register_blueprint(bp)
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
@@ -79,9 +84,11 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     return app
 
 
-def _load(config: Config) -> Classifier:
-    """The model on the runtime RUNTIME chooses (TensorFlow is configured only when used)."""
-    return load_classifier(model_folder(config), RuntimeOptions.from_config(config))
+def _loader(config: Config) -> Callable[[ModelFolder], Classifier]:
+    """Loads one model folder on the runtime RUNTIME chooses (TensorFlow is configured only
+    when used)."""
+    options = RuntimeOptions.from_config(config)
+    return lambda folder: load_classifier(folder, options)
 
 
 def _exit_on_failure(config: Config):

@@ -68,18 +68,18 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """Hold the worker back from accepting requests until its model is loaded and warmed up.
+    """Hold the worker back from accepting requests until the versions found at start-up are
+    loaded and warmed up (or failed).
 
     The app loads the model in a background thread (so the dev server answers /readyz 503 while
     loading); under gunicorn a worker that is still loading, at start or after a max_requests
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     """
-    from common.served import State
     from common.service import Service
 
-    model = Service.of(worker.wsgi).model
-    while model.wait(1.0).state is State.LOADING:
+    registry = Service.of(worker.wsgi).registry
+    while not registry.wait_initial(1.0):
         worker.notify()
 
 

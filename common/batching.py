@@ -116,6 +116,20 @@ class Ticket:
         self.left -= 1
         return self._batcher._submit(image, timeout)
 
+    def predict_many(self, images: list[np.ndarray],
+                     timeout: float | None = None) -> list[np.ndarray]:
+        """Scores of several admitted images, queued at once so they can share batches."""
+        if len(images) > self.left:
+            raise RuntimeError("this ticket has no room for that many images")
+        self.left -= len(images)
+        return self._batcher._submit_many(images, timeout)
+
+    def extend(self, images: int) -> None:
+        """Room for ``images`` more images, under the same rules as :meth:`Batcher.admit`."""
+        if images > 0:
+            self._batcher._reserve(images)
+            self.left += images
+
     def release(self) -> None:
         """Give back the room not used."""
         if self.left:
@@ -185,6 +199,10 @@ class Batcher:
         wait would pass the budget or the hard cap would be passed; ServiceUnavailable (503)
         once closed.
         """
+        self._reserve(images)
+        return Ticket(self, images)
+
+    def _reserve(self, images: int) -> None:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the worker is shutting down")
@@ -199,7 +217,6 @@ class Batcher:
                 time.sleep(self.pacer.delay())
             raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
         self._event("queue_changed", images)
-        return Ticket(self, images)
 
     def expected_wait(self) -> float:
         """Seconds until a new request's first batch would start: the running call's rest plus
@@ -245,16 +262,25 @@ class Batcher:
             return ticket.predict(image, timeout)
 
     def _submit(self, image: np.ndarray, timeout: float | None) -> np.ndarray:
+        return self._submit_many([image], timeout)[0]
+
+    def _submit_many(self, images: list[np.ndarray], timeout: float | None) -> list[np.ndarray]:
+        if not images:
+            return []
         timeout = self.timeout if timeout is None else timeout
-        job = _Job(image, time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        jobs = [_Job(image, deadline) for image in images]
         if self._closed:  # admitted, but the worker began to stop while it decoded
-            self._unreserve(1)
+            self._unreserve(len(jobs))
             raise ServiceUnavailable("the worker is shutting down")
-        self._queue.put(job)
+        for job in jobs:
+            self._queue.put(job)
         try:
-            return job.future.result(timeout=timeout)
+            return [job.future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    for job in jobs]
         except FutureTimeout:
-            job.future.cancel()  # dropped if its batch has not started
+            for job in jobs:
+                job.future.cancel()  # dropped if its batch has not started
             self.stats.expired += 1
             self._event("rejected_request", "model_timeout")
             raise ModelTimeout(f"the model did not answer within {timeout:g} s") from None

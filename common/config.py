@@ -132,6 +132,12 @@ class Config:
     workers: int = env("WORKERS", _int(1), default=1)
     threads: int = env("THREADS", _int(1), default=64)
     max_requests: int = env("MAX_REQUESTS", _int(0), default=0)
+    model_repository: str | None = env("MODEL_REPOSITORY", _optional(str), default=None)
+    model_config: str | None = env("MODEL_CONFIG", _optional(str), default=None)
+    default_model: str | None = env("DEFAULT_MODEL", _optional(str), default=None)
+    model_poll_seconds: float = env("MODEL_POLL_SECONDS", _float(0.0, lo_open=False),
+                                    default=2.0)
+    max_images_per_request: int = env("MAX_IMAGES_PER_REQUEST", _int(1), default=8)
     batch_max_size: int = env("BATCH_MAX_SIZE", _int(1), default=8)
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
     batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=48)

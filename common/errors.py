@@ -75,6 +75,16 @@ class NotFound(ApiError):
     plain = "That was not found."
 
 
+class ModelNotFound(NotFound):
+    code, message = "model_not_found", "no such model, version or label"
+    plain = "That model is not served here."
+
+
+class TooManyImages(BadRequest):
+    code = "too_many_images"
+    plain = "Too many images in one request."
+
+
 class MethodNotAllowed(ApiError):
     status, code, message = 405, "method_not_allowed", "method not allowed on this route"
     plain = "That kind of request is not allowed here."

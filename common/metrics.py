@@ -7,9 +7,10 @@ lands on any worker reports the whole server. Counters of workers that died stil
 are summed (or listed) over live workers only (``child_exit`` marks dead ones). Without that
 variable (development server, tests in one process) each ``Metrics`` has its own registry.
 
-No web framework here: the views call ``request_started`` and ``request_done``, the batcher
-calls ``queue_changed``, ``batch_done`` and ``rejected_request``, the app's ServiceState calls
-``model_ready`` once the model is warm.
+No web framework here: the views call ``request_started`` and ``request_done``; each served
+version gets a :class:`VersionMetrics` (``Metrics.for_version``) whose hooks its batcher
+(``queue_changed``, ``batch_done``, ``rejected_request``) and its ServedModel (``model_ready``,
+``model_unloaded``) call, so the model-side series carry ``model`` and ``version`` labels.
 """
 from __future__ import annotations
 
@@ -38,24 +39,30 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("classifier_requests_in_flight", "Requests being handled",
                                multiprocess_mode="livesum", registry=r)
-        self.batch_size = Histogram("classifier_batch_size", "Images per model call",
+        mv = ["model", "version"]
+        self.batch_size = Histogram("classifier_batch_size", "Images per model call", mv,
                                     buckets=bucket_sizes(batch_max_size), registry=r)
         self.model_seconds = Histogram("classifier_model_call_duration_seconds",
-                                       "Duration of one (batched) model call",
+                                       "Duration of one (batched) model call", mv,
                                        buckets=MODEL_SECONDS_BUCKETS, registry=r)
         self.queue_depth = Gauge("classifier_queue_depth",
-                                 "Images waiting for the model, summed over live workers",
+                                 "Images waiting for the model, summed over live workers", mv,
                                  multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
-                                ["reason"], registry=r)  # overloaded | model_timeout
+                                mv + ["reason"], registry=r)  # overloaded | model_timeout
         self.load_seconds = Gauge("classifier_model_load_seconds",
-                                  "Seconds the worker took to load its model",
+                                  "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)
         self.warmup_seconds = Gauge("classifier_model_warmup_seconds",
-                                    "Seconds the worker took to warm its model up",
+                                    "Seconds the worker took to warm a model version up", mv,
                                     multiprocess_mode="liveall", registry=r)
-        self.model_info = Gauge("classifier_model_info", "The model each live worker serves",
-                                ["name", "version"], multiprocess_mode="liveall", registry=r)
+        self.model_info = Gauge("classifier_model_info",
+                                "1 for each model version a live worker serves", mv,
+                                multiprocess_mode="liveall", registry=r)
+
+    def for_version(self, model: str, version: str) -> "VersionMetrics":
+        """The hooks of one served version, its series labelled ``model`` and ``version``."""
+        return VersionMetrics(self, model, str(version))
 
     # -- hooks -----------------------------------------------------------------------------
     def request_started(self) -> None:
@@ -67,22 +74,6 @@ class Metrics:
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def queue_changed(self, delta: int) -> None:
-        self.queue_depth.inc(delta)
-
-    def batch_done(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.model_seconds.observe(seconds)
-
-    def rejected_request(self, reason: str) -> None:
-        self.rejected.labels(reason).inc()
-
-    def model_ready(self, name: str, version: str, load_seconds: float,
-                    warmup_seconds: float) -> None:
-        self.load_seconds.set(load_seconds)
-        self.warmup_seconds.set(warmup_seconds)
-        self.model_info.labels(name, version).set(1)
-
     # -- exposition ------------------------------------------------------------------------
     def render(self) -> bytes:
         """The text exposition format: all workers' values in multiprocess mode."""
@@ -91,6 +82,36 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class VersionMetrics:
+    """One served version's hooks (batcher and ServedModel), bound to its labels."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str):
+        self.metrics = metrics
+        self.labels = (model, version)
+
+    def queue_changed(self, delta: int) -> None:
+        self.metrics.queue_depth.labels(*self.labels).inc(delta)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels(*self.labels).observe(size)
+        self.metrics.model_seconds.labels(*self.labels).observe(seconds)
+
+    def rejected_request(self, reason: str) -> None:
+        self.metrics.rejected.labels(*self.labels, reason).inc()
+
+    def model_ready(self, load_seconds: float, warmup_seconds: float) -> None:
+        m = self.metrics
+        m.load_seconds.labels(*self.labels).set(load_seconds)
+        m.warmup_seconds.labels(*self.labels).set(warmup_seconds)
+        m.model_info.labels(*self.labels).set(1)
+
+    def model_unloaded(self) -> None:
+        """The version is gone from this worker: its gauges read 0."""
+        m = self.metrics
+        for gauge in (m.model_info, m.queue_depth, m.load_seconds, m.warmup_seconds):
+            gauge.labels(*self.labels).set(0)
 
 
 def mark_process_dead(pid: int, multiprocess_dir: str) -> None:

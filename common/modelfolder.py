@@ -90,6 +90,23 @@ class ModelFolder:
     def __repr__(self) -> str:
         return f"ModelFolder({self.path!r})"
 
+    LEGACY_GRAPH = "retrained_graph.pb"  # a frozen graph's name in a repository's version folder
+
+    @staticmethod
+    def holds_model(directory: str) -> bool:
+        """Whether ``directory`` is a model folder: a SavedModel, or a legacy frozen graph."""
+        return any(os.path.isfile(os.path.join(directory, name))
+                   for name in (SAVED_MODEL, ModelFolder.LEGACY_GRAPH))
+
+    @classmethod
+    def in_directory(cls, directory: str, legacy: LegacyGraph | None = None) -> "ModelFolder":
+        """The model a repository's version folder holds: its SavedModel, or else its
+        ``retrained_graph.pb`` with the labels file beside it."""
+        graph = os.path.join(directory, cls.LEGACY_GRAPH)
+        if not os.path.isfile(os.path.join(directory, SAVED_MODEL)) and os.path.isfile(graph):
+            return cls(graph, legacy=legacy)
+        return cls(directory, legacy=legacy)
+
     # -- what kind of folder ------------------------------------------------------------------
     @property
     def is_frozen_graph(self) -> bool:

@@ -62,20 +62,34 @@ class Health:
 @dataclass
 class Admission:
     """An admitted request: the classifier that serves it and its room in the batcher's queue.
-    A context manager: room not used is given back on exit."""
+    A context manager: room not used is given back on exit, and the version it holds may then
+    be unloaded (:meth:`ServedModel.retire`)."""
 
     classifier: Classifier
     ticket: Ticket
+    served: "ServedModel"
 
     def infer(self, image: np.ndarray) -> np.ndarray:
         """One preprocessed image -> its scores, through the batcher (503 on timeout)."""
         return self.ticket.predict(image)
+
+    def infer_many(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Several preprocessed images of this request, queued together so they can share
+        batches -> their scores, in order."""
+        return self.ticket.predict_many(images)
+
+    def reserve(self, images: int) -> None:
+        """Room for ``images`` more images of the same request (a request with several images
+        is admitted for one before its body is read, then for the rest once counted);
+        Overloaded (503) when they do not fit."""
+        self.ticket.extend(images)
 
     def __enter__(self) -> "Admission":
         return self
 
     def __exit__(self, *exc) -> None:
         self.ticket.release()
+        self.served.unhold()
 
 
 @dataclass(frozen=True)
@@ -94,16 +108,24 @@ class ServedModel:
             background thread by :meth:`start`).
         config: batching and timeout settings (``BATCH_*``, ``REQUEST_TIMEOUT``,
             ``MODEL_HANG_TIMEOUT``).
-        metrics: ``common.metrics.Metrics`` (or None).
+        metrics: ``common.metrics.Metrics`` (or None); the version's series are labelled with
+            its name and version once loaded.
         on_failure: called with the exception when loading fails.
         on_hung: called with the seconds of a model call that ran past ``MODEL_HANG_TIMEOUT``
             (None: no watchdog).
+        identity: ``(name, version)`` the version is served as (a repository's folder name and
+            version number); None keeps the classifier's own (model.json).
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
-                 on_hung: Callable[[float], None] | None = None):
+                 on_hung: Callable[[float], None] | None = None,
+                 identity: tuple[str, str] | None = None):
         self._source = source
+        self.identity = identity
+        self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
+        self._holds = 0  # admissions (and lookups about to admit) not yet finished
+        self._holds_lock = threading.Lock()
         self.config = config
         self.metrics = metrics
         self.on_failure = on_failure
@@ -128,19 +150,25 @@ class ServedModel:
         try:
             t0 = time.perf_counter()
             clf = self._source if isinstance(self._source, Classifier) else self._source()
+            if self.identity is not None:
+                clf.name, clf.version = self.identity
             self.load_seconds = time.perf_counter() - t0
             self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
+            if self.metrics is not None:
+                self.version_metrics = self.metrics.for_version(clf.name, clf.version)
             batcher = Batcher(clf.predict, max_batch_size=self.config.batch_max_size,
                               batch_wait_ms=self.config.batch_max_wait_ms,
                               max_queue=self.config.batch_queue_size,
                               max_wait_ms=self.config.queue_max_wait_ms,
                               refusals_per_second=self.config.max_refusals_per_second,
                               timeout=self.config.request_timeout,
-                              batch_seconds=clf.batch_seconds, metrics=self.metrics)
+                              batch_seconds=clf.batch_seconds, metrics=self.version_metrics)
+            if self._stopped:  # retired while it loaded
+                batcher.close()
+                return
             self._running = _Running(clf, batcher)
-            if self.metrics is not None:
-                self.metrics.model_ready(clf.name, clf.version, self.load_seconds,
-                                         self.warmup_seconds)
+            if self.version_metrics is not None:
+                self.version_metrics.model_ready(self.load_seconds, self.warmup_seconds)
             log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s",
                      clf.name, clf.version, self.load_seconds, self.warmup_seconds)
             if self.on_hung is not None and self.config.model_hang_timeout > 0:
@@ -172,6 +200,32 @@ class ServedModel:
         running = self._running
         if running is not None:
             running.batcher.close()
+        if self.version_metrics is not None and running is not None:
+            self.version_metrics.model_unloaded()
+
+    def hold(self) -> None:
+        """Count one request that has found this version and is about to be admitted (the
+        registry calls it under its lock, so :meth:`retire` never misses one)."""
+        with self._holds_lock:
+            self._holds += 1
+
+    def unhold(self) -> None:
+        with self._holds_lock:
+            self._holds -= 1
+
+    def retire(self, patience: float) -> None:
+        """Unload gracefully: wait (at most ``patience`` seconds) until every request that
+        holds this version has been answered, then close it and drop the classifier so its
+        memory can go. The caller has already stopped routing new requests here."""
+        deadline = time.monotonic() + patience
+        while self._holds > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._holds > 0:
+            log.warning("unloading %s with %d requests still holding it", self.identity,
+                        self._holds)
+        self.close()
+        self._running = None
+        self._source = None
 
     # -- health ---------------------------------------------------------------------------------
     def health(self) -> Health:
@@ -209,17 +263,24 @@ class ServedModel:
         running = self._running
         return running.classifier.describe() if running else None
 
-    def admit(self, images: int = 1) -> "Admission":
+    def admit(self, images: int = 1, held: bool = False) -> "Admission":
         """Room for ``images`` images of one request, before the request does any work.
 
         Raises the 503 of a version that is not ready, or Overloaded when the expected wait
         passes ``QUEUE_MAX_WAIT_MS``. The admission holds the classifier that will serve it:
-        one request is served by one version from start to finish.
+        one request is served by one version from start to finish. ``held``: the caller has
+        already called :meth:`hold` (the hold passes to the admission, or is given back).
         """
-        running = self._running
-        if running is None or self._stopped:
-            raise self.health().error() or ModelNotReady()
-        return Admission(running.classifier, running.batcher.admit(images))
+        if not held:
+            self.hold()
+        try:
+            running = self._running
+            if running is None or self._stopped:
+                raise self.health().error() or ModelNotReady()
+            return Admission(running.classifier, running.batcher.admit(images), self)
+        except BaseException:
+            self.unhold()
+            raise
 
     def infer(self, image: np.ndarray) -> np.ndarray:
         """Admit and classify one preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) ->

@@ -23,9 +23,10 @@ from typing import Callable, Mapping
 
 from .classifier import Options
 from .config import Config
-from .errors import EmptyImage, InvalidParameter, NotFound
+from .errors import ApiError, EmptyImage, InvalidParameter, NotFound, TooManyImages
 from .fetch import UrlFetcher
 from .modelfolder import ONNX, LegacyGraph, ModelFolder
+from .registry import Registry, Route
 from .served import Admission, ServedModel
 from .storage import ImageStore
 
@@ -65,17 +66,20 @@ def model_folder(config: Config) -> ModelFolder:
 
 
 class Service:
-    """What every route needs: settings, the image store, the URL fetcher, the served model.
+    """What every route needs: settings, the image store, the URL fetcher, the registry of
+    served model versions.
 
-    ``Service.of(app)`` is the one way to reach it from an app (views, gunicorn's hooks, tests).
+    ``Service.of(app)`` is the one way to reach it from an app (views, protocol adapters,
+    gunicorn's hooks, tests). Every classification method takes a :class:`Route` (which model,
+    version or label; the default model when omitted).
     """
 
     _KEY = "classifier_service"  # its key in the app's ``extensions``
 
-    def __init__(self, config: Config, model: ServedModel, store: ImageStore,
+    def __init__(self, config: Config, registry: Registry, store: ImageStore,
                  fetcher: UrlFetcher, metrics):
         self.config = config
-        self.model = model
+        self.registry = registry
         self.store = store
         self.fetcher = fetcher
         self.metrics = metrics
@@ -88,21 +92,105 @@ class Service:
     def of(cls, app) -> "Service":
         return app.extensions[cls._KEY]
 
+    @property
+    def model(self) -> ServedModel:
+        """The default model's served version (the page, ``/model``)."""
+        return self.registry.default()
+
     # -- classification -------------------------------------------------------------------------
     def classify_upload(self, read_body: Callable[[], bytes], args: Mapping[str, str],
-                        started: float | None = None) -> dict:
+                        started: float | None = None, route: Route = Route()) -> dict:
         """An uploaded image -> DESIGN.md's 200 answer. ``read_body`` is called only once the
         request is admitted: a refused request never reads its body."""
         options = parse_options(args, self.config.top_k)
-        with self.model.admit(1) as admission:
+        with self.registry.admit(route, 1) as admission:
             return self._classify(admission, read_body(), options, started)
 
     def classify_url(self, url: str, args: Mapping[str, str],
-                     started: float | None = None) -> dict:
+                     started: float | None = None, route: Route = Route()) -> dict:
         """An image URL, downloaded only once the request is admitted -> the answer."""
         options = parse_options(args, self.config.top_k)
-        with self.model.admit(1) as admission:
+        with self.registry.admit(route, 1) as admission:
             return self._classify(admission, self.fetcher.fetch(url), options, started)
+
+    def classify_many(self, read_images: Callable[[], list[bytes]], args: Mapping[str, str],
+                      started: float | None = None, route: Route = Route()) -> dict:
+        """Uploaded images of one request: one image gets the single-image answer, several get
+        one result per image, in order.
+
+        Admitted for one image before the body is read, then for the rest once they are
+        counted (``MAX_IMAGES_PER_REQUEST`` at most, 400 past it; 503 when they do not fit).
+        Each result is the single-image answer's ``filename``/``predictions``/``labels``, or
+        ``{"error": {...}}`` (the error envelope's inner object) for an image that could not be
+        classified; one version serves them all.
+        """
+        started = time.perf_counter() if started is None else started
+        options = parse_options(args, self.config.top_k)
+        with self.registry.admit(route, 1) as admission:
+            images = read_images()
+            if len(images) == 1:  # one image: the single-image answer
+                return self._classify(admission, images[0], options, started)
+            if len(images) > self.config.max_images_per_request:
+                raise TooManyImages(f"at most {self.config.max_images_per_request} images in "
+                                    f"one request (MAX_IMAGES_PER_REQUEST), got {len(images)}")
+            admission.reserve(len(images) - 1)
+            classifier = admission.classifier
+            results: list[dict] = []
+            arrays = []
+            for data in images:
+                try:
+                    if not data:
+                        raise EmptyImage()
+                    array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
+                    results.append({"filename": self.store.save(data, decoded.extension)})
+                    arrays.append(array)
+                except ApiError as err:
+                    results.append({"error": err.to_dict()["error"]})
+            scores = iter(admission.infer_many(arrays))
+            for result in results:
+                if "error" not in result:
+                    predictions = classifier.postprocess(next(scores), options)
+                    result.update(predictions=predictions,
+                                  labels={p["label"]: p["score"] for p in predictions})
+            return {"model": classifier.describe(), "results": results,
+                    "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1)}
+
+    def infer_tensor(self, batch, route: Route = Route()):
+        """A float32 ``[n, h, w, 3]`` batch in ``[0, 1]`` (the SavedModel's own input, as
+        protocol clients send it) -> ``(classifier, [n, labels] scores)``, through the batcher,
+        admitted for ``n`` images. 400 when the shape does not fit the model."""
+        import numpy as np
+
+        with self.registry.admit(route, max(1, len(batch))) as admission:
+            classifier = admission.classifier
+            batch = np.asarray(batch, dtype=np.float32)
+            expected = (*classifier.input_size, 3)
+            if batch.ndim != 4 or batch.shape[1:] != expected or len(batch) == 0:
+                raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
+                                       f"{expected[1]}, 3], got shape {list(batch.shape)}")
+            return classifier, np.stack(admission.infer_many(list(batch)))
+
+    def infer_images(self, images: list[bytes], route: Route = Route()):
+        """Encoded images (protocol clients' base64 or binary elements) -> ``(classifier,
+        [n, labels] scores)``. Unlike :meth:`classify_many`, one bad image fails the request
+        (400/413/415/422, as a tensor call would)."""
+        import numpy as np
+
+        if not images:
+            raise InvalidParameter("no images in the request")
+        if len(images) > self.config.max_images_per_request:
+            raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
+                                f"request (MAX_IMAGES_PER_REQUEST), got {len(images)}")
+        with self.registry.admit(route, len(images)) as admission:
+            classifier = admission.classifier
+            arrays = []
+            for data in images:
+                if not data:
+                    raise EmptyImage()
+                array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
+                self.store.save(data, decoded.extension)
+                arrays.append(array)
+            return classifier, np.stack(admission.infer_many(arrays))
 
     def _classify(self, admission: Admission, data: bytes, options: Options,
                   started: float | None) -> dict:
@@ -121,10 +209,16 @@ class Service:
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
         }
 
+    # -- models ---------------------------------------------------------------------------------
+    def models(self) -> dict:
+        """``GET /models``: every model, its versions (state, error), labels and policy."""
+        return {"default_model": self.registry.default_name, "models": self.registry.status(),
+                "config_error": self.registry.settings_error()}
+
     # -- the model ------------------------------------------------------------------------------
     def readiness(self) -> dict:
-        """``/readyz``'s answer when the model is ready; its 503 error otherwise."""
-        health = self.model.health()
+        """``/readyz``'s answer when the default model is ready; its 503 error otherwise."""
+        health = self.registry.ready()
         if not health.ready:
             raise health.error()
         clf = self.model.classifier
@@ -167,4 +261,4 @@ class Service:
         return path
 
     def close(self) -> None:
-        self.model.close()
+        self.registry.close()

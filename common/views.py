@@ -14,6 +14,7 @@ from flask import (Blueprint, Request, Response, current_app, g, jsonify, render
 from . import errors
 from .errors import InvalidParameter, MissingImage, UnsupportedMediaType
 from .modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
+from .registry import Route
 from .service import Service, digest_b64
 
 log = logging.getLogger("classifier.access")
@@ -49,7 +50,7 @@ def _finish_request(response):
     service = _service()
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else "<unmatched>"
-    model = service.model.describe()
+    model = g.get("model")
     response.headers["X-Request-ID"] = g.get("request_id", "-")
     service.metrics.request_done(route, request.method, response.status_code, seconds)
     log.info("request", extra={
@@ -64,38 +65,56 @@ def _finish_request(response):
 
 
 @bp.post("/classify")
-def classify_upload():
-    """Multipart field ``image``, or the raw image as the body with an image/* Content-Type.
-
-    The body is read only once the Service has admitted the request."""
+@bp.post("/models/<name>/classify")
+@bp.post("/models/<name>/versions/<int:version>/classify")
+@bp.post("/models/<name>/labels/<label>/classify")
+def classify_upload(**route):
+    """Multipart field ``image`` (several ``image`` parts: one result per image), or the raw
+    image as the body with an image/* Content-Type; the default model, or the model, version
+    or label in the path. The body is read only once the Service has admitted the request."""
     g.source = "upload"
     mimetype = request.mimetype or ""
+    service = _service()
     if mimetype == "multipart/form-data":
-        read_body = _multipart_image
+        answer = service.classify_many(_multipart_images, request.args, started=g.started,
+                                       route=Route(**route))
     elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
-        read_body = lambda: request.get_data(cache=False)  # noqa: E731
+        answer = service.classify_upload(lambda: request.get_data(cache=False), request.args,
+                                         started=g.started, route=Route(**route))
     else:
         raise UnsupportedMediaType(
             f"send multipart/form-data with an 'image' field, or a raw image/* body "
             f"(got {mimetype or 'no Content-Type'})")
-    return jsonify(_service().classify_upload(read_body, request.args, started=g.started))
+    g.model = answer["model"]
+    return jsonify(answer)
 
 
-def _multipart_image() -> bytes:
-    upload = request.files.get("image")
-    if upload is None:
+def _multipart_images() -> list[bytes]:
+    uploads = request.files.getlist("image")
+    if not uploads:
         raise MissingImage()
-    return upload.read()
+    return [upload.read() for upload in uploads]
 
 
 @bp.get("/classify")
-def classify_url():
+@bp.get("/models/<name>/classify")
+@bp.get("/models/<name>/versions/<int:version>/classify")
+@bp.get("/models/<name>/labels/<label>/classify")
+def classify_url(**route):
     """``?image_url=`` an http(s) URL that the service downloads under the rules in fetch.py."""
     g.source = "url"
     url = request.args.get("image_url")
     if url is None:
         raise InvalidParameter("give image_url=..., or POST the image as the field 'image'")
-    return jsonify(_service().classify_url(url, request.args, started=g.started))
+    answer = _service().classify_url(url, request.args, started=g.started, route=Route(**route))
+    g.model = answer["model"]
+    return jsonify(answer)
+
+
+@bp.get("/models")
+def models():
+    """Every model: versions with their state and error, labels, version policy."""
+    return jsonify(_service().models())
 
 
 @bp.get("/healthz")

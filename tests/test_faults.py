@@ -51,7 +51,7 @@ def test_kill_9_one_worker_under_load(colour_model_dir, tmp_path):
             pids = server.worker_pids()
             text = requests.get(server.url + "/metrics", timeout=10).text
             ready = [p for p in pids if p not in before and
-                     f'classifier_model_info{{name="colours",pid="{p}"' in text]
+                     f'classifier_model_info{{model="colours",pid="{p}"' in text]
             if len(pids) == 2 and victim not in pids and ready:
                 break
             time.sleep(0.2)

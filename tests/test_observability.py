@@ -86,7 +86,7 @@ def test_metrics_add_up_over_two_workers(live_server):
         assert metric(text, "classifier_queue_depth") == 0
         assert metric(text, "classifier_requests_in_flight") == 1  # this scrape
         info = [line for line in text.splitlines() if line.startswith("classifier_model_info{")]
-        assert len(info) == 2 and all('name="colours"' in line for line in info)
+        assert len(info) == 2 and all('model="colours"' in line for line in info)
         loads = [line for line in text.splitlines()
                  if line.startswith("classifier_model_load_seconds{")]
         assert len(loads) == 2 and all(float(line.split()[-1]) > 0 for line in loads)

@@ -1,0 +1,305 @@
+"""Which model versions this worker serves, kept in step with the repository on disk.
+
+No web framework here. The registry maps a model name, and a version number or label, to one
+:class:`~common.served.ServedModel` (classifier + batcher + hang watchdog + metrics, built,
+warmed up and closed together). A poller thread (``MODEL_POLL_SECONDS``; each gunicorn worker
+runs its own) re-reads the repository and the settings file and moves the table towards what
+they say:
+
+* a new settled version is loaded and warmed up in the background; it takes traffic only once
+  ready, and the version it replaces keeps serving until then;
+* a version the policy no longer wants, or whose folder is gone, is unloaded once every version
+  the policy wants has settled and one of them is ready (a model whose folder is gone goes at
+  once). It leaves the routing table first and is closed only after the requests that hold it
+  have been answered (``ServedModel.retire``), so no request sees a half-unloaded version;
+* a version that fails to load stays in the status with its error, the others keep serving,
+  and it is tried again when its files change.
+
+A request finds its version with :meth:`Registry.admit`, which looks it up and counts it as
+held under one lock, so a version is never unloaded under a request that has found it.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .classifier import Classifier
+from .config import Config
+from .errors import ModelNotFound, ModelNotReady
+from .modelfolder import ModelFolder
+from .repository import Repository, SettingsFile, VersionFolder
+from .served import Admission, Health, ServedModel, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request asks for: a model name (None: the default model) and at most one of a
+    version number or a version label."""
+
+    name: str | None = None
+    version: int | None = None
+    label: str | None = None
+
+
+@dataclass
+class _Version:
+    folder: VersionFolder | None  # None for a model given in memory (tests)
+    served: ServedModel
+    loaded_at: float
+
+
+class Registry:
+    """The served versions of every model, by name and version.
+
+    Args:
+        config: ``MODEL_REPOSITORY`` / ``MODEL_PATH``, ``MODEL_CONFIG``, ``DEFAULT_MODEL``,
+            ``MODEL_POLL_SECONDS`` and the batching settings of every version.
+        load: loads the classifier of one version folder (run in a background thread).
+        metrics: ``common.metrics.Metrics`` (or None).
+        on_hung: passed to every ServedModel (the worker's exit when a call hangs).
+        on_failure: called when a version found at start-up fails to load (the worker's exit
+            when there is nothing else to serve); later failures are only reported.
+        classifier: serve this in-memory classifier (or zero-argument loader) as the only
+            model instead of reading any folder (tests).
+    """
+
+    def __init__(self, config: Config, load: Callable[[VersionFolder], Classifier], *,
+                 metrics=None, on_hung=None, on_failure=None,
+                 classifier: Classifier | Callable[[], Classifier] | None = None):
+        self.config = config
+        self._load = load
+        self.metrics = metrics
+        self.on_hung = on_hung
+        self.on_failure = on_failure
+        self._given = classifier
+        self.repository = Repository(config.model_repository or None,
+                                     single=None if config.model_repository else
+                                     config.model_path,
+                                     single_name=single_model_name(config.model_path))
+        self.settings_file = SettingsFile(config.model_config)
+        self._versions: dict[str, dict[int, _Version]] = {}
+        self._lock = threading.Lock()  # the table
+        self._poll_lock = threading.Lock()  # one poll at a time
+        self._closed = threading.Event()
+        self._initial: list[ServedModel] = []
+
+    # -- life cycle -----------------------------------------------------------------------------
+    def start(self) -> "Registry":
+        """First poll (loads start in the background), then the poller thread if asked.
+        Call it from the thread that should own the model threads (not a request thread)."""
+        if self._given is not None:
+            name = self.config.default_model or "default"
+            served = self._served(self._given, identity=None).start()
+            self._versions[name] = {1: _Version(None, served, time.monotonic())}
+            self._initial = [served]
+            return self
+        self.poll(initial=True)
+        if self.config.model_poll_seconds > 0:
+            threading.Thread(target=self._poll_forever, name="model-poller",
+                             daemon=True).start()
+        return self
+
+    def wait_initial(self, timeout: float | None = None) -> bool:
+        """Block until every version found at start-up has loaded or failed; True if so."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for served in self._initial:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if served.wait(left).state is State.LOADING:
+                return False
+        return True
+
+    def close(self) -> None:
+        """Stop polling, then close every version (answering what is queued)."""
+        self._closed.set()
+        with self._lock:
+            versions = [v.served for model in self._versions.values() for v in model.values()]
+        for served in versions:
+            served.close()
+
+    def _poll_forever(self) -> None:
+        while not self._closed.wait(self.config.model_poll_seconds):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - the poller must outlive one bad scan
+                log.exception("model repository poll failed")
+
+    # -- keeping in step with the disk ------------------------------------------------------------
+    def poll(self, initial: bool = False) -> None:
+        """Scan once and move the table towards what the repository and settings say."""
+        with self._poll_lock:
+            self.settings_file.refresh()
+            settings = self.settings_file.settings
+            found = self.repository.scan(confirm_after=1.0 if initial else 0.0)
+            to_retire: list[ServedModel] = []
+            with self._lock:
+                table = {name: dict(versions) for name, versions in self._versions.items()}
+            for name in sorted(set(found) | set(table)):
+                on_disk = found.get(name, {})
+                have = table.setdefault(name, {})
+                wanted = settings.model(name).policy.choose(list(on_disk))
+                for version in sorted(wanted):
+                    folder = on_disk[version]
+                    current = have.get(version)
+                    if current is not None and current.folder.fingerprint == folder.fingerprint:
+                        continue
+                    if current is not None and current.served.health().ready:
+                        continue  # a served version's files changed: publish a new number
+                    if current is not None:  # failed or loading: try the new files
+                        to_retire.append(current.served)
+                    identity = None if self.repository.single else (name, str(version))
+                    served = self._served(lambda f=folder: self._load(f), identity=identity,
+                                          initial=initial)
+                    have[version] = _Version(folder, served.start(), time.monotonic())
+                    if initial:
+                        self._initial.append(served)
+                    log.info("loading model %s version %d from %s", name, version, folder.path)
+                healths = {v: have[v].served.health() for v in wanted if v in have}
+                settled = all(h.state is not State.LOADING for h in healths.values())
+                some_ready = any(h.ready for h in healths.values())
+                # while no wanted version is ready, the newest ready one of the others serves
+                fallback = None if settled and some_ready else max(
+                    (v for v in have if v not in wanted and have[v].served.health().ready),
+                    default=None)
+                for version in sorted(have):
+                    if version in wanted:
+                        continue
+                    # a version no longer wanted (or whose folder is gone: it is in memory)
+                    # serves until what replaces it has settled and one of them is ready, or
+                    # while it is the fallback; a model removed altogether goes at once
+                    if (settled and some_ready) or not on_disk or (
+                            fallback is not None and version != fallback):
+                        log.info("unloading model %s version %d (%s)", name, version,
+                                 "replaced" if version in on_disk else "folder removed")
+                        to_retire.append(have.pop(version).served)
+                if not have:
+                    table.pop(name)
+            with self._lock:
+                self._versions = table
+        for served in to_retire:
+            threading.Thread(target=self._retire, args=(served,), name="model-unloader",
+                             daemon=True).start()
+
+    def _retire(self, served: ServedModel) -> None:
+        served.retire(self.config.request_timeout + 5.0)
+        gc.collect()  # the graph's memory goes back only once nothing refers to it
+
+    def _served(self, source, identity, initial: bool = False) -> ServedModel:
+        return ServedModel(source, self.config, metrics=self.metrics, on_hung=self.on_hung,
+                           on_failure=self.on_failure if initial else None, identity=identity)
+
+    # -- requests ---------------------------------------------------------------------------------
+    @property
+    def default_name(self) -> str | None:
+        """``DEFAULT_MODEL``, else the settings file's, else the only model, else ``demo``."""
+        configured = self.config.default_model or self.settings_file.settings.default_model
+        if configured:
+            return configured
+        names = list(self._versions)
+        if len(names) == 1:
+            return names[0]
+        return "demo" if "demo" in names else (sorted(names)[0] if names else None)
+
+    def admit(self, route: Route, images: int = 1) -> Admission:
+        """Find the version ``route`` asks for and admit ``images`` images to it (before the
+        request does any work). 404 for an unknown model, version or label; the version's 503
+        when it is not ready or overloaded."""
+        with self._lock:
+            served = self._find(route)
+            served.hold()
+        return served.admit(images, held=True)
+
+    def find(self, route: Route) -> ServedModel:
+        """The version ``route`` asks for (for metadata and status; requests use admit)."""
+        with self._lock:
+            return self._find(route)
+
+    def _find(self, route: Route) -> ServedModel:
+        name = route.name or self.default_name
+        versions = self._versions.get(name) if name else None
+        if not versions:
+            raise ModelNotFound(f"no model named {name!r}" if route.name else
+                                "no default model is being served")
+        if route.label is not None:
+            number = self.settings_file.settings.model(name).labels.get(route.label)
+            if number is None:
+                raise ModelNotFound(f"model {name!r} has no version labelled {route.label!r}")
+            route = Route(name, number)
+        if route.version is not None:
+            entry = versions.get(route.version)
+            if entry is None:
+                raise ModelNotFound(f"model {name!r} has no version {route.version}")
+            return entry.served
+        ready = [v for v, e in versions.items() if e.served.health().ready]
+        if ready:
+            return versions[max(ready)].served
+        return versions[max(versions)].served  # its 503 (loading, failed) says why
+
+    def default(self) -> ServedModel:
+        return self.find(Route())
+
+    # -- status -----------------------------------------------------------------------------------
+    def status(self, name: str | None = None) -> list[dict]:
+        """Every model (or ``name``): its versions with state and error, its labels."""
+        with self._lock:
+            table = {n: dict(v) for n, v in self._versions.items()}
+        if name is not None and name not in table:
+            raise ModelNotFound(f"no model named {name!r}")
+        settings = self.settings_file.settings
+        out = []
+        for model in sorted(table) if name is None else [name]:
+            versions = []
+            for number, entry in sorted(table[model].items(), reverse=True):
+                health: Health = entry.served.health()
+                versions.append({"version": number, "state": health.state.value,
+                                 "error": health.reason if health.state is State.FAILED
+                                 else None,
+                                 "path": entry.folder.path if entry.folder else None})
+            out.append({"name": model, "default": model == self.default_name,
+                        "versions": versions,
+                        "labels": settings.model(model).labels,
+                        "version_policy": settings.model(model).policy.describe()})
+        return out
+
+    def settings_error(self) -> str | None:
+        return self.settings_file.error
+
+    def ready(self) -> Health:
+        """Health of the default model's served version (``/readyz``)."""
+        try:
+            return self.default().health()
+        except ModelNotFound:
+            return Health(State.LOADING, "no model found yet")
+
+
+def single_model_name(model_path: str) -> str:
+    """The name ``MODEL_PATH``'s model is served under: its folder's name (a frozen graph:
+    the name of the folder holding it)."""
+    import os
+
+    path = os.path.normpath(model_path or "model")
+    if path.endswith(".pb"):
+        path = os.path.dirname(path) or "model"
+    return os.path.basename(path) or "model"
+
+
+def load_version(folder: VersionFolder, config: Config, load: Callable[[ModelFolder],
+                 Classifier]) -> Classifier:
+    """Load the classifier of a version folder with ``load`` (a runtime's loader)."""
+    if folder.path == config.model_path:  # the MODEL_PATH shortcut keeps its labels settings
+        from .service import model_folder
+        return load(model_folder(config))
+    return load(ModelFolder.in_directory(folder.path, legacy=_legacy(config)))
+
+
+def _legacy(config: Config):
+    from .service import model_folder
+    return model_folder(config).legacy
+
+
+__all__ = ["Registry", "Route", "single_model_name", "load_version", "ModelNotReady"]

@@ -1,0 +1,308 @@
+"""The model repository: layout, settings file, version policy, and hot reload in the engine
+(in-process, common/registry.py) and on the real server under load."""
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+import requests
+
+import imagegen as ig
+from common.config import Config
+from common.errors import ModelNotFound
+from common.registry import Registry, Route, load_version
+from common.classifier import load_classifier
+from common.repository import (Repository, RepositoryConfigError, VersionPolicy,
+                               parse_settings)
+from helpers import post_image, start_server
+from tiny_models import save_colour_model
+
+
+@pytest.fixture(scope="module")
+def colour_versions(tmp_path_factory):
+    """Three built model folders: v1 labels red/green/blue, v2 the same with a "2" suffix, and a
+    corrupt one (its saved_model.pb is not a SavedModel)."""
+    root = tmp_path_factory.mktemp("builds")
+    v1 = save_colour_model(str(root / "v1"))
+    v2 = save_colour_model(str(root / "v2"), labels=["red2", "green2", "blue2"])
+    bad = str(root / "bad")
+    shutil.copytree(v1, bad)
+    with open(os.path.join(bad, "saved_model.pb"), "wb") as fh:
+        fh.write(b"not a saved model")
+    return {"v1": v1, "v2": v2, "bad": bad}
+
+
+def publish(repo, name: str, version: int, source: str) -> str:
+    """Copy ``source`` beside the model, then rename it into ``<name>/<version>`` in one step."""
+    os.makedirs(os.path.join(repo, name), exist_ok=True)
+    staging = os.path.join(repo, f".incoming-{name}-{version}")
+    shutil.copytree(source, staging)
+    final = os.path.join(repo, name, str(version))
+    os.rename(staging, final)
+    return final
+
+
+# -- layout and settings ---------------------------------------------------------------------
+def test_scan_finds_versions_and_skips_what_is_not_a_model(tmp_path, colour_versions, caplog):
+    repo = tmp_path / "repo"
+    publish(repo, "flowers", 1, colour_versions["v1"])
+    publish(repo, "flowers", 3, colour_versions["v2"])
+    shutil.copytree(colour_versions["v1"], repo / "demo")  # a model folder: version 1 of demo
+    (repo / "features").mkdir()  # not a model
+    (repo / "features" / "module.json").write_text("{}")
+    (repo / ".incoming-x").mkdir()  # hidden: never read
+    (repo / "flowers" / "notes").mkdir()  # not a number: not a version
+    found = Repository(str(repo), settle_seconds=0).scan()
+    assert {n: sorted(v) for n, v in found.items()} == {"flowers": [1, 3], "demo": [1]}
+    assert found["demo"][1].path == str(repo / "demo")
+    assert sum("features" in r.message and "skipping" in r.message for r in caplog.records) == 1
+    Repository(str(repo), settle_seconds=0).scan()
+
+
+def test_a_version_still_being_written_is_not_settled(tmp_path, colour_versions):
+    repo = tmp_path / "repo"
+    folder = publish(repo, "m", 1, colour_versions["v1"])
+    scanner = Repository(str(repo), settle_seconds=3600)  # only "unchanged across two scans"
+    assert scanner.scan() == {}  # first sight: not settled yet
+    with open(os.path.join(folder, "labels.txt"), "a") as fh:
+        fh.write("")  # untouched content, but...
+    os.utime(os.path.join(folder, "labels.txt"))  # ...a newer time: still being written
+    assert scanner.scan() == {}
+    assert sorted(scanner.scan()["m"]) == [1]  # unchanged across two scans: settled
+
+
+@pytest.mark.parametrize("raw,versions", [
+    (None, [3]), ("latest", [3]), ({"latest": 2}, [2, 3]),
+    ({"latest": {"num_versions": 2}}, [2, 3]), ("all", [1, 2, 3]),
+    ({"specific": [1, 3]}, [1, 3]), ({"specific": {"versions": [2]}}, [2]),
+])
+def test_version_policies(raw, versions):
+    assert sorted(VersionPolicy.parse(raw, "t").choose([1, 2, 3])) == versions
+
+
+@pytest.mark.parametrize("text", [
+    '{"models": {"m": {"version_policy": {"newest": 1}}}}',
+    '{"models": {"m": {"labels": {"stable": "one"}}}}',
+    '{"models": {"../m": {}}}', '{"model": {}}', '[1, 2]', '{"models": {"m": {"x": 1}}}',
+    '{"models": {"m": {"version_policy": {"latest": 0}}}}',
+])
+def test_bad_settings_are_refused_with_a_reason(text):
+    with pytest.raises(RepositoryConfigError):
+        parse_settings(text, "models.json")
+
+
+def test_yaml_settings(tmp_path):
+    settings = parse_settings("default_model: flowers\nmodels:\n  flowers:\n"
+                              "    version_policy: {latest: 2}\n"
+                              "    labels: {stable: 1, canary: 2}\n", "m.yaml")
+    assert settings.default_model == "flowers"
+    assert settings.model("flowers").labels == {"stable": 1, "canary": 2}
+    assert settings.model("flowers").policy == VersionPolicy("latest", count=2)
+
+
+# -- the registry in-process ------------------------------------------------------------------
+def _registry(repo, settings_path=None, **overrides):
+    config = Config.from_mapping({"model_repository": str(repo), "model_config": settings_path,
+                                  "model_poll_seconds": 0, "temp_dir": str(repo / ".t"),
+                                  **overrides})
+    registry = Registry(config, lambda folder: load_version(folder, config, load_classifier))
+    registry.repository.settle_seconds = 0
+    return registry.start()
+
+
+def _wait(registry, name, version, state="ready", timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        registry.poll()
+        for model in registry.status():
+            for v in model["versions"]:
+                if model["name"] == name and v["version"] == version and v["state"] == state:
+                    return v
+        time.sleep(0.05)
+    raise AssertionError(registry.status())
+
+
+def _wait_gone(registry, name, version, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        registry.poll()
+        if version not in _versions(registry, name):
+            return
+        time.sleep(0.05)
+    raise AssertionError(registry.status())
+
+
+def _versions(registry, name):
+    return {v["version"]: v["state"] for m in registry.status() if m["name"] == name
+            for v in m["versions"]}
+
+
+def _red(clf):
+    return clf.preprocess(ig.png(ig.RED), 10**6)[0]
+
+
+def _classify(registry, route=Route()):
+    with registry.admit(route) as admission:
+        clf = admission.classifier
+        scores = admission.infer(_red(clf))
+        return clf.describe(), clf.labels[int(scores.argmax())]
+
+
+def test_new_version_replaces_the_old_only_once_ready(tmp_path, colour_versions):
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    registry = _registry(repo)
+    try:
+        assert registry.wait_initial(60)
+        assert _classify(registry) == ({"name": "colours", "version": "1"}, "red")
+        publish(repo, "colours", 2, colour_versions["v2"])
+        _wait(registry, "colours", 2)
+        _wait_gone(registry, "colours", 1)  # replaced, then unloaded
+        assert _versions(registry, "colours") == {2: "ready"}
+        assert _classify(registry) == ({"name": "colours", "version": "2"}, "red2")
+        # a corrupt version 3 is reported with its error; version 2 keeps serving
+        publish(repo, "colours", 3, colour_versions["bad"])
+        failed = _wait(registry, "colours", 3, "failed")
+        assert failed["error"]
+        registry.poll()
+        assert _versions(registry, "colours") == {3: "failed", 2: "ready"}
+        assert _classify(registry)[1] == "red2"
+        # a fixed version 3 (its files change) is tried again
+        shutil.rmtree(repo / "colours" / "3")
+        publish(repo, "colours", 3, colour_versions["v1"])
+        _wait(registry, "colours", 3)
+        assert _classify(registry) == ({"name": "colours", "version": "3"}, "red")
+    finally:
+        registry.close()
+
+
+def test_labels_policy_and_unknown_names(tmp_path, colour_versions):
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    publish(repo, "colours", 2, colour_versions["v2"])
+    settings = tmp_path / "models.json"
+    settings.write_text(json.dumps({"models": {"colours": {
+        "version_policy": "all", "labels": {"stable": 1, "canary": 2}}}}))
+    registry = _registry(repo, str(settings))
+    try:
+        assert registry.wait_initial(60)
+        assert _classify(registry, Route("colours", label="stable"))[1] == "red"
+        assert _classify(registry, Route("colours", label="canary"))[1] == "red2"
+        assert _classify(registry, Route("colours", version=1))[1] == "red"
+        assert _classify(registry)[0]["version"] == "2"  # no version asked: the newest
+        for route in (Route("nope"), Route("colours", version=9), Route("colours", label="x")):
+            with pytest.raises(ModelNotFound):
+                registry.admit(route)
+        # the settings file changes: only version 1 now
+        settings.write_text(json.dumps({"models": {"colours": {
+            "version_policy": {"specific": [1]}}}}))
+        _wait_gone(registry, "colours", 2)
+        assert _versions(registry, "colours") == {1: "ready"}
+        # a broken settings file keeps the previous settings and says why
+        settings.write_text("{not json")
+        registry.poll()
+        assert "cannot parse" in registry.settings_error()
+        assert _versions(registry, "colours") == {1: "ready"}
+    finally:
+        registry.close()
+
+
+def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versions):
+    """Admitted on version 1, answered by version 1 even though version 2 replaced it meanwhile:
+    the unload waits for the request."""
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    registry = _registry(repo)
+    try:
+        assert registry.wait_initial(60)
+        admission = registry.admit(Route())
+        publish(repo, "colours", 2, colour_versions["v2"])
+        _wait(registry, "colours", 2)
+        registry.poll()
+        assert 1 not in _versions(registry, "colours")  # gone from the table...
+        with admission:  # ...but still serves the request that holds it
+            clf = admission.classifier
+            scores = admission.infer(_red(clf))
+            assert clf.version == "1" and clf.labels[int(scores.argmax())] == "red"
+    finally:
+        registry.close()
+
+
+# -- the real server ----------------------------------------------------------------------------
+def _status(server) -> dict:
+    models = requests.get(server.url + "/models", timeout=10).json()["models"]
+    return {m["name"]: {v["version"]: (v["state"], v["error"]) for v in m["versions"]}
+            for m in models}
+
+
+def _until(predicate, timeout=60.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout} s")
+
+
+@pytest.mark.server
+def test_hot_reload_under_load(tmp_path, colour_versions):
+    """Closed-loop clients for 20 s while version 2 is published and version 1 removed, a
+    half-copied version 3 sits there, then a corrupt version 3 is published: every answer is a
+    200, answers switch from version 1 to 2, no answer mixes versions, the corrupt version shows
+    its error while version 2 keeps serving, and the half-copied one is never loaded."""
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    server = start_server(tmp_path, {"MODEL_REPOSITORY": str(repo), "MODEL_POLL_SECONDS": "0.3",
+                                     "WORKERS": "2", "THREADS": "8"})
+    answers, stop = [], threading.Event()
+    body = ig.png(ig.RED)
+
+    def client():
+        session = requests.Session()
+        while not stop.is_set():
+            r = session.post(server.url + "/classify", files={"image": ("r.png", body)},
+                             timeout=30)
+            answers.append((time.monotonic(), r.status_code,
+                            r.json() if r.status_code == 200 else r.text))
+
+    try:
+        assert _status(server) == {"colours": {1: ("ready", None)}}
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(4)
+        # a version 3 copied in place, file by file and slowly: never loaded while incomplete
+        half = repo / "colours" / "3"
+        half.mkdir()
+        shutil.copy(os.path.join(colour_versions["v1"], "labels.txt"), half)
+        publish(repo, "colours", 2, colour_versions["v2"])
+        switched = time.monotonic()
+        _until(lambda: _status(server)["colours"].get(2, ("",))[0] == "ready")
+        shutil.rmtree(repo / "colours" / "1")
+        _until(lambda: 1 not in _status(server)["colours"])
+        time.sleep(4)
+        assert 3 not in _status(server)["colours"] or _status(server)["colours"][3][0] != "ready"
+        shutil.rmtree(half)
+        publish(repo, "colours", 3, colour_versions["bad"])
+        failed = _until(lambda: _status(server)["colours"].get(3, ("",))[0] == "failed"
+                        and _status(server)["colours"][3])
+        assert failed[1]  # its error
+        time.sleep(4)
+        status = _status(server)["colours"]
+        assert status[2] == ("ready", None) and status[3][0] == "failed"
+        time.sleep(max(0.0, 20 - (time.monotonic() - switched) - 4))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        server.stop()
+    assert answers and all(status == 200 for _, status, _ in answers), \
+        [a for a in answers if a[1] != 200][:3]
+    seen = [(a[2]["model"]["version"], a[2]["predictions"][0]["label"]) for a in answers]
+    assert set(seen) == {("1", "red"), ("2", "red2")}  # each answer from one version
+    # switched: every worker serves version 2 within a few polls and a load of publishing it
+    late = [a[2]["model"]["version"] for a in answers if a[0] > switched + 8]
+    assert seen[0][0] == "1" and late and set(late) == {"2"}
