@@ -25,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
+from common.repository import next_version  # noqa: E402
 from scripts import cli  # noqa: E402
 from scripts.training import (DEFAULT_MODULE, RUNS_LOG, RetrainError,  # noqa: E402
                               RetrainResult, TrainParams, default_runs_log, retrain)
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tfhub_module", default=DEFAULT_MODULE,
                    help="TF Hub image feature-vector handle or URL, or a local SavedModel folder")
     p.add_argument("--output_dir", help="model folder to write, e.g. tf_files/flowers")
+    p.add_argument("--repository", help="publish a new numbered version of --name into this "
+                   "model repository (MODEL_REPOSITORY): built beside the versions, renamed "
+                   "into <repository>/<name>/<n> in one step; nothing there is replaced")
     p.add_argument("--output_graph", help="also write a TF1-style frozen graph (.pb) with "
                    f"input '{legacy.input_layer}' and output '{legacy.output_layer}', for old "
                    "tools")
@@ -92,6 +96,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = cli.parse_args(parser, argv)
     output_dir = args.output_dir
+    if args.repository:
+        if output_dir or not args.name:
+            parser.error("--repository needs --name (the model) and no --output_dir")
+        model_dir = os.path.join(args.repository, args.name)
+        args.version = str(next_version(model_dir))
+        output_dir = os.path.join(model_dir, args.version)
     if not output_dir:
         if not args.output_graph:
             parser.error("give --output_dir (or the old --output_graph)")
@@ -106,7 +116,8 @@ def main(argv=None) -> int:
                          summaries_dir=args.summaries_dir, input_size=args.input_size,
                          name=args.name, version=args.version, output_graph=args.output_graph,
                          output_labels=args.output_labels, progress=not args.quiet,
-                         flags=flags, runs_log=runs_log or None, exports=not args.no_export)
+                         flags=flags, runs_log=runs_log or None, exports=not args.no_export,
+                         new_version=bool(args.repository))
     except RetrainError as exc:
         print(f"retrain.py: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import imagegen as ig
 
 from common.classifier import load_classifier
 from common.images import load_for_model
+from common.modelfolder import ModelFolder
 from helpers import DEMO
 from scripts import label_image, make_demo_data, make_feature_module, retrain, training
 from tiny_models import save_colour_frozen_graph
@@ -338,3 +339,21 @@ def test_the_committed_demo_model_is_good(tmp_path, capsys):
     right = sum(r["predictions"][0]["label"] == os.path.basename(os.path.dirname(r["image"]))
                 for r in results)
     assert len(results) == 10 * len(make_demo_data.DEMO_SHAPES) and right / len(results) >= 0.9
+
+
+def test_retrain_publishes_new_versions_into_a_repository(data_dir, module_dir, tmp_path):
+    """--repository/--name: each run is the next numbered version, renamed into place; a
+    folder already there (maybe live) is never touched, and nothing half-built is left."""
+    repo = tmp_path / "repo"
+    (repo / "colours" / "1").mkdir(parents=True)  # someone else's version 1: left alone
+    (repo / "colours" / "1" / "keep.txt").write_text("live")
+    argv = ["--image-dir", data_dir, "--tfhub_module", module_dir, "--repository", str(repo),
+            "--name", "colours", "--how_many_training_steps", "20", "--no_export", "--quiet",
+            "--bottleneck_dir", str(tmp_path / "cache"), "--runs_log", ""]
+    assert retrain.main(argv) == 0
+    assert retrain.main(argv) == 0
+    assert sorted(os.listdir(repo / "colours")) == ["1", "2", "3"]  # no .incoming-* left
+    assert os.listdir(repo / "colours" / "1") == ["keep.txt"]
+    for version in ("2", "3"):
+        meta = ModelFolder(str(repo / "colours" / version)).read_metadata()
+        assert meta["name"] == "colours" and meta["version"] == version

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
+from common.repository import publish_version, version_staging
 
 from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set
 from .evaluate import evaluate_image_folder, evaluate_test_split, per_class_metrics
@@ -85,7 +86,8 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
             summaries_dir: str | None = None, input_size: int | None = None,
             name: str | None = None, version: str = "1", output_graph: str | None = None,
             output_labels: str | None = None, progress: bool = True, flags: dict | None = None,
-            runs_log: str | None = None, exports: bool = True) -> RetrainResult:
+            runs_log: str | None = None, exports: bool = True,
+            new_version: bool = False) -> RetrainResult:
     """The whole pipeline: list and split images, features, train, export, evaluate, publish.
 
     The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
@@ -95,6 +97,10 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     The run record (:mod:`.runs`) goes into model.json; ``flags`` are the options to record
     (the CLI's; default: ``params`` and the arguments above). It is also appended to
     ``runs_log`` when given, and logged as HParams under ``summaries_dir`` when given.
+
+    ``new_version``: ``output_dir`` is a new numbered version of a model in a repository
+    (``<repository>/<name>/<n>``): it is built in a hidden folder beside the versions and
+    renamed into place, and an existing folder there is never replaced (RetrainError).
 
     With ``exports`` the folder also gets model.onnx and model.tflite, each verified on the
     test images, where the converters are installed (:func:`scripts.exporting.export_default`).
@@ -106,7 +112,10 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
                  "input_size": input_size, "output_dir": output_dir}
     trained = _train(image_dir, module_handle, params, bottleneck_dir, summaries_dir,
                      input_size, progress)
-    staging = ModelFolder(output_dir.rstrip("/") + ".incoming")
+    output_dir = output_dir.rstrip("/")
+    staging = ModelFolder(version_staging(os.path.dirname(output_dir),
+                                          int(os.path.basename(output_dir)))
+                          if new_version else output_dir + ".incoming")
     try:
         model_json, report = _write_folder(staging, trained, output_dir, name, version, started,
                                            flags, progress)
@@ -118,7 +127,15 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
     folder = ModelFolder(output_dir)
-    folder.publish(staging.path)
+    if new_version:
+        try:
+            publish_version(staging.path, os.path.dirname(output_dir),
+                            int(os.path.basename(output_dir)))
+        except FileExistsError as exc:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            raise RetrainError(str(exc)) from None
+    else:
+        folder.publish(staging.path)
     _write_legacy_files(trained, folder, output_graph, output_labels)
     if runs_log:
         append_run(runs_log, model_json["run"])
