@@ -17,6 +17,7 @@ from common.classifier import load_classifier
 from common.repository import (Repository, RepositoryConfigError, VersionPolicy,
                                parse_settings)
 from helpers import post_image, start_server
+from reliability import record
 from tiny_models import save_colour_model
 
 
@@ -306,3 +307,36 @@ def test_hot_reload_under_load(tmp_path, colour_versions):
     # switched: every worker serves version 2 within a few polls and a load of publishing it
     late = [a[2]["model"]["version"] for a in answers if a[0] > switched + 8]
     assert seen[0][0] == "1" and late and set(late) == {"2"}
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.server
+def test_twenty_load_unload_cycles_keep_memory_flat(tmp_path, colour_versions):
+    """A worker that loads a new version and unloads the old one 20 times: its RSS after the
+    last cycle is within 10% of its RSS after the first."""
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    server = start_server(tmp_path, {"MODEL_REPOSITORY": str(repo), "MODEL_POLL_SECONDS": "0.2",
+                                     "WORKERS": "1"})
+    rss = []
+    try:
+        (pid,) = server.worker_pids()
+        for version in range(2, 22):
+            publish(repo, "colours", version, colour_versions["v2" if version % 2 else "v1"])
+            _until(lambda: _status(server)["colours"] == {version: ("ready", None)})
+            shutil.rmtree(repo / "colours" / str(version - 1))
+            answer = post_image(server, ig.png(ig.RED)).json()
+            assert answer["model"]["version"] == str(version)
+            time.sleep(0.3)  # the unloader thread has let the old version go
+            rss.append(_rss_kb(pid))
+    finally:
+        server.stop()
+    record("reload_cycles", {"cycles": len(rss), "rss_mb_after_first": round(rss[0] / 1024, 1),
+                             "rss_mb_after_last": round(rss[-1] / 1024, 1),
+                             "growth_pct": round((rss[-1] / rss[0] - 1) * 100, 2),
+                             "rss_mb_each": [round(r / 1024, 1) for r in rss]})
+    assert rss[-1] <= rss[0] * 1.10, rss
