@@ -258,8 +258,7 @@ class Registry:
                 health: Health = entry.served.health()
                 versions.append({"version": number, "state": health.state.value,
                                  "error": health.reason if health.state is State.FAILED
-                                 else None,
-                                 "path": entry.folder.path if entry.folder else None})
+                                 else None})
             out.append({"name": model, "default": model == self.default_name,
                         "versions": versions,
                         "labels": settings.model(model).labels,
