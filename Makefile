@@ -3,14 +3,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean
+.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+	docker test-docker
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+# A changed requirements file means a fresh venv (--clear): pip install never removes what a
+# requirement no longer brings (such as a second TensorFlow).
+$(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -r requirements-train.txt -r requirements-dev.txt
+	$(BIN)/pip check
 	touch $@
 
 serve: venv
@@ -24,6 +28,21 @@ test: venv
 # The in-process tests only (seconds): no real server, no browser.
 test-fast: venv
 	$(BIN)/python -m pytest -m "not server and not long"
+
+# The Docker image (the base image first: scripts/docker_base.sh makes a stand-in where no
+# registry is reachable), labelled with this checkout's version, commit and origin.
+IMAGE ?= image-classifier:dev
+docker:
+	scripts/docker_base.sh
+	docker build -t $(IMAGE) \
+	    --build-arg VERSION=$$(git describe --always --dirty 2>/dev/null || echo dev) \
+	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	    --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo unknown) .
+
+# The image, compose and Kubernetes tests (docs/DEPLOY.md): build and run the real image, nginx
+# in front of replicas, manifests validated. Needs a Docker engine; `.ci/run` starts one.
+test-docker: venv
+	$(BIN)/python -m pytest -m docker
 
 # Every test alone in its own process (not in CI: tens of minutes).
 test-alone: venv

@@ -19,6 +19,7 @@ from common.errors import ApiError
 from common.images import load_image_file
 from common.tfruntime import static_size
 
+from . import hub
 from .data import ImageLists, RetrainError
 
 log = logging.getLogger(__name__)
@@ -39,14 +40,10 @@ class FeatureStats:
     seconds: float = 0.0
 
 
-def load_module(handle: str):
-    """Load a TF Hub image feature vector (handle, URL or local folder) with ``hub.load``."""
-    import tensorflow_hub as hub
-
-    try:
-        return hub.load(handle)
-    except Exception as exc:  # network, format and not-found errors all surface here
-        raise RetrainError(f"cannot load module {handle}: {exc}") from None
+def load_module(handle: str, progress: bool = True):
+    """Load a TF Hub image feature vector (handle, URL or local folder) as ``hub.load`` does
+    (see :mod:`.hub`: the tensorflow_hub package would bring a second TensorFlow)."""
+    return hub.load(handle, progress=progress)
 
 
 def module_input_size(module, handle: str, override: int | None = None) -> tuple[int, int]:
