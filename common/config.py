@@ -142,7 +142,7 @@ class Config:
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
     batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=48)
     queue_max_wait_ms: float = env("QUEUE_MAX_WAIT_MS", _float(0.0, lo_open=False),
-                                   default=1000.0)
+                                   default=1200.0)
     max_refusals_per_second: float = env("MAX_REFUSALS_PER_SECOND", _float(0.0, lo_open=False),
                                          default=100.0)
     request_nice: int = env("REQUEST_NICE", _int(0), default=10)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .batching import Batcher, Ticket, bucket_sizes
+from .batching import Batcher, Ticket, bucket_sizes, efficient_batch_size
 from .classifier import Classifier
 from .config import Config
 from .errors import ModelNotReady, ModelTimeout, ServiceUnavailable
@@ -156,7 +156,8 @@ class ServedModel:
             self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
             if self.metrics is not None:
                 self.version_metrics = self.metrics.for_version(clf.name, clf.version)
-            batcher = Batcher(clf.predict, max_batch_size=self.config.batch_max_size,
+            batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)
+            batcher = Batcher(clf.predict, max_batch_size=batch_size,
                               batch_wait_ms=self.config.batch_max_wait_ms,
                               max_queue=self.config.batch_queue_size,
                               max_wait_ms=self.config.queue_max_wait_ms,
@@ -169,8 +170,10 @@ class ServedModel:
             self._running = _Running(clf, batcher)
             if self.version_metrics is not None:
                 self.version_metrics.model_ready(self.load_seconds, self.warmup_seconds)
-            log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s",
-                     clf.name, clf.version, self.load_seconds, self.warmup_seconds)
+            log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s; batches of up "
+                     "to %d (BATCH_MAX_SIZE %d: larger batches measured no faster)", clf.name,
+                     clf.version, self.load_seconds, self.warmup_seconds, batch_size,
+                     self.config.batch_max_size)
             if self.on_hung is not None and self.config.model_hang_timeout > 0:
                 threading.Thread(target=self._watch, name="model-watchdog", daemon=True).start()
         except BaseException as exc:  # report every failure; the process must not limp on

@@ -23,7 +23,6 @@ more level (see :func:`profile_level`).
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import http.client
 import io
@@ -45,6 +44,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts import cli  # noqa: E402
 from scripts.liveserver import LiveServer  # noqa: E402
 from scripts.loadgen import drive, photo_jpeg, wrk_available, wrk_drive  # noqa: E402
 
@@ -64,6 +64,8 @@ class BenchParams:
     driver: str = "auto"  # load generator: "wrk", "python", or "auto" (wrk when installed)
     polite: bool = False  # after a 503 wait Retry-After (True) or send again at once (False)
     refusal_cpu: float = 0.0  # seconds of the refused-request CPU measurement (0: skip it)
+    swap: float = 0.0  # seconds of each of two levels, without and with a new version (0: skip)
+    swap_concurrency: int = 16  # clients during the swap levels
     profile: float = 0.0  # seconds of py-spy on the worker during one more level (0: skip it)
     profile_concurrency: int = 16  # clients during the profiled level
 
@@ -229,6 +231,8 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         server.stop()
     result["in_process"] = inproc = in_process(params.model, params.inprocess_batches, params.env,
                                                {"500x375": small, "4000x3000": large})
+    if params.swap:
+        result["swap"] = swap_levels(params, driver, paths["500x375"], small, log_dir)
     if params.refusal_cpu:
         result["refusal_cpu"] = refused_request_cpu(params.refusal_cpu, paths["500x375"],
                                                     log_dir, driver)
@@ -252,6 +256,58 @@ def ratios(result: dict) -> dict:
         if ("4000x3000", 1) in by:
             out["large_vs_small_p50_c1"] = round(by[("4000x3000", 1)]["p50_ms"]
                                                  / c1["p50_ms"], 3)
+    return out
+
+
+# -- latency while a new version is published -----------------------------------------------------
+def swap_levels(params: BenchParams, driver: str, body_path: str, body: bytes,
+                log_dir: str) -> dict:
+    """The model served from a repository (``bench/1``, MODEL_POLL_SECONDS=1): one level of
+    ``params.swap`` seconds as is, then one during which version 2 (a copy of the same folder)
+    is published a third of the way in and version 1 removed once 2 answers. Returns both
+    levels; the p99 of the second against the first is what a roll-out costs."""
+    import threading as _threading
+
+    repo = os.path.join(log_dir, "repository")
+    shutil.rmtree(repo, ignore_errors=True)
+    os.makedirs(os.path.join(repo, "bench"))
+    shutil.copytree(params.model, os.path.join(repo, "bench", "1"))
+    env = {"MODEL_REPOSITORY": repo, "MODEL_POLL_SECONDS": "1",
+           "TEMP_DIR": os.path.join(log_dir, "temp-swap"), "LOG_LEVEL": "warning", **params.env}
+    server = LiveServer(env)
+    server.start(os.path.join(log_dir, "server-swap.log"))
+    out: dict = {"concurrency": params.swap_concurrency, "seconds": params.swap}
+    try:
+        out["steady"] = level(driver, server.port, body, body_path, params.swap_concurrency,
+                              params, duration=params.swap)
+        events = {}
+
+        def publish():
+            time.sleep(params.swap / 3)
+            staging = os.path.join(repo, "bench", ".incoming-2")
+            shutil.copytree(params.model, staging)
+            os.rename(staging, os.path.join(repo, "bench", "2"))
+            events["published_s"] = round(params.swap / 3, 1)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < params.swap:
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+                conn.request("GET", "/models")
+                text = conn.getresponse().read().decode()
+                conn.close()
+                if '"version":2,"state":"ready"' in text.replace(" ", ""):
+                    events["ready_after_s"] = round(time.monotonic() - t0, 1)
+                    shutil.rmtree(os.path.join(repo, "bench", "1"))
+                    return
+                time.sleep(0.2)
+
+        thread = _threading.Thread(target=publish, daemon=True)
+        thread.start()
+        out["swapping"] = level(driver, server.port, body, body_path, params.swap_concurrency,
+                                params, duration=params.swap)
+        thread.join(params.swap * 2)
+        out.update(events)
+    finally:
+        server.stop()
     return out
 
 
@@ -593,6 +649,16 @@ def markdown(result: dict) -> str:
         if rc.get("profile"):
             lines += _profile_tables(rc["profile"], f"py-spy --gil during one more flood of "
                                      f"{rc['profile']['clients']} clients (not measured)", 12)
+    sw = result.get("swap")
+    if sw:
+        lines += ["", f"Publishing a new version under load ({sw['concurrency']} clients, "
+                  f"{sw['seconds']} s per level; version 2 published at {sw.get('published_s')} s, "
+                  f"ready {sw.get('ready_after_s')} s later, then version 1 removed):", "",
+                  "| level | goodput 200/s | 503s | errors | p50 ms | p99 ms |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {lv['goodput']} | {lv['shed_503']} | {lv['errors']} | "
+                  f"{lv['p50_ms']} | {lv['p99_ms']} |"
+                  for name, lv in (("no swap", sw["steady"]), ("swap", sw["swapping"]))]
     prof = result.get("profile")
     if prof and "categories" in prof:
         lines += _profile_tables(prof, f"py-spy, {prof['seconds']} s at "
@@ -614,7 +680,7 @@ def _profile_tables(prof: dict, title: str, top: int = 15) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=BenchParams.model)
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--large_concurrency", default="1")
@@ -632,9 +698,12 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="also sample the worker with py-spy during one more level")
     parser.add_argument("--profile_concurrency", type=int, default=16)
+    parser.add_argument("--swap", type=float, default=0.0, metavar="SECONDS",
+                        help="also serve from a repository and publish a new version during a "
+                             "level, beside one without (p99 during a roll-out)")
     parser.add_argument("--inprocess_batches", default="1,2,4,8,16,32")
     parser.add_argument("--json", help="write the full result here")
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv, tensorflow=True)
     env = dict(item.split("=", 1) for item in args.env)
     params = BenchParams(
         model=args.model, duration=args.duration, env=env,
@@ -642,7 +711,7 @@ def main(argv=None) -> int:
         large_concurrency=tuple(int(c) for c in args.large_concurrency.split(",") if c),
         inprocess_batches=tuple(int(c) for c in args.inprocess_batches.split(",") if c),
         driver=args.driver, polite=args.polite, refusal_cpu=args.refusal_cpu,
-        profile=args.profile, profile_concurrency=args.profile_concurrency)
+        profile=args.profile, profile_concurrency=args.profile_concurrency, swap=args.swap)
     result = run(params)
     result["command"] = "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])
     if args.json:

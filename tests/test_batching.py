@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common.batching import Batcher, Pacer, bucket_sizes
+from common.batching import Batcher, Pacer, bucket_sizes, efficient_batch_size
 from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 
 
@@ -289,3 +289,13 @@ def test_refusals_past_the_rate_wait_for_their_turn(monkeypatch):
         batcher.close()
     # a burst of 2 (a tenth of 20/s) at once, then one 1/20 s interval more each
     assert [round(s, 2) for s in slept] == [0.0, 0.0, 0.05, 0.1]
+
+
+@pytest.mark.parametrize("seconds,expected", [
+    ({1: 0.0816, 2: 0.160, 4: 0.314, 8: 0.620}, 4),  # Inception on 2 cores: flat after 4
+    ({1: 0.0128, 2: 0.0209, 4: 0.0335, 8: 0.0606}, 8),  # MobileNet: faster per image up to 8
+    ({1: 0.001, 2: 0.0011, 4: 0.0012, 8: 0.0013}, 8),  # call overhead dominates: the largest
+    ({}, 8),  # nothing measured: the limit
+])
+def test_batches_stop_where_bigger_ones_are_no_faster(seconds, expected):
+    assert efficient_batch_size(seconds, 8) == expected
