@@ -20,6 +20,7 @@ from common.fetch import UrlFetcher
 from common.logs import configure_logging
 from common.metrics import Metrics
 from common.modelfolder import ModelFolder
+from common.protocols import kserve, tfserving
 from common.registry import Registry, load_version
 from common.service import Service
 from common.slowclients import UploadDeadline
@@ -79,6 +80,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     Service(config, registry, store, fetcher, metrics).attach(app)
     errors.init_app(app)
     app.register_blueprint(bp)
+    app.register_blueprint(tfserving.bp)  # TF Serving's REST API, /v1
+    app.register_blueprint(kserve.bp)  # Open Inference Protocol (KServe v2), /v2
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app

@@ -224,23 +224,49 @@ def from_http_exception(exc) -> ApiError:
     return err
 
 
-def init_app(app) -> None:
-    """Install the single error handler on a Flask app."""
-    from flask import g, jsonify
+#: How an ApiError is written on the wire, by protocol: our own API's envelope, and the one of
+#: TensorFlow Serving's REST API and of the Open Inference Protocol (KServe v2), which both
+#: answer ``{"error": "<message>"}``. The status and headers (Retry-After) are the same in all.
+ENVELOPES = {
+    "api": ApiError.to_dict,
+    "message": lambda err: {"error": err.message},
+}
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """Any exception a request raised -> the ApiError to answer with: ApiErrors as they are,
+    werkzeug's HTTP errors mapped, anything else logged (with the request id) and answered 500
+    without details."""
     from werkzeug.exceptions import HTTPException
 
-    def render(err: ApiError):
-        response = jsonify(err.to_dict())
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, HTTPException):
+        return from_http_exception(exc)
+    from flask import g
+    log.exception("unhandled error in request %s", getattr(g, "request_id", "-"))
+    return ApiError()
+
+
+def install_handler(target, envelope: str = "api") -> None:
+    """Install the error handler on a Flask app (every route) or a blueprint (its routes
+    only, e.g. a standard protocol's), writing errors as ``ENVELOPES[envelope]``."""
+    from flask import jsonify
+
+    shape = ENVELOPES[envelope]
+
+    def handle(exc):
+        err = as_api_error(exc)
+        response = jsonify(shape(err))
         response.status_code = err.status
         for key, value in err.headers.items():
             response.headers[key] = value
         return response
 
-    @app.errorhandler(Exception)
-    def handle(exc):  # the one handler: every error leaves through here
-        if isinstance(exc, ApiError):
-            return render(exc)
-        if isinstance(exc, HTTPException):
-            return render(from_http_exception(exc))
-        log.exception("unhandled error in request %s", getattr(g, "request_id", "-"))
-        return render(ApiError())
+    target.register_error_handler(Exception, handle)
+
+
+def init_app(app) -> None:
+    """Install the single error handler on a Flask app: every error leaves as the envelope
+    (a blueprint may answer its own routes in a protocol's envelope: ``install_handler``)."""
+    install_handler(app, "api")

@@ -1,0 +1,259 @@
+"""The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor data and
+classification extensions, over the Service.
+
+* ``GET /v2/health/live`` ``{"live": true}``; ``GET /v2/health/ready`` ``{"ready": bool}``
+  (every model has a ready version; 503 otherwise); ``GET /v2`` the server's metadata.
+* ``GET /v2/models/{m}[/versions/{v}]``: the model's metadata (``images`` FP32
+  ``[-1, h, w, 3]`` -> ``probabilities`` FP32 ``[-1, labels]``); ``.../ready``.
+* ``POST /v2/models/{m}[/versions/{v}]/infer`` with one input: FP32 ``[N, h, w, 3]`` in [0, 1]
+  (``data`` flat or nested), or BYTES ``[N]`` of encoded images (in JSON each element a base64
+  string, as KServe's REST examples send them; as binary data each element the raw bytes, as
+  Triton's clients send them). Output ``probabilities`` FP32 ``[N, labels]``, or with the
+  output parameter ``"classification": k`` BYTES ``[N, k]`` of ``"score:index:label"``.
+* Binary tensor data (``Inference-Header-Content-Length``): inputs with ``binary_data_size``
+  are read from the bytes after the JSON header; outputs asked for with ``"binary_data": true``
+  (or the request's ``"binary_data_output": true``) are written after the JSON answer. A
+  header length of 0 is a raw binary request: the whole body is one encoded image.
+
+Errors are ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422, 503).
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+from flask import Blueprint, Response, jsonify, request
+
+from .. import errors
+from ..errors import InvalidParameter
+from .base import body_bytes, decode_b64, float_tensor, note, read_json, route, service
+
+bp = Blueprint("kserve", __name__, url_prefix="/v2")
+errors.install_handler(bp, "message")
+
+SERVER_NAME = "image-classifier"
+SERVER_VERSION = "2"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUT, OUTPUT = "images", "probabilities"
+PLATFORM = "tensorflow_savedmodel"
+
+
+# -- health and metadata ---------------------------------------------------------------------
+@bp.get("/health/live")
+def live():
+    return jsonify({"live": True})
+
+
+@bp.get("/health/ready")
+def ready():
+    """Ready when every model has a version that is ready (503 otherwise, for probes)."""
+    models = service().registry.status()
+    ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
+    return jsonify({"ready": ok}), 200 if ok else 503
+
+
+@bp.get("")
+def server_metadata():
+    return jsonify({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<version>")
+def model_metadata(name, version=None):
+    served = service().registry.find(route(name, version))
+    clf = served.classifier  # 503 while it is not ready
+    versions = [str(v["version"]) for v in service().registry.status(name)[0]["versions"]
+                if v["state"] == "ready"]
+    h, w = clf.input_size
+    return jsonify({"name": name, "versions": versions, "platform": PLATFORM,
+                    "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, h, w, 3]}],
+                    "outputs": [{"name": OUTPUT, "datatype": "FP32",
+                                 "shape": [-1, len(clf.labels)]}]})
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_ready(name, version=None):
+    """``{"name", "ready"}``: 200 when ready, 503 while loading or failed (404 unknown)."""
+    ok = service().registry.find(route(name, version)).health().ready
+    return jsonify({"name": name, "ready": ok}), 200 if ok else 503
+
+
+# -- inference -------------------------------------------------------------------------------
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer(name, version=None):
+    header, binary = _split_body(body_bytes())
+    wanted = route(name, version)
+    if header is None:  # raw binary request: the body is one encoded image
+        body, tensor = {"parameters": {"binary_data_output": True}}, [binary]
+    else:
+        body = read_json(header)
+        tensor = _input(body, binary)
+    if isinstance(tensor, list):
+        classifier, scores = service().infer_images(tensor, wanted)
+    else:
+        classifier, scores = service().infer_tensor(tensor, wanted)
+    note(classifier, "kserve")
+    answer = {"model_name": name, "model_version": classifier.version}
+    if "id" in body:
+        answer["id"] = body["id"]
+    outputs, chunks = [], []
+    for spec in _outputs(body):
+        output = _output(spec, scores, classifier.labels)
+        if spec["binary"]:
+            data = output.pop("data")
+            chunks.append(data)
+            output["parameters"] = {"binary_data_size": len(data)}
+        outputs.append(output)
+    answer["outputs"] = outputs
+    if not chunks:
+        return jsonify(answer)
+    head = json.dumps(answer).encode()
+    return Response(b"".join([head, *chunks]), mimetype="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(head))})
+
+
+def _split_body(raw: bytes) -> tuple[bytes | None, bytes]:
+    """(JSON header, binary data after it); (None, body) for a raw binary request."""
+    given = request.headers.get(HEADER_LENGTH)
+    if given is None:
+        return raw, b""
+    if not given.strip().isdigit() or int(given) > len(raw):
+        raise InvalidParameter(f"{HEADER_LENGTH} must be a whole number of bytes no larger "
+                               f"than the body ({len(raw)}), got {given[:20]!r}")
+    length = int(given)
+    return (None, raw) if length == 0 else (raw[:length], raw[length:])
+
+
+def _input(body: dict, binary: bytes):
+    """The one input -> float32 ``[N, h, w, 3]`` (FP32) or a list of encoded images (BYTES)."""
+    if "id" in body and not isinstance(body["id"], str):
+        raise InvalidParameter("'id' must be a string")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InvalidParameter("'inputs' must be a list of one input (FP32 images [N, h, w, 3] "
+                               "or BYTES encoded images [N])")
+    spec = inputs[0]
+    datatype, shape = spec.get("datatype"), spec.get("shape")
+    if not isinstance(shape, list) or not shape or not all(
+            type(d) is int and d >= 0 for d in shape):
+        raise InvalidParameter("input 'shape' must be a list of whole numbers")
+    count = int(np.prod(shape, dtype=np.int64)) if len(shape) < 8 else -1
+    size = _binary_size(spec)
+    if size is not None and size != len(binary):
+        raise InvalidParameter(f"binary_data_size is {size} but {len(binary)} bytes follow the "
+                               f"JSON header")
+    if size is None and binary:
+        raise InvalidParameter(f"{len(binary)} bytes follow the JSON header but no input has "
+                               f"binary_data_size")
+    if datatype == "FP32":
+        if size is not None:
+            if count < 0 or size != count * 4:
+                raise InvalidParameter(f"FP32 shape {shape} needs {max(count, 0) * 4} bytes, "
+                                       f"got {size}")
+            array = np.frombuffer(binary, dtype="<f4").astype(np.float32)
+            if not np.isfinite(array).all():
+                raise InvalidParameter("the input has NaN or infinite values")
+        else:
+            array = float_tensor(spec.get("data"), "input 'data'").reshape(-1)
+            if array.size != count:
+                raise InvalidParameter(f"shape {shape} needs {count} values, got {array.size}")
+        return array.reshape(shape)
+    if datatype == "BYTES":
+        if size is not None:
+            images = _deserialize_bytes(binary)
+        else:
+            images = [decode_b64(v, f"input 'data'[{i}]")
+                      for i, v in enumerate(_flatten(spec.get("data")))]
+        if len(images) != count:
+            raise InvalidParameter(f"shape {shape} needs {count} elements, got {len(images)}")
+        return images
+    raise InvalidParameter(f"input datatype must be FP32 (images [N, h, w, 3] in [0, 1]) or "
+                           f"BYTES (encoded images), got {str(datatype)[:20]!r}")
+
+
+def _flatten(data) -> list:
+    """BYTES ``data``, flat or nested lists -> its elements in row-major order."""
+    if not isinstance(data, list):
+        raise InvalidParameter("input 'data' must be a list")
+    flat, todo = [], [iter(data)]
+    while todo:
+        item = next(todo[-1], StopIteration)
+        if item is StopIteration:
+            todo.pop()
+        elif isinstance(item, list):
+            todo.append(iter(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def _binary_size(spec: dict) -> int | None:
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidParameter("input 'parameters' must be an object")
+    size = parameters.get("binary_data_size")
+    if size is not None and (type(size) is not int or size < 0):
+        raise InvalidParameter("binary_data_size must be a whole number")
+    return size
+
+
+def _deserialize_bytes(data: bytes) -> list[bytes]:
+    """Triton's BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise InvalidParameter("BYTES data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidParameter("BYTES data ends inside an element")
+        items.append(data[offset:offset + length])
+        offset += length
+    return items
+
+
+def _outputs(body: dict) -> list[dict]:
+    """The outputs asked for: name, classification count (0: the scores), binary or JSON."""
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidParameter("'parameters' must be an object")
+    binary_default = parameters.get("binary_data_output", False) is True
+    asked = body.get("outputs")
+    if asked is None:
+        return [{"name": OUTPUT, "classification": 0, "binary": binary_default}]
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise InvalidParameter("'outputs' must be a list of objects")
+    specs = []
+    for output in asked:
+        if output.get("name") != OUTPUT:
+            raise InvalidParameter(f"unexpected inference output {str(output.get('name'))[:40]!r}"
+                                   f": the model's output is {OUTPUT!r}")
+        params = output.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise InvalidParameter("output 'parameters' must be an object")
+        count = params.get("classification", 0)
+        if type(count) is not int or count < 0:
+            raise InvalidParameter("'classification' must be a whole number of classes")
+        binary = params.get("binary_data", binary_default)
+        specs.append({"name": OUTPUT, "classification": count, "binary": binary is True})
+    return specs
+
+
+def _output(spec: dict, scores: np.ndarray, labels: list[str]) -> dict:
+    """One response output; ``data`` is bytes for a binary output, a flat list otherwise."""
+    n = scores.shape[0]
+    if spec["classification"]:
+        k = min(spec["classification"], len(labels))
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        # Triton's format: the score as C's "%f", the index, the label
+        strings = [f"{scores[i, j]:f}:{j}:{labels[j]}" for i in range(n) for j in top[i]]
+        data = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings) \
+            if spec["binary"] else strings
+        return {"name": OUTPUT, "datatype": "BYTES", "shape": [n, k], "data": data}
+    data = scores.astype("<f4").tobytes() if spec["binary"] else scores.reshape(-1).tolist()
+    return {"name": OUTPUT, "datatype": "FP32", "shape": list(scores.shape), "data": data}
+

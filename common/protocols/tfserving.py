@@ -1,0 +1,203 @@
+"""TensorFlow Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``), over the Service.
+
+Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model name:
+
+* ``GET /v1/models/{m}``: ``{"model_version_status": [{"version", "state", "status":
+  {"error_code", "error_message"}}]}`` (GetModelStatusResponse); states AVAILABLE, LOADING,
+  END (a failed load: its error in ``error_message``);
+* ``GET /v1/models/{m}/metadata``: the ``serving_default`` signature (``images`` DT_FLOAT
+  ``[-1, h, w, 3]`` -> ``probabilities`` DT_FLOAT ``[-1, labels]``);
+* ``POST /v1/models/{m}:predict``: ``instances`` (row) or ``inputs`` (columnar); each image
+  as ``{"b64": ...}`` (alone or under an input name) or as a float ``[h, w, 3]`` tensor in
+  [0, 1], as a client of a float-input SavedModel sends it -> ``{"predictions": [[score per
+  label], ...]}`` or ``{"outputs": ...}``;
+* ``POST /v1/models/{m}:classify``: ``examples`` whose image feature is ``{"b64": ...}``
+  (``image/encoded``, ``image``, ...) -> ``{"results": [[[label, score], ...], ...]}`` ranked.
+
+Errors are TF Serving's ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422,
+503 with Retry-After).
+"""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+from werkzeug.routing import BaseConverter
+
+from .. import errors
+from ..errors import InvalidParameter, ModelNotFound
+from ..served import State
+from .base import (body_bytes, decode_b64, float_tensor, is_b64, note, read_json, route,
+                   service, version_number)
+
+bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
+errors.install_handler(bp, "message")
+
+
+class Segment(BaseConverter):
+    """A name, version or label in a /v1 URL: no ``/`` and no ``:`` (as TF Serving's own
+    pattern), so ``/v1/models/m:predict`` is the predict route of ``m`` and never the status
+    of a model named ``m:predict``."""
+
+    regex = "[^/:]+"
+
+
+bp.record_once(lambda state: state.app.url_map.converters.setdefault("segment", Segment))
+
+SIGNATURE = "serving_default"
+INPUT, OUTPUT = "images", "probabilities"
+#: Feature names a ``:classify`` example's encoded image may have (TF Example conventions).
+IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",
+                  "b64", "input", "inputs")
+#: Our states -> TF Serving's ManagerState names, and the status' error_code.
+_STATES = {State.LOADING: ("LOADING", "OK"), State.READY: ("AVAILABLE", "OK"),
+           State.HUNG: ("AVAILABLE", "DEADLINE_EXCEEDED"), State.FAILED: ("END", "UNKNOWN"),
+           State.STOPPED: ("END", "OK")}
+
+
+# -- status and metadata ---------------------------------------------------------------------
+@bp.get("/<segment:name>")
+@bp.get("/<segment:name>/versions/<segment:version>")
+@bp.get("/<segment:name>/labels/<segment:label>")
+def model_status(name, version=None, label=None):
+    """GetModelStatusResponse: every version (or the one asked for), its state and error."""
+    model = service().registry.status(name)[0]
+    versions = model["versions"]
+    if label is not None:
+        if label not in model["labels"]:
+            raise ModelNotFound(f"model {name!r} has no version labelled {label[:40]!r}")
+        version = str(model["labels"][label])
+    if version is not None:
+        wanted = route(name, version).version
+        versions = [v for v in versions if v["version"] == wanted]
+        if not versions:
+            raise ModelNotFound(f"Could not find version {wanted} of model {name}")
+    return jsonify({"model_version_status": [
+        {"version": str(v["version"]), "state": _STATES[State(v["state"])][0],
+         "status": {"error_code": _STATES[State(v["state"])][1],
+                    "error_message": v["error"] or ""}} for v in versions]})
+
+
+@bp.get("/<segment:name>/metadata")
+@bp.get("/<segment:name>/versions/<segment:version>/metadata")
+@bp.get("/<segment:name>/labels/<segment:label>/metadata")
+def model_metadata(name, version=None, label=None):
+    """GetModelMetadataResponse: the model spec and its serving signature."""
+    served = service().registry.find(route(name, version, label))
+    clf = served.classifier  # 503 while it is not ready
+    h, w = clf.input_size
+    return jsonify({
+        "model_spec": {"name": name, "signature_name": "",
+                       "version": str(version_number(served))},
+        "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
+            "inputs": {INPUT: _tensor_info([-1, h, w, 3], "serving_default_images:0")},
+            "outputs": {OUTPUT: _tensor_info([-1, len(clf.labels)],
+                                             "StatefulPartitionedCall:0")},
+            "method_name": "tensorflow/serving/predict",
+            "defaults": {}}}}}})
+
+
+def _tensor_info(shape: list[int], tensor: str) -> dict:
+    return {"dtype": "DT_FLOAT", "tensor_shape": {
+        "dim": [{"size": str(size), "name": ""} for size in shape], "unknown_rank": False},
+        "name": tensor}
+
+
+# -- predict and classify --------------------------------------------------------------------
+@bp.post("/<segment:name>:predict")
+@bp.post("/<segment:name>/versions/<segment:version>:predict")
+@bp.post("/<segment:name>/labels/<segment:label>:predict")
+def predict(name, version=None, label=None):
+    """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output."""
+    body = read_json(body_bytes())
+    _check_signature(body)
+    if "instances" in body and "inputs" in body:
+        raise InvalidParameter("expecting only one of 'inputs' or 'instances' keys")
+    if "instances" in body:
+        rows, key = body["instances"], "predictions"
+        if not isinstance(rows, list) or not rows:
+            raise InvalidParameter("'instances' must be a non-empty list")
+        rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
+    elif "inputs" in body:
+        key = "outputs"
+        rows = _unname(body["inputs"], "inputs")
+        rows = [rows] if is_b64(rows) else rows
+        if not isinstance(rows, list) or not rows:
+            raise InvalidParameter("'inputs' must be a non-empty list, or one {\"b64\": ...}")
+    else:
+        raise InvalidParameter("Missing 'inputs' or 'instances' key")
+    classifier, scores = _infer(rows, route(name, version, label), key)
+    note(classifier, "tfserving")
+    return jsonify({key: scores.tolist()})
+
+
+@bp.post("/<segment:name>:classify")
+@bp.post("/<segment:name>/versions/<segment:version>:classify")
+@bp.post("/<segment:name>/labels/<segment:label>:classify")
+def classify(name, version=None, label=None):
+    """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
+    body = read_json(body_bytes())
+    _check_signature(body, "tensorflow/serving/classify")
+    examples, context = body.get("examples"), body.get("context", {})
+    if not isinstance(examples, list) or not examples:
+        raise InvalidParameter("'examples' must be a non-empty list of objects")
+    if not isinstance(context, dict):
+        raise InvalidParameter("'context' must be an object")
+    images = [_example_image(example, context, i) for i, example in enumerate(examples)]
+    classifier, scores = service().infer_images(images, route(name, version, label))
+    note(classifier, "tfserving")
+    return jsonify({"results": [[[p.label, p.score] for p in classifier.rank(row)]
+                                for row in scores]})
+
+
+def _check_signature(body: dict, *also: str) -> None:
+    signature = body.get("signature_name", "")
+    if not isinstance(signature, str):
+        raise InvalidParameter("'signature_name' key must be a string value")
+    if signature not in ("", SIGNATURE, *also):
+        raise InvalidParameter(f'Serving signature name: "{signature[:60]}" not found in '
+                               f"signature def")
+
+
+def _unname(value, where: str):
+    """A value given under the model's one input name (any name: TF Serving clients use
+    ``images``, ``image_bytes``, ``input``...) -> the value; others pass unchanged."""
+    if isinstance(value, dict) and not is_b64(value):
+        if len(value) != 1:
+            raise InvalidParameter(f"{where}: the model has one input ({INPUT!r}), got keys "
+                                   f"{sorted(value)[:5]}")
+        return next(iter(value.values()))
+    return value
+
+
+def _infer(rows: list, route_, what: str):
+    """Rows that are all ``{"b64"}`` images -> infer_images; otherwise one float tensor."""
+    images = [is_b64(row) for row in rows]
+    if all(images):
+        return service().infer_images(
+            [decode_b64(row["b64"], f"{what}[{i}].b64") for i, row in enumerate(rows)], route_)
+    if any(images):
+        raise InvalidParameter("mix of {\"b64\": ...} images and tensors in one request")
+    return service().infer_tensor(float_tensor(rows, "the input tensor"), route_)
+
+
+def _example_image(example, context: dict, index: int) -> bytes:
+    """The encoded image of one tf.Example given as JSON: a known feature name holding
+    ``{"b64": ...}`` (or a one-element list of it), else the one feature that holds one."""
+    where = f"examples[{index}]"
+    if not isinstance(example, dict):
+        raise InvalidParameter(f"{where} must be an object of features")
+    shared = set(example) & set(context)
+    if shared:
+        raise InvalidParameter(f"{where}: features in 'context' must not appear in examples "
+                               f"({sorted(shared)[:3]})")
+    features = {**context, **example}
+    values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in features.items()}
+    binary = [k for k, v in values.items() if is_b64(v)]
+    known = [k for k in IMAGE_FEATURES if k in binary]
+    if known:
+        chosen = known[0]
+    elif len(binary) == 1:
+        chosen = binary[0]
+    else:
+        raise InvalidParameter(f"{where}: give the image as one feature {{\"b64\": ...}}, e.g. "
+                               f"\"image/encoded\" (found {len(binary)} binary features)")
+    return decode_b64(values[chosen]["b64"], f"{where}.{chosen}.b64")
