@@ -1,25 +1,70 @@
-# The service image: gunicorn serving tf_files/demo (or MODEL_PATH) on port 8000.
+# The service image: gunicorn serving tf_files/demo (or MODEL_PATH) on port 8000, as uid 10001,
+# able to run with a read-only root filesystem (it writes only to TEMP_DIR and /tmp).
+# Build: `make docker` (runs scripts/docker_base.sh first: a stand-in python:3.11-slim where no
+# registry is reachable). Sizes, timings and the run flags: docs/DEPLOY.md.
+#
+# Stage 1 installs requirements.txt (serving only: one TensorFlow, tensorflow-cpu, no TF Hub,
+# no training or test tools) into a venv, checks it (`pip check`), and drops what serving never
+# loads: TensorFlow's C++ headers (for building custom ops), the static symbol tables of its
+# shared libraries (the dynamic symbols stay), libclang's 63 MB library (TensorFlow lists
+# libclang for its build tools; nothing in TensorFlow, Keras or the service imports `clang`),
+# the packages' own test suites, and pip itself (nothing is installed at run time).
+# Stage 2 carries that venv and the service's files, nothing else.
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY requirements.txt /tmp/requirements.txt
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install -q -r /tmp/requirements.txt \
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip uninstall -q -y pip \
+    && cd /opt/venv/lib/python3.11/site-packages \
+    && rm -rf tensorflow/include clang/native/libclang.so \
+    && find tensorflow -type f -name '*.so*' -exec strip --strip-unneeded {} + \
+    && find . -mindepth 2 -type d -name tests -prune -exec rm -rf {} +
+
 FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ARG VERSION=dev
+ARG REVISION=unknown
+ARG SOURCE=unknown
+LABEL org.opencontainers.image.title="image-classifier" \
+      org.opencontainers.image.description="Image classification over HTTP: Flask + gunicorn + TensorFlow" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.source="$SOURCE"
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOST=0.0.0.0 \
     PORT=8000
 
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin app
+
+COPY --from=build /opt/venv /opt/venv
+
+# The service's files only, owned by root and read-only for the service user; temp/ is the one
+# folder it writes (mount a volume there with --read-only).
 WORKDIR /app
+COPY app.py gunicorn.conf.py ./
+COPY common/ common/
+COPY templates/ templates/
+COPY static/ static/
+COPY tf_files/demo/ tf_files/demo/
+RUN python -m compileall -q /app \
+    && mkdir temp && chown 10001:10001 temp
 
-# Dependencies first, in their own layer: code changes do not reinstall TensorFlow.
-COPY requirements.txt .
-RUN pip install -r requirements.txt
-
-RUN useradd --create-home --uid 10001 app
-COPY --chown=app:app . .
-USER app
-
+USER 10001:10001
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=3s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"
 
 CMD ["gunicorn", "-c", "gunicorn.conf.py", "app:create_app()"]

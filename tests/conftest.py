@@ -25,12 +25,21 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 SERVER_FIXTURES = {"live_server", "demo_server"}
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Tests that use a real-server fixture are ``server`` tests (``make test-fast`` skips
-    them); files that start servers themselves carry the mark in ``pytestmark``."""
+    them); files that start servers themselves carry the mark in ``pytestmark``.
+
+    ``docker`` tests (build and run the image: minutes, a Docker engine) run only when the
+    marker expression names them (``make test-docker`` = ``-m docker``), never in ``make test``.
+    """
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
+    if "docker" not in (config.getoption("markexpr") or ""):
+        docker = [item for item in items if item.get_closest_marker("docker")]
+        if docker:
+            config.hook.pytest_deselected(items=docker)
+            items[:] = [item for item in items if not item.get_closest_marker("docker")]
 
 
 @pytest.fixture(scope="session")
