@@ -8,6 +8,11 @@ BIN     = $(VENV)/bin
 
 venv: $(VENV)/.installed
 
+# onnxruntime-web for the page's "run in this browser" (static/vendor/, not committed; npm,
+# pinned version and integrity). Without npm the page just does not offer the switch.
+vendor:
+	-scripts/vendor_ort.sh
+
 # A changed requirements file means a fresh venv (--clear): pip install never removes what a
 # requirement no longer brings (such as a second TensorFlow).
 $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
@@ -17,11 +22,11 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(BIN)/pip check
 	touch $@
 
-serve: venv
+serve: venv vendor
 	$(BIN)/gunicorn -c gunicorn.conf.py 'app:create_app()'
 
 # Everything: a sample of tests run one by one (each must pass alone), then the whole suite.
-test: venv
+test: venv vendor
 	$(BIN)/python scripts/check_isolation.py --sample 12
 	$(BIN)/python -m pytest
 

@@ -165,8 +165,9 @@ class RuntimeOptions:
     """Which runtime runs a model folder, and its settings.
 
     ``runtime``: ``tensorflow`` (the SavedModel), ``onnx`` (the folder's verified
-    ``model.onnx`` on ONNX Runtime), ``auto`` (``onnx`` when the folder has a verified
-    ``model.onnx`` and onnxruntime is installed, else ``tensorflow``), or ``tflite`` (the
+    ``model.onnx`` on ONNX Runtime), ``auto`` (the server's default: ``onnx`` when the folder
+    has a verified ``model.onnx`` and onnxruntime is installed, else ``tensorflow``), or
+    ``tflite`` (the
     ``tflite_file`` export on LiteRT, for label_image.py). ``configure_tensorflow`` applies the
     TensorFlow thread and precision settings, once per process, when TensorFlow is chosen.
     """
@@ -190,11 +191,14 @@ class RuntimeOptions:
                    onnx_inter_op_threads=config.onnx_inter_op_threads)
 
 
-def choose_runtime(folder: ModelFolder, runtime: str) -> str:
+def choose_runtime(folder: ModelFolder, runtime: str, precision: str = "fp32") -> str:
     """``auto`` -> ``onnx`` when the folder has a verified model.onnx and onnxruntime is
-    installed, else ``tensorflow``; any other runtime is returned as asked."""
+    installed (and ``PRECISION=bf16``, a TensorFlow feature, was not asked for), else
+    ``tensorflow``; any other runtime is returned as asked."""
     if runtime != "auto":
         return runtime
+    if precision == "bf16":
+        return "tensorflow"
     from . import onnxrt
 
     if folder.folder is not None and folder.verified_export("onnx") and onnxrt.available():
@@ -246,7 +250,7 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     folder.check_exists()
     meta = folder.read_metadata()
     labels = folder.read_labels()
-    runtime = choose_runtime(folder, options.runtime)
+    runtime = choose_runtime(folder, options.runtime, options.precision)
     if runtime == "tensorflow":
         if options.configure_tensorflow:
             tfruntime.configure(options.tf_intra_op_threads, options.tf_inter_op_threads,

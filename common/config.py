@@ -154,7 +154,7 @@ class Config:
     tf_intra_op_threads: int = env("TF_INTRA_OP_THREADS", _int(0), default=0)
     tf_inter_op_threads: int = env("TF_INTER_OP_THREADS", _int(0), default=0)
     precision: str = env("PRECISION", _precision, default="fp32")
-    runtime: str = env("RUNTIME", _runtime, default="tensorflow")
+    runtime: str = env("RUNTIME", _runtime, default="auto")
     onnx_intra_op_threads: int = env("ONNX_INTRA_OP_THREADS", _int(0), default=0)
     onnx_inter_op_threads: int = env("ONNX_INTER_OP_THREADS", _int(0), default=0)
     malloc_arena_max: int = env("MALLOC_ARENA_MAX", _int(1), default=2)

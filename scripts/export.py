@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -56,8 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = cli.parse_args(build_parser(), argv)
-    if not args.verbose:  # tf2onnx's INFO lines (opset, optimizer passes)
-        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     try:
         folder = resolve_model(args.model)
         params = ExportParams(

@@ -153,7 +153,7 @@
   }
 
   // -- the session and the switch --------------------------------------------------------------
-  const state = { model: null, session: null, loading: null, last: null };
+  const state = { model: null, session: null, loading: null, last: null, pending: 0 };
   const $ = (id) => document.getElementById(id);
 
   function loadScript(src) {
@@ -238,11 +238,14 @@
     const canvas = $("canvas");
     let timer = null, pressed = false;
     const later = () => {
+      if (timer === null) state.pending++;
       clearTimeout(timer);
       timer = setTimeout(() => {
-        if (!active()) return;
+        timer = null;
+        if (!active()) { state.pending--; return; }
         const g = canvas.getContext("2d", { willReadFrequently: true });
-        classifyPixels(g.getImageData(0, 0, canvas.width, canvas.height), false).catch(() => {});
+        classifyPixels(g.getImageData(0, 0, canvas.width, canvas.height), false)
+          .catch(() => {}).finally(() => { state.pending--; });
       }, DEBOUNCE_MS);
     };
     canvas.addEventListener("pointerdown", () => { pressed = true; later(); });
@@ -264,6 +267,7 @@
     watchCanvas();
   }
 
+  // ``last``: the latest in-browser answer; ``pending``: canvas classifications still to come.
   window.InBrowser = { offer, active, classifyBlob, toModelInput, decode,
-    get last() { return state.last; } };
+    get last() { return state.last; }, get pending() { return state.pending; } };
 })();

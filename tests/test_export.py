@@ -136,6 +136,8 @@ def test_cli_exports_and_prints_the_verification(copy_of, exported, capsys):
 def test_a_changed_file_is_not_served_auto_falls_back_to_tensorflow(exported, copy_of):
     folder = copy_of(exported)
     assert load_classifier(folder, RuntimeOptions("auto")).runtime == "onnx"
+    bf16 = RuntimeOptions("auto", precision="bf16")  # a TensorFlow feature: auto keeps TF
+    assert load_classifier(folder, bf16).runtime == "tensorflow"
     with open(os.path.join(folder, "model.onnx"), "ab") as fh:
         fh.write(b"\0")  # no longer the verified file
     assert load_classifier(folder, RuntimeOptions("auto")).runtime == "tensorflow"
@@ -157,6 +159,14 @@ def test_without_an_export_onnx_is_refused_and_auto_uses_tensorflow(colour_model
     assert load_classifier(colour_model_dir, RuntimeOptions("auto")).runtime == "tensorflow"
     with pytest.raises(ModelLoadError, match="no verified model.onnx .*scripts/export.py"):
         load_classifier(colour_model_dir, RuntimeOptions("onnx"))
+
+
+def test_the_committed_demo_has_verified_exports():
+    demo = ModelFolder(os.path.join(ROOT, "tf_files", "demo"))
+    for key in ("onnx", "tflite"):
+        path, record = demo.verified_export(key)
+        assert record["verification"]["source"].endswith("test images")
+        assert record["verification"]["top1_agreement"] == 1.0
 
 
 # -- the real server ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from common.images import FILE_EXTENSIONS
 from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError
 
 from .converters import (DEFAULT_OPSET, OPSETS, QUANTIZATIONS, ExportError, missing_packages,
-                         to_onnx, to_tflite)
+                         quiet_converters, to_onnx, to_tflite)
 from .verify import batched, generated_images, image_files, verify
 
 __all__ = ["DEFAULT_OPSET", "FORMATS", "OPSETS", "QUANTIZATIONS", "ExportError",
@@ -163,19 +163,20 @@ def export(model: str | ModelFolder, params: ExportParams = ExportParams(),
         images, source = generated_images(size, params.generated), "generated images"
 
     log.info("converting %s to %s", folder.path, EXPORT_FILES[key])
-    if params.format == "onnx":
-        data = to_onnx(folder.path, size, params.opset)
-        graph = _onnx_graph(data)
-    else:
-        calibration = image_files(list(params.calibration), size) if params.calibration else None
-        data = to_tflite(folder.path, size, params.quantize, calibration)
-        graph = _tflite_graph(data)
-    convert_seconds = time.perf_counter() - started
-
-    tolerance = params.tolerance()
-    reference = batched(tf_model.predict_fn, images, params.batch_size, progress,
-                        "TensorFlow")
-    candidate = batched(graph.predict_fn, images, params.batch_size, progress, key)
+    with quiet_converters():
+        if params.format == "onnx":
+            data = to_onnx(folder.path, size, params.opset)
+            graph = _onnx_graph(data)
+        else:
+            calibration = image_files(list(params.calibration), size) \
+                if params.calibration else None
+            data = to_tflite(folder.path, size, params.quantize, calibration)
+            graph = _tflite_graph(data)
+        convert_seconds = time.perf_counter() - started
+        tolerance = params.tolerance()
+        reference = batched(tf_model.predict_fn, images, params.batch_size, progress,
+                            "TensorFlow")
+        candidate = batched(graph.predict_fn, images, params.batch_size, progress, key)
     verification = verify(reference, candidate, tolerance, f"{len(images)} {source}")
     if not verification["passed"]:
         raise ExportError(

@@ -7,7 +7,10 @@ first.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+import re
 from typing import Iterable
 
 import numpy as np
@@ -19,6 +22,34 @@ OPSETS = range(13, 19)
 QUANTIZATIONS = ("fp32", "float16", "dynamic", "int8")
 #: The packages each format needs beyond TensorFlow (requirements-export.txt).
 NEEDS = {"onnx": ("tf2onnx", "onnx", "onnxruntime"), "tflite": ("ai_edge_litert",)}
+
+
+#: What the converters and LiteRT print on stderr while they work (hidden unless --verbose).
+CONVERTER_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|I\d{4} \d+:\d+:\d+\.\d+ "
+    r"|W\d{4} \d+:\d+:\d+\.\d+ +\d+ (tf_tfl_flatbuffer_helpers|flatbuffer_export)\.cc:"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate"
+    r"|fully_quantize: \d)")
+
+
+@contextlib.contextmanager
+def quiet_converters():
+    """tf2onnx's INFO lines and the TFLite converter's C++ notices kept out of the terminal,
+    unless TensorFlow's own logs are wanted (``--verbose``: its logger at INFO or below)."""
+    if logging.getLogger("tensorflow").getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    from scripts.cli import filtered_stderr
+
+    tf2onnx_log = logging.getLogger("tf2onnx")
+    level = tf2onnx_log.level
+    tf2onnx_log.setLevel(logging.WARNING)
+    try:
+        with filtered_stderr(CONVERTER_NOISE):
+            yield
+    finally:
+        tf2onnx_log.setLevel(level)
 
 
 class ExportError(RuntimeError):
