@@ -46,7 +46,7 @@ def test_schemathesis_finds_nothing(demo_server, tmp_path):
                "run", demo_server.url + "/openapi.json",
                "--checks", "all", "--exclude-checks", "positive_data_acceptance",
                "--phases", "examples,coverage,fuzzing", "--max-examples", str(EXAMPLES),
-               "--seed", SEED, "--workers", "2", "--request-timeout", "30",
+               "--seed", SEED, "--workers", "1", "--request-timeout", "30",
                "--generation-database", "none", "--no-color",
                "--report", "ndjson", "--report-dir", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
