@@ -99,6 +99,18 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _feedback_dir(raw: str) -> str | None:
+    """A folder, or ``off`` (any case) for no feedback at all."""
+    return None if raw.strip().lower() == "off" else raw
+
+
+def _score(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 < value <= 1.0:  # refuses nan
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
 def env(name: str, parse: Callable[[str], Any] = str, **kwargs):
     """A config field read from environment variable ``name`` and parsed with ``parse``."""
     return field(metadata={"env": name, "parse": parse}, **kwargs)
@@ -161,6 +173,12 @@ class Config:
     log_level: str = env("LOG_LEVEL", _level, default="info")
     metrics_dir: str | None = env("PROMETHEUS_MULTIPROC_DIR", _optional(str), default=None)
     exit_on_load_failure: bool = env("EXIT_ON_LOAD_FAILURE", _bool, default=True)
+    feedback_dir: str | None = env("FEEDBACK_DIR", _feedback_dir, default="feedback")
+    feedback_new_labels: bool = env("FEEDBACK_NEW_LABELS", _bool, default=False)
+    feedback_max_files: int = env("FEEDBACK_MAX_FILES", _int(1), default=10000)
+    feedback_max_mb: float = env("FEEDBACK_MAX_MB", _float(), default=1024.0)
+    review_below_score: float | None = env("REVIEW_BELOW_SCORE", _optional(_score),
+                                           default=None)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -169,6 +187,10 @@ class Config:
     @property
     def temp_max_bytes(self) -> int:
         return int(self.temp_max_mb * MIB)
+
+    @property
+    def feedback_max_bytes(self) -> int:
+        return int(self.feedback_max_mb * MIB)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":

@@ -80,6 +80,38 @@ class ModelNotFound(NotFound):
     plain = "That model is not served here."
 
 
+class InvalidFilename(BadRequest):
+    code, message = "invalid_filename", "filename must be a name a classify answer gave"
+    plain = "That is not the name of a picture this service gave."
+
+
+class ImageNotFound(NotFound):
+    code, message = "image_not_found", "no such stored image"
+    plain = ("That picture is no longer kept here (only recent uploads are). Classify it "
+             "again, then send your answer.")
+
+
+class InvalidLabel(BadRequest):
+    code, message = "invalid_label", "the label cannot be used"
+    plain = "That label cannot be used."
+
+
+class UnknownLabel(InvalidLabel):
+    code, message = "unknown_label", "the label is not one of the model's labels"
+    plain = "That label is not one of the model's labels."
+
+
+class FeedbackDisabled(ApiError):
+    status, code, message = 403, "feedback_disabled", "feedback is switched off (FEEDBACK_DIR)"
+    plain = "This server does not take answers back."
+
+
+class FeedbackFull(ApiError):
+    status, code, message = 507, "feedback_full", "the feedback folder is full"
+    plain = ("The feedback folder is full, so your answer was not kept. The people who run "
+             "this service need to retrain and make room.")
+
+
 class TooManyImages(BadRequest):
     code = "too_many_images"
     plain = "Too many images in one request."

@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 from .classifier import Options
 from .config import Config
 from .errors import ApiError, EmptyImage, InvalidParameter, NotFound, TooManyImages
+from .feedback import Feedback
 from .fetch import UrlFetcher
 from .modelfolder import ONNX, LegacyGraph, ModelFolder
 from .registry import Registry, Route
@@ -83,6 +84,7 @@ class Service:
         self.store = store
         self.fetcher = fetcher
         self.metrics = metrics
+        self.feedback = Feedback.from_config(config, store)
 
     def attach(self, app) -> "Service":
         app.extensions[self._KEY] = self
@@ -149,7 +151,9 @@ class Service:
             scores = iter(admission.infer_many(arrays))
             for result in results:
                 if "error" not in result:
-                    predictions = classifier.postprocess(next(scores), options)
+                    image_scores = next(scores)
+                    predictions = classifier.postprocess(image_scores, options)
+                    self.feedback.review(result["filename"], classifier, image_scores)
                     result.update(predictions=predictions,
                                   labels={p["label"]: p["score"] for p in predictions})
             return {"model": classifier.describe(), "results": results,
@@ -200,7 +204,9 @@ class Service:
         classifier = admission.classifier
         array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
         filename = self.store.save(data, decoded.extension)
-        predictions = classifier.postprocess(admission.infer(array), options)
+        scores = admission.infer(array)
+        predictions = classifier.postprocess(scores, options)
+        self.feedback.review(filename, classifier, scores)
         return {
             "filename": filename,
             "model": classifier.describe(),
@@ -208,6 +214,25 @@ class Service:
             "labels": {p["label"]: p["score"] for p in predictions},
             "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
         }
+
+    # -- feedback -------------------------------------------------------------------------------
+    def record_feedback(self, fields: Mapping) -> tuple[dict, bool]:
+        """``POST /feedback``: ``fields`` ``filename``, ``label`` and optionally ``model``,
+        ``version`` (default: the default model), ``predicted`` and ``score``. Returns (answer,
+        created); see :meth:`common.feedback.Feedback.record`."""
+        self.feedback.require()  # 403 when off, before the model is looked at
+        name, version = fields.get("model"), fields.get("version")
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 100):
+            raise InvalidParameter("model must be a model's name")
+        if version is not None:
+            text = str(version) if type(version) is int else version  # JSON or form
+            if not isinstance(text, str) or not text.isdecimal() or int(text) < 1:
+                raise InvalidParameter(f"version must be an integer >= 1, got {text!r:.40}")
+            version = int(text)
+        classifier = self.registry.find(Route(name or None, version)).classifier
+        return self.feedback.record(fields.get("filename"), fields.get("label"),
+                                    classifier.describe(), classifier.labels,
+                                    fields.get("predicted"), fields.get("score"))
 
     # -- models ---------------------------------------------------------------------------------
     def models(self) -> dict:

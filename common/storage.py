@@ -54,6 +54,19 @@ class ImageStore:
             raise ValueError(f"bad extension {extension!r}")
         return f"{hashlib.sha256(data).hexdigest()[:16]}.{extension}"
 
+    @staticmethod
+    def is_name(name) -> bool:
+        """Whether ``name`` is a name this store gives (``<16 hex>.<ext>``), never a path."""
+        return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+    def path_of(self, name: str) -> str | None:
+        """The path of the stored image ``name``, or None when it is not one of our names or
+        is not (or no longer) stored."""
+        if not self.is_name(name):
+            return None
+        path = os.path.join(self.root, name)
+        return path if os.path.isfile(path) else None
+
     def save(self, data: bytes, extension: str) -> str:
         """Write ``data`` atomically and return the stored file name (not a path)."""
         name = self.name_for(data, extension)
@@ -108,14 +121,7 @@ class ImageStore:
 
     def usage(self) -> tuple[int, int]:
         """(number of stored files, total bytes)."""
-        count = total = 0
-        for entry in self.files():
-            try:
-                total += entry.stat().st_size
-                count += 1
-            except FileNotFoundError:
-                continue
-        return count, total
+        return usage(self.files())
 
     def trim(self) -> int:
         """Evict oldest files until both caps hold; returns how many were removed."""
@@ -148,6 +154,18 @@ class ImageStore:
                 total -= size
                 removed += 1
             return count, total, removed
+
+
+def usage(entries) -> tuple[int, int]:
+    """(number, total bytes) of the files ``entries`` (``os.DirEntry``) that still exist."""
+    count = total = 0
+    for entry in entries:
+        try:
+            total += entry.stat().st_size
+            count += 1
+        except FileNotFoundError:
+            continue
+    return count, total
 
 
 def _unlink(path: str) -> None:

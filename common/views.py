@@ -12,7 +12,7 @@ from flask import (Blueprint, Request, Response, current_app, g, jsonify, render
                    request, send_file)
 
 from . import errors
-from .errors import InvalidParameter, MissingImage, UnsupportedMediaType
+from .errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
 from .modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from .registry import Route
 from .service import Service, digest_b64
@@ -21,6 +21,7 @@ log = logging.getLogger("classifier.access")
 bp = Blueprint("api", __name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+FEEDBACK_BODY_LIMIT = 16 * 1024  # a feedback body is a few short fields
 
 
 class InMemoryUploadRequest(Request):
@@ -111,6 +112,26 @@ def classify_url(**route):
     return jsonify(answer)
 
 
+@bp.post("/feedback")
+def feedback():
+    """The right label for an answer: a JSON object or a form with ``filename`` (from the
+    classify answer) and ``label``, optionally ``model``, ``version``, ``predicted``, ``score``.
+    201 when kept, 200 when this image already had this label."""
+    if (request.content_length or 0) > FEEDBACK_BODY_LIMIT:
+        raise PayloadTooLarge(f"a feedback body has at most {FEEDBACK_BODY_LIMIT} bytes")
+    if request.mimetype == "application/json":
+        fields = request.get_json(silent=True)
+    elif request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        fields = request.form.to_dict()
+    else:
+        fields = None
+    if not isinstance(fields, dict):
+        raise InvalidParameter("send a JSON object (or a form) with 'filename' and 'label'")
+    answer, created = _service().record_feedback(fields)
+    g.model = answer["model"]
+    return jsonify(answer), 201 if created else 200
+
+
 @bp.get("/models")
 def models():
     """Every model: versions with their state and error, labels, version policy."""
@@ -168,5 +189,6 @@ def model_onnx():
 def index():
     service = _service()
     return render_template("index.html", model=service.model.describe(),
+                           feedback=service.feedback.enabled,
                            max_upload_mb=service.config.max_upload_mb,
                            error_messages=errors.catalogue())

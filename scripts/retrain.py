@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--image_dir", required=True, help="folder with one sub-folder per category")
+    p.add_argument("--extra_image_dir", action="append", default=[], metavar="DIR",
+                   help="another folder of the same layout trained on too, such as the "
+                   "service's FEEDBACK_DIR (its _review/ is left out); may be repeated; the "
+                   "report counts each class's images from these folders")
     p.add_argument("--tfhub_module", default=DEFAULT_MODULE,
                    help="TF Hub image feature-vector handle or URL, or a local SavedModel folder")
     p.add_argument("--output_dir", help="model folder to write, e.g. tf_files/flowers")
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
                          name=args.name, version=args.version, output_graph=args.output_graph,
                          output_labels=args.output_labels, progress=not args.quiet,
                          flags=flags, runs_log=runs_log or None, exports=not args.no_export,
-                         new_version=bool(args.repository))
+                         new_version=bool(args.repository),
+                         extra_image_dirs=args.extra_image_dir)
     except RetrainError as exc:
         print(f"retrain.py: error: {exc}", file=sys.stderr)
         return 2
@@ -134,6 +139,10 @@ def print_summary(result: RetrainResult, misclassified: bool = False) -> None:
     stats = result.feature_stats
     print(f"features: {stats.computed} computed, {stats.cached} from cache, "
           f"{len(stats.skipped)} skipped, {stats.seconds:.1f} s")
+    extra = report.get("extra_images", {})
+    if extra.get("folders"):
+        counts = ", ".join(f"{label} {n}" for label, n in extra["per_class"].items())
+        print(f"images from {', '.join(extra['folders'])}: {counts}")
     print(f"test accuracy {report['accuracy']} on {report['test_images']} images; "
           f"model written to {result.output_dir} ({REPORT_JSON}, {CONFUSION_MATRIX})")
     if result.runs_log:

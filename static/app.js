@@ -20,6 +20,7 @@
   }
 
   function showError(message) {
+    hideFeedback();
     errorEl.textContent = message;
     errorEl.hidden = false;
     bars.innerHTML = "";
@@ -56,6 +57,65 @@
     statusEl.textContent = top ? "It looks like: " + top.label : "No label passed the threshold.";
     meta.textContent = "Model " + body.model.name + " v" + body.model.version +
       " · " + (where || "on the server") + ", " + body.elapsed_ms.toFixed(1) + " ms";
+    offerFeedback(body);
+  }
+
+  // "Wrong? It is a ...": one button per other label of the model; POST /feedback keeps the
+  // stored upload (``filename``; results made in the browser have none) under the right label.
+  const feedbackBox = $("feedback");  // absent when the server takes no feedback
+  let modelLabels = null;  // from /model, once it has answered
+
+  function hideFeedback() {
+    if (feedbackBox) feedbackBox.hidden = true;
+  }
+
+  function offerFeedback(body) {
+    hideFeedback();
+    if (!feedbackBox || !body.filename) return;
+    const top = body.predictions[0];
+    const labels = (modelLabels || body.predictions.map((p) => p.label))
+      .filter((label) => !top || label !== top.label);
+    if (!labels.length) return;
+    const group = $("feedback-labels"), done = $("feedback-done");
+    group.innerHTML = "";
+    done.textContent = "";
+    $("feedback-ask").textContent = top ? "Wrong? It is a …" : "What is it? It is a …";
+    for (const label of labels) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "secondary";
+      button.textContent = label;
+      button.addEventListener("click", () => sendFeedback(body, label, top, group, done));
+      group.appendChild(button);
+    }
+    feedbackBox.hidden = false;
+  }
+
+  async function sendFeedback(body, label, top, group, done) {
+    group.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    done.textContent = "Sending…";
+    let answer = null, ok = false;
+    try {
+      const response = await fetch("/feedback", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ filename: body.filename, label: label,
+          predicted: top ? top.label : null, score: top ? top.score : null }),
+      });
+      ok = response.ok;
+      try { answer = await response.json(); } catch (e) { answer = null; }
+    } catch (e) {
+      answer = null;
+    }
+    if (ok && answer) {
+      const folder = answer.saved.slice(0, answer.saved.lastIndexOf("/") + 1);
+      done.textContent = "Thank you! Saved as an example of “" + answer.label + "” in " +
+        folder + " for the next retraining.";
+      return;
+    }
+    const err = answer && answer.error;
+    done.textContent = (err && MESSAGES[err.code]) || (err && err.message) ||
+      "Could not send your answer. Try again.";
+    group.querySelectorAll("button").forEach((b) => { b.disabled = false; });
   }
 
   async function call(request, busyText) {
@@ -191,6 +251,7 @@
   fetch("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
     if (!model) return;
     if (window.InBrowser) window.InBrowser.offer(model);
+    modelLabels = model.labels;
     $("model-name").innerHTML = "";
     $("model-name").append("Model ", Object.assign(document.createElement("strong"), { textContent: model.name }),
       " v" + model.version + " · " + model.labels.length + " labels");

@@ -20,9 +20,10 @@ __all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "post_image", "assert_e
 
 
 def start_server(work, env: dict, name: str = "server", wait_ready: bool = True) -> LiveServer:
-    """Start the real server with ``env``, its TEMP_DIR (``server.temp_dir``) and log under the
-    folder ``work``; returns once it is ready (unless ``wait_ready`` is False)."""
-    server = LiveServer({"TEMP_DIR": str(work / "temp"), **env})
+    """Start the real server with ``env``, its TEMP_DIR (``server.temp_dir``), FEEDBACK_DIR and
+    log under the folder ``work``; returns once it is ready (unless ``wait_ready`` is False)."""
+    server = LiveServer({"TEMP_DIR": str(work / "temp"), "FEEDBACK_DIR": str(work / "feedback"),
+                         **env})
     server.temp_dir = str(work / "temp")
     return server.start(str(work / f"{name}.log"), wait_ready=wait_ready)
 

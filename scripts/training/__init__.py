@@ -87,7 +87,8 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
             name: str | None = None, version: str = "1", output_graph: str | None = None,
             output_labels: str | None = None, progress: bool = True, flags: dict | None = None,
             runs_log: str | None = None, exports: bool = True,
-            new_version: bool = False) -> RetrainResult:
+            new_version: bool = False,
+            extra_image_dirs: list[str] | tuple[str, ...] = ()) -> RetrainResult:
     """The whole pipeline: list and split images, features, train, export, evaluate, publish.
 
     The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
@@ -102,6 +103,9 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     (``<repository>/<name>/<n>``): it is built in a hidden folder beside the versions and
     renamed into place, and an existing folder there is never replaced (RetrainError).
 
+    ``extra_image_dirs``: more folders of category sub-folders (the service's feedback folder)
+    trained on with ``image_dir``; report.json counts each class's images from them.
+
     With ``exports`` the folder also gets model.onnx and model.tflite, each verified on the
     test images, where the converters are installed (:func:`scripts.exporting.export_default`).
     """
@@ -109,9 +113,10 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     params = params or TrainParams()
     if flags is None:
         flags = {**asdict(params), "image_dir": image_dir, "tfhub_module": module_handle,
-                 "input_size": input_size, "output_dir": output_dir}
+                 "input_size": input_size, "output_dir": output_dir,
+                 "extra_image_dir": list(extra_image_dirs)}
     trained = _train(image_dir, module_handle, params, bottleneck_dir, summaries_dir,
-                     input_size, progress)
+                     input_size, progress, extra_image_dirs)
     output_dir = output_dir.rstrip("/")
     staging = ModelFolder(version_staging(os.path.dirname(output_dir),
                                           int(os.path.basename(output_dir)))
@@ -145,9 +150,11 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
 
 
 def _train(image_dir: str, module_handle: str, params: TrainParams, bottleneck_dir: str | None,
-           summaries_dir: str | None, input_size: int | None, progress: bool) -> _Trained:
+           summaries_dir: str | None, input_size: int | None, progress: bool,
+           extra_image_dirs: list[str] | tuple[str, ...] = ()) -> _Trained:
     """Images -> features -> trained softmax layer."""
-    lists = create_image_lists(image_dir, params.validation_percentage, params.testing_percentage)
+    lists = create_image_lists(image_dir, params.validation_percentage, params.testing_percentage,
+                               extra_image_dirs)
     module = load_module(module_handle)
     size = module_input_size(module, module_handle, input_size)
     if params.augment and bottleneck_dir:

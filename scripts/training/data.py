@@ -2,6 +2,12 @@
 
 No TensorFlow here. Splits are decided per file name (not at random), so adding images to a
 category never moves the images already there from one split to another.
+
+Extra folders in the same layout (``retrain.py --extra_image_dir feedback/``, the folder the
+service's ``POST /feedback`` fills) add their images to the categories of the same name, or
+make new categories (at least ``MIN_IMAGES_PER_CLASS`` images, else they are skipped with a
+warning). In an extra folder, sub-folders whose names start with ``_`` or ``.`` are not
+categories (the service keeps low-confidence uploads in ``_review/``).
 """
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import hashlib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.images import FILE_EXTENSIONS
 
@@ -30,12 +36,18 @@ class ImageLists:
     """Image paths by label and split: ``lists[label]["training"|"validation"|"testing"]``.
 
     Paths are relative to ``image_dir`` (``"<label>/<file>"``); ``labels`` is sorted and gives
-    the class index of each label (the model's output order).
+    the class index of each label (the model's output order). With extra folders,
+    ``image_dir`` is the folder that holds them all and paths start with each one's place
+    under it (``"photos/<label>/<file>"``, ``"feedback/<label>/<file>"``); ``folders`` are the
+    folders as given (the image folder first) and ``extra`` counts each label's images from the
+    extra folders.
     """
 
     image_dir: str
     labels: list[str]
     lists: dict[str, dict[str, list[str]]]
+    folders: list[str] = field(default_factory=list)
+    extra: dict[str, int] = field(default_factory=dict)
 
     def paths(self, split: str) -> list[tuple[str, int]]:
         """``[(relative path, class index)]`` of one split, label by label."""
@@ -63,32 +75,57 @@ def which_set(file_name: str, validation_percentage: int, testing_percentage: in
 
 
 def create_image_lists(image_dir: str, validation_percentage: int = 10,
-                       testing_percentage: int = 10) -> ImageLists:
-    """List images per category folder (sorted names = labels, in output order) and split them.
+                       testing_percentage: int = 10,
+                       extra_dirs: list[str] | tuple[str, ...] = ()) -> ImageLists:
+    """List images per category folder (sorted names = labels, in output order) and split them;
+    ``extra_dirs``: more folders of the same layout whose images join the same categories.
 
     Raises RetrainError for a missing folder, fewer than 2 categories with images, a category
-    with fewer than MIN_IMAGES_PER_CLASS images or none in training.
+    of the image folder with fewer than MIN_IMAGES_PER_CLASS images or none in training.
     """
-    if not os.path.isdir(image_dir):
-        raise RetrainError(f"image folder not found: {image_dir}")
+    folders = [image_dir, *extra_dirs]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise RetrainError(f"image folder not found: {folder}")
     if validation_percentage + testing_percentage >= 100:
         raise RetrainError("validation and testing percentages must leave images for training")
+    root = image_dir if not extra_dirs else os.path.commonpath(
+        [os.path.abspath(f) for f in folders])
+    found: dict[str, list[str]] = {}  # label -> paths relative to root
+    extra: dict[str, int] = {}
+    for index, folder in enumerate(folders):
+        for label in _category_folders(folder, service_folders=index > 0):
+            files = _image_files(os.path.join(folder, label))
+            if not files:
+                log.warning("skipping folder %s: no images in it", os.path.join(folder, label))
+                continue
+            paths = [os.path.relpath(os.path.join(folder, label, f), root) if extra_dirs
+                     else os.path.join(label, f) for f in files]
+            found.setdefault(label, []).extend(paths)
+            if index > 0:
+                extra[label] = extra.get(label, 0) + len(files)
     lists = {}
-    for label in _category_folders(image_dir):
-        files = _image_files(os.path.join(image_dir, label))
-        if not files:
-            log.warning("skipping folder %s: no images in it", label)
+    for label, paths in found.items():
+        if extra.get(label) == len(paths) and len(paths) < MIN_IMAGES_PER_CLASS:
+            log.warning("skipping category %r: it is only in the extra folders, with %d "
+                        "images; %d make a category", label, len(paths), MIN_IMAGES_PER_CLASS)
+            del extra[label]
             continue
-        lists[label] = _split_category(label, files, validation_percentage, testing_percentage)
+        lists[label] = _split_category(label, paths, validation_percentage, testing_percentage)
     if len(lists) < 2:
         raise RetrainError(f"{image_dir} needs at least 2 category folders with images, "
                            f"found {len(lists)}")
-    return ImageLists(image_dir, sorted(lists), lists)
+    labels = sorted(lists)
+    return ImageLists(root, labels, lists, folders,
+                      {label: extra.get(label, 0) for label in labels} if extra_dirs else {})
 
 
-def _category_folders(image_dir: str) -> list[str]:
+def _category_folders(image_dir: str, service_folders: bool = False) -> list[str]:
+    """Sub-folders that are categories (``service_folders``: also not those starting with
+    ``_``, the service's own in a feedback folder)."""
+    hidden = (".", "_") if service_folders else (".",)
     return sorted(d for d in os.listdir(image_dir)
-                  if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith("."))
+                  if os.path.isdir(os.path.join(image_dir, d)) and not d.startswith(hidden))
 
 
 def _image_files(folder: str) -> list[str]:
@@ -96,19 +133,18 @@ def _image_files(folder: str) -> list[str]:
                   if f.lower().endswith(FILE_EXTENSIONS) and not f.startswith("."))
 
 
-def _split_category(label: str, files: list[str], validation_percentage: int,
+def _split_category(label: str, paths: list[str], validation_percentage: int,
                     testing_percentage: int) -> dict[str, list[str]]:
-    """One category's files -> ``{split: ["<label>/<file>", ...]}``; checks the counts."""
-    if len(files) < MIN_IMAGES_PER_CLASS:
-        raise RetrainError(f"category {label!r} has {len(files)} images; "
+    """One category's image paths -> ``{split: [path, ...]}``; checks the counts."""
+    if len(paths) < MIN_IMAGES_PER_CLASS:
+        raise RetrainError(f"category {label!r} has {len(paths)} images; "
                            f"at least {MIN_IMAGES_PER_CLASS} are needed "
                            f"({ADVISED_IMAGES_PER_CLASS}+ advised)")
-    if len(files) < ADVISED_IMAGES_PER_CLASS:
-        log.warning("category %r has only %d images; results may be poor", label, len(files))
+    if len(paths) < ADVISED_IMAGES_PER_CLASS:
+        log.warning("category %r has only %d images; results may be poor", label, len(paths))
     split: dict[str, list[str]] = {s: [] for s in SPLITS}
-    for name in files:
-        split[which_set(name, validation_percentage, testing_percentage)].append(
-            os.path.join(label, name))
+    for path in paths:
+        split[which_set(path, validation_percentage, testing_percentage)].append(path)
     if not split["training"]:
         raise RetrainError(f"category {label!r} got no training images; add more images")
     return split

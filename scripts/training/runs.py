@@ -4,7 +4,7 @@ A run record (a dict, JSON-ready) holds
 
 * ``id`` (``<UTC time>-<6 hex>``), ``created``, ``output_dir``, ``name``, ``version``;
 * ``module``: the feature module's handle; ``flags``: every option of the run;
-* ``data``: ``image_dir``, ``images``, ``image_list_sha256`` (the sorted list of relative paths),
+* ``data``: ``image_dir``, ``extra_image_dirs``, ``images``, ``image_list_sha256`` (the sorted list of relative paths),
   ``contents_sha256`` (those paths with the SHA-1 of each file's bytes: same list, other pixels
   gives another value), ``splits`` (``{label: {"training", "validation", "testing"}}`` counts)
   and ``skipped`` (unreadable images);
@@ -49,7 +49,8 @@ def data_record(lists: ImageLists, skipped: list[str]) -> dict:
     for rel in paths:
         contents.update(f"{rel}\0{_file_sha1(os.path.join(lists.image_dir, rel))}\n".encode())
     return {
-        "image_dir": lists.image_dir,
+        "image_dir": lists.folders[0] if lists.folders else lists.image_dir,
+        "extra_image_dirs": lists.folders[1:],
         "images": len(paths),
         "image_list_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
         "contents_sha256": contents.hexdigest(),
