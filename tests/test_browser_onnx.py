@@ -74,6 +74,13 @@ def test_pictures_in_the_browser_agree_with_the_server(browser, demo_server, tmp
         assert_agrees(last, server, os.path.basename(path))
     meta = browser.find_element(By.ID, "meta").text
     assert "in your browser" in meta and "ms" in meta
+    # the README's screenshot: the demo's star, classified in this browser
+    browser.find_element(By.ID, "file").send_keys(os.path.join(ROOT, "docs", "examples",
+                                                               "star.png"))
+    WebDriverWait(browser, 30).until(
+        lambda d: "It looks like: star" in d.find_element(By.ID, "status").text
+        and "in your browser" in d.find_element(By.ID, "meta").text)
+    browser.save_screenshot(os.path.join(ROOT, "docs", "screenshot.png"))
 
 
 def settled_result(browser) -> dict:

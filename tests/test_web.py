@@ -8,7 +8,6 @@ from browsers import (By, WebDriverWait, browser, draw, open_page,  # noqa: F401
                       shape_points, wait_for_result)
 from helpers import ROOT
 
-SCREENSHOT = os.path.join(ROOT, "docs", "screenshot.png")
 
 pytestmark = pytest.mark.server
 
@@ -27,7 +26,6 @@ def test_upload_a_demo_image(browser, demo_server):
     assert "Accuracy" in browser.find_element(By.ID, "eval-summary").text
     WebDriverWait(browser, 10).until(lambda d: d.execute_script(
         "const i = document.getElementById('confusion'); return i.complete && i.naturalWidth > 0"))
-    browser.save_screenshot(SCREENSHOT)
 
 
 @pytest.mark.parametrize("shape", ["star", "circle"])
