@@ -29,19 +29,27 @@ def test_wrong_answer_buttons_send_the_right_label(browser, server):
     box = browser.find_element(By.ID, "feedback")
     WebDriverWait(browser, 10).until(lambda d: box.is_displayed())
     assert "Wrong? It is a" in box.text
-    buttons = {b.text: b for b in box.find_elements(By.CSS_SELECTOR, "#feedback-labels button")}
-    assert set(buttons) == set(labels) - {"star"}  # the model's other labels
-    buttons["heart"].click()
+    # read and click through one script: the buttons are re-rendered, so elements found earlier
+    # may be stale by the time they are used
+    WebDriverWait(browser, 10).until(lambda d: set(button_texts(d)) == set(labels) - {"star"})
+    browser.execute_script(
+        "[...document.querySelectorAll('#feedback-labels button')]"
+        ".find(b => b.textContent === 'heart').click()")
     done = browser.find_element(By.ID, "feedback-done")
     WebDriverWait(browser, 10).until(lambda d: "Thank you" in done.text)
     assert "feedback/heart/" in done.text
     kept = os.listdir(os.path.join(server.feedback_dir, "heart"))
     assert len([f for f in kept if f.endswith(".png")]) == 1
-    assert all(b.get_attribute("disabled") for b in
-               box.find_elements(By.CSS_SELECTOR, "#feedback-labels button"))
+    assert browser.execute_script(
+        "return [...document.querySelectorAll('#feedback-labels button')]"
+        ".every(b => b.disabled)")
     # a new picture offers the buttons again, for its own answer
     browser.find_element(By.ID, "file").send_keys(os.path.join(ROOT, "docs", "examples",
                                                                "heart.png"))
-    WebDriverWait(browser, 30).until(lambda d: "heart" not in [
-        b.text for b in d.find_elements(By.CSS_SELECTOR, "#feedback-labels button")])
+    WebDriverWait(browser, 30).until(lambda d: button_texts(d) and "heart" not in button_texts(d))
     assert browser.find_element(By.ID, "feedback-done").text == ""
+
+
+def button_texts(driver) -> list[str]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#feedback-labels button')].map(b => b.textContent)")
