@@ -153,7 +153,8 @@
   }
 
   // -- the session and the switch --------------------------------------------------------------
-  const state = { model: null, session: null, loading: null, last: null, pending: 0 };
+  const state = { model: null, session: null, loading: null, last: null, pending: 0,
+    answered: 0, error: null };
   const $ = (id) => document.getElementById(id);
 
   function loadScript(src) {
@@ -198,6 +199,8 @@
       model: { name: state.model.name, version: state.model.version },
       elapsed_ms: performance.now() - started };
     state.last = result;
+    state.error = null;
+    state.answered++;
     window.ClassifierPage.showResult(result, "in your browser");
     return result;
   }
@@ -207,6 +210,8 @@
       const jpeg = await isJpeg(blob);
       return await classifyPixels(await decode(blob), jpeg);
     } catch (e) {
+      state.error = e.message;
+      state.answered++;
       window.ClassifierPage.showError("This browser could not classify that picture: " + e.message);
       return null;
     }
@@ -267,7 +272,9 @@
     watchCanvas();
   }
 
-  // ``last``: the latest in-browser answer; ``pending``: canvas classifications still to come.
+  // ``last``: the latest in-browser answer; ``pending``: canvas classifications still to come;
+  // ``answered``: how many answers (results or errors) so far; ``error``: the latest one's error.
   window.InBrowser = { offer, active, classifyBlob, toModelInput, decode,
-    get last() { return state.last; }, get pending() { return state.pending; } };
+    get last() { return state.last; }, get pending() { return state.pending; },
+    get answered() { return state.answered; }, get error() { return state.error; } };
 })();
