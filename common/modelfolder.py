@@ -260,9 +260,10 @@ class ModelFolder:
 
     # -- identity -----------------------------------------------------------------------------
     def identity(self, meta: dict) -> tuple[str, str]:
-        """(name, version): model.json's, else the folder's (or graph file's) own name and 1."""
-        base = os.path.basename(os.path.normpath(self.path))
-        default = os.path.splitext(base)[0] if self.is_frozen_graph else base
+        """(name, version): model.json's, else the folder's name (a frozen graph: the folder
+        holding it) and 1."""
+        where = os.path.dirname(os.path.abspath(self.path)) if self.is_frozen_graph else self.path
+        default = os.path.basename(os.path.normpath(where)) or "model"
         return str(meta.get("name") or default), str(meta.get("version", "1"))
 
     def input_size(self, meta: dict, static_shape: tuple | None) -> tuple[int, int]:

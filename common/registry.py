@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from typing import Callable
 from .classifier import Classifier
 from .config import Config
 from .errors import ModelNotFound, ModelNotReady
-from .modelfolder import ModelFolder
-from .repository import Repository, SettingsFile, VersionFolder
+from .modelfolder import LegacyGraph, ModelFolder
+from .repository import Repository, SettingsFile, VersionFolder, routable
 from .served import Admission, Health, ServedModel, State
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Registry:
         self.repository = Repository(config.model_repository or None,
                                      single=None if config.model_repository else
                                      config.model_path,
-                                     single_name=single_model_name(config.model_path))
+                                     single_identity=single_model_identity(config))
         self.settings_file = SettingsFile(config.model_config)
         self._versions: dict[str, dict[int, _Version]] = {}
         self._lock = threading.Lock()  # the table
@@ -152,9 +153,9 @@ class Registry:
                         continue  # a served version's files changed: publish a new number
                     if current is not None:  # failed or loading: try the new files
                         to_retire.append(current.served)
-                    identity = None if self.repository.single else (name, str(version))
-                    served = self._served(lambda f=folder: self._load(f), identity=identity,
-                                          initial=initial)
+                    # answers say the name and version that route to them
+                    served = self._served(lambda f=folder: self._load(f),
+                                          identity=(name, str(version)), initial=initial)
                     have[version] = _Version(folder, served.start(), time.monotonic())
                     if initial:
                         self._initial.append(served)
@@ -276,29 +277,37 @@ class Registry:
             return Health(State.LOADING, "no model found yet")
 
 
-def single_model_name(model_path: str) -> str:
-    """The name ``MODEL_PATH``'s model is served under: its folder's name (a frozen graph:
-    the name of the folder holding it)."""
-    import os
+def model_folder(config: Config) -> ModelFolder:
+    """The model folder ``MODEL_PATH`` names, with the legacy-graph settings."""
+    return ModelFolder(config.model_path, labels_path=config.labels_path, legacy=LegacyGraph(
+        input_layer=config.input_layer, output_layer=config.output_layer,
+        input_mean=config.input_mean, input_std=config.input_std,
+        input_size=config.input_size))
 
-    path = os.path.normpath(model_path or "model")
-    if path.endswith(".pb"):
-        path = os.path.dirname(path) or "model"
-    return os.path.basename(path) or "model"
+
+def single_model_identity(config: Config) -> tuple[str, int]:
+    """The name and version ``MODEL_PATH``'s model is served, routed and answered as: its
+    model.json's when they can be routed (a model name as in a repository, a whole version
+    number), else its folder's name (a frozen graph: the folder holding it) and 1."""
+    folder = model_folder(config)
+    name, version = folder.identity({})
+    try:
+        name, version = folder.identity(folder.read_metadata())
+    except Exception as exc:  # an unreadable model.json fails the load, with its message
+        log.debug("MODEL_PATH is served under its folder's name: %s", exc)
+    if not routable(name):
+        name = folder.identity({})[0]
+        name = name if routable(name) else "model"
+    return name, int(version) if version.isdigit() and int(version) > 0 else 1
 
 
 def load_version(folder: VersionFolder, config: Config, load: Callable[[ModelFolder],
                  Classifier]) -> Classifier:
     """Load the classifier of a version folder with ``load`` (a runtime's loader)."""
     if folder.path == config.model_path:  # the MODEL_PATH shortcut keeps its labels settings
-        from .service import model_folder
         return load(model_folder(config))
-    return load(ModelFolder.in_directory(folder.path, legacy=_legacy(config)))
+    return load(ModelFolder.in_directory(folder.path, legacy=model_folder(config).legacy))
 
 
-def _legacy(config: Config):
-    from .service import model_folder
-    return model_folder(config).legacy
-
-
-__all__ = ["Registry", "Route", "single_model_name", "load_version", "ModelNotReady"]
+__all__ = ["Registry", "Route", "model_folder", "single_model_identity", "load_version",
+           "ModelNotReady"]

@@ -115,6 +115,11 @@ class RepositorySettings:
         return self.models.get(name, ModelSettings())
 
 
+def routable(name: str) -> bool:
+    """Whether ``name`` can be a model's name in URLs (and a repository folder's)."""
+    return bool(_NAME.match(name))
+
+
 def parse_settings(text: str, path: str) -> RepositorySettings:
     """The settings file's text (JSON, or YAML when the name ends in .yaml/.yml)."""
     try:
@@ -247,14 +252,15 @@ class Repository:
     """Scans ``root`` for models and versions, and tells which versions are settled.
 
     With ``single`` (``MODEL_PATH``, the one-model shortcut) the repository is that one folder,
-    served as version 1 of ``single_name``.
+    served as the one version of ``single_identity`` (name, version).
     """
 
     def __init__(self, root: str | None, *, single: str | None = None,
-                 single_name: str = "default", settle_seconds: float = 2.0):
+                 single_identity: tuple[str, int] = ("default", 1),
+                 settle_seconds: float = 2.0):
         self.root = root
         self.single = single
-        self.single_name = single_name
+        self.single_identity = single_identity
         self.settle_seconds = settle_seconds
         self._last: dict[tuple[str, int], tuple] = {}  # fingerprints at the previous scan
         self._skipped: set[str] = set()
@@ -265,7 +271,8 @@ class Repository:
         one-model shortcut (``single``) is always settled: it names one folder on purpose."""
         found: dict[str, dict[int, str]] = {}
         if self.single:
-            found[self.single_name] = {1: self.single}
+            name, version = self.single_identity
+            found[name] = {version: self.single}
         elif self.root:
             try:
                 names = sorted(os.listdir(self.root))
@@ -276,7 +283,7 @@ class Repository:
                 path = os.path.join(self.root, name)
                 if name.startswith(".") or not os.path.isdir(path):
                     continue
-                if not _NAME.match(name):
+                if not routable(name):
                     self._skip(path, "not a valid model name")
                     continue
                 versions = {int(v): os.path.join(path, v) for v in os.listdir(path)

@@ -26,7 +26,7 @@ from .config import Config
 from .errors import ApiError, EmptyImage, InvalidParameter, NotFound, TooManyImages
 from .feedback import Feedback
 from .fetch import UrlFetcher
-from .modelfolder import ONNX, LegacyGraph, ModelFolder
+from .modelfolder import ONNX
 from .registry import Registry, Route
 from .served import Admission, ServedModel
 from .storage import ImageStore
@@ -56,14 +56,6 @@ def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
 def digest_b64(sha256_hex: str) -> str:
     """A hex SHA-256 in base64, as Subresource Integrity and Repr-Digest write it."""
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
-
-
-def model_folder(config: Config) -> ModelFolder:
-    """The model folder ``MODEL_PATH`` names, with the legacy-graph settings."""
-    return ModelFolder(config.model_path, labels_path=config.labels_path, legacy=LegacyGraph(
-        input_layer=config.input_layer, output_layer=config.output_layer,
-        input_mean=config.input_mean, input_std=config.input_std,
-        input_size=config.input_size))
 
 
 class Service:

@@ -210,6 +210,37 @@ def test_labels_policy_and_unknown_names(tmp_path, colour_versions):
         registry.close()
 
 
+@pytest.mark.parametrize("meta, served_as", [
+    ({"name": "flowers", "version": "3"}, ("flowers", 3)),  # model.json's, when routable
+    ({"name": "my flowers!", "version": "2024-05"}, ("mymodel", 1)),  # else the folder's, and 1
+    (None, ("mymodel", 1)),  # no model.json
+])
+def test_model_path_is_routed_and_answered_as_one_name_and_version(tmp_path, colour_versions,
+                                                                   meta, served_as):
+    """MODEL_PATH (one model, no repository): the name and version in the answers are the ones
+    that /models lists and that the /models/{name}/versions/{v} routes take."""
+    folder = tmp_path / "mymodel"
+    shutil.copytree(colour_versions["v1"], folder)
+    meta_path = folder / "model.json"
+    if meta is None:
+        meta_path.unlink()
+    else:
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **meta}))
+    config = Config.from_mapping({"model_path": str(folder), "model_poll_seconds": 0,
+                                  "temp_dir": str(tmp_path / "t")})
+    registry = Registry(config, lambda f: load_version(f, config, load_classifier)).start()
+    try:
+        assert registry.wait_initial(60)
+        name, version = served_as
+        assert [(m["name"], [v["version"] for v in m["versions"]]) for m in registry.status()] \
+            == [(name, [version])]
+        answer = {"name": name, "version": str(version)}
+        assert _classify(registry) == (answer, "red")
+        assert _classify(registry, Route(name=name, version=version)) == (answer, "red")
+    finally:
+        registry.close()
+
+
 def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versions):
     """Admitted on version 1, answered by version 1 even though version 2 replaced it meanwhile:
     the unload waits for the request."""
