@@ -17,7 +17,8 @@ client answered 503 sends again at once (``--polite``: it waits Retry-After, at 
 They ask for ``top_k=5`` (``--top_k``), as clients of a 1000-class model do. They share the
 machine with the server, as a sidecar would; their CPU seconds are reported beside each level.
 
-``--refusal_cpu SECONDS`` adds the CPU a refused request costs the worker (see
+``--refusal_cpu SECONDS`` adds the CPU a refused request costs the worker, answered at once and
+paced (``--refusal_rates``; see
 :func:`refused_request_cpu`); ``--profile SECONDS`` samples the worker with py-spy during one
 more level (see :func:`profile_level`).
 """
@@ -64,6 +65,7 @@ class BenchParams:
     driver: str = "auto"  # load generator: "wrk", "python", or "auto" (wrk when installed)
     polite: bool = False  # after a 503 wait Retry-After (True) or send again at once (False)
     refusal_cpu: float = 0.0  # seconds of the refused-request CPU measurement (0: skip it)
+    refusal_rates: tuple[int, ...] = (0, 100)  # MAX_REFUSALS_PER_SECOND of its servers
     swap: float = 0.0  # seconds of each of two levels, without and with a new version (0: skip)
     swap_concurrency: int = 16  # clients during the swap levels
     profile: float = 0.0  # seconds of py-spy on the worker during one more level (0: skip it)
@@ -235,7 +237,8 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         result["swap"] = swap_levels(params, driver, paths["500x375"], small, log_dir)
     if params.refusal_cpu:
         result["refusal_cpu"] = refused_request_cpu(params.refusal_cpu, paths["500x375"],
-                                                    log_dir, driver)
+                                                    log_dir, driver,
+                                                    rates=params.refusal_rates)
     result["ratios"] = ratios(result)
     return result
 
@@ -380,8 +383,44 @@ class _Window:
 
 
 def refused_request_cpu(seconds: float, body_path: str, log_dir: str, driver: str,
-                        clients: tuple[int, ...] = (2, 16)) -> dict:
-    """Worker CPU per refused request, in ms.
+                        clients: tuple[int, ...] = (2, 16),
+                        rates: tuple[int, ...] = (0, 100)) -> dict:
+    """Worker CPU per refused request, in ms, with refusals answered at once and paced.
+
+    One server per ``MAX_REFUSALS_PER_SECOND`` of ``rates`` (0: refusals answered at once),
+    each measured as in :func:`_refusal_floods`. A paced flood answers few refusals while its
+    clients' connections are held, so its CPU per refusal carries a fixed cost; the *marginal*
+    CPU of one refusal is the slope between two rates' floods of the same clients:
+    (CPU_a - CPU_b) / (refused_a - refused_b), and what is left of the slower rate's CPU is the
+    fixed cost per second of holding those clients.
+    """
+    runs = []
+    for i, rate in enumerate(rates):
+        run_ = _refusal_floods(seconds, body_path, os.path.join(log_dir, f"refusals-{rate}"),
+                               driver, clients, {"MAX_REFUSALS_PER_SECOND": str(rate)},
+                               profile=i == 0)
+        runs.append({"refusals_per_second": rate, **run_})
+    out = {"seconds": seconds, "driver": driver, "runs": runs, "marginal": []}
+    for a, b in zip(runs, runs[1:]):
+        for fa, fb in zip(a["floods"], b["floods"]):
+            extra = fa["refused"] - fb["refused"]
+            if fa["clients"] != fb["clients"] or abs(extra) < 50:
+                continue
+            cpu_a = fa["worker_cpu_s_without_spinning"] - a["idle_worker_cpu_s"]
+            cpu_b = fb["worker_cpu_s_without_spinning"] - b["idle_worker_cpu_s"]
+            ms = (cpu_a - cpu_b) * 1000 / extra
+            out["marginal"].append({
+                "clients": fa["clients"], "rates": [a["refusals_per_second"],
+                                                    b["refusals_per_second"]],
+                "cpu_ms_per_refusal": round(ms, 3),
+                "fixed_cpu_s_per_s": round((cpu_b - fb["refused"] * ms / 1000)
+                                           / fb["wall_s"], 3)})
+    return out
+
+
+def _refusal_floods(seconds: float, body_path: str, log_dir: str, driver: str,
+                    clients: tuple[int, ...], server_env: dict, profile: bool = True) -> dict:
+    """Worker CPU per refused request, in ms, for one server.
 
     Serves the test suite's colour model built to spin (a busy loop in the graph) whenever a
     batch holds a pure magenta image. Windows of ``seconds`` each, read from
@@ -404,10 +443,11 @@ def refused_request_cpu(seconds: float, body_path: str, log_dir: str, driver: st
     from tests.tiny_models import TRAP, save_colour_model
 
     hang = (3 + len(clients)) * seconds + 10
+    os.makedirs(log_dir, exist_ok=True)
     folder = save_colour_model(os.path.join(log_dir, "spinning_model"), hang_seconds=hang)
     env = {"MODEL_PATH": folder, "TEMP_DIR": os.path.join(log_dir, "temp-refusal"),
            "LOG_LEVEL": "warning", "REQUEST_TIMEOUT": str(hang + 10),
-           "MODEL_HANG_TIMEOUT": str(hang + 60)}
+           "MODEL_HANG_TIMEOUT": str(hang + 60), **server_env}
     server = LiveServer(env)
     server.start(os.path.join(log_dir, "server-refusal.log"))
     out: dict = {"seconds": seconds, "driver": driver, "clk_tck": CLK_TCK,
@@ -448,7 +488,7 @@ def refused_request_cpu(seconds: float, body_path: str, log_dir: str, driver: st
             floods.append((window, load))
         # one more flood, not measured, with py-spy on the worker: where a refusal's CPU goes
         raw = os.path.join(log_dir, "profile-refusals.txt")
-        spy = _start_pyspy(pid, seconds, raw, gil=True)  # a refusal is Python alone
+        spy = _start_pyspy(pid, seconds, raw, gil=True) if profile else None  # Python alone
         if spy is not None:
             time.sleep(0.5)
             load = (wrk_drive(server.url, body_path, clients[-1], seconds, polite=False)
@@ -634,21 +674,30 @@ def markdown(result: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in result["ratios"].items()]
     rc = result.get("refusal_cpu")
     if rc:
-        lines += ["", f"Refused requests (spinning model, {rc['seconds']} s windows; idle "
-                  f"window worker CPU {rc['idle_worker_cpu_s']} s; spinning threads "
-                  f"{rc['spinning_threads']}):", "",
-                  "| impolite clients | refused | accepted | worker CPU s (less spinning) | "
-                  "ms per refusal (stat) | of which kernel | (schedstat) | "
+        lines += ["", f"Refused requests (spinning model, {rc['seconds']} s windows, one server "
+                  "per MAX_REFUSALS_PER_SECOND; 0: answered at once):", "",
+                  "| refusals/s | impolite clients | refused | accepted | worker CPU s (less "
+                  "spinning) | ms per refusal (stat) | of which kernel | (schedstat) | "
                   "client ms per refusal |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {f['clients']} | {f['refused']} | {f['accepted']} | "
-                  f"{f['worker_cpu_s_without_spinning']} | **{f['cpu_ms_per_refusal']}** | "
-                  f"{f['kernel_ms_per_refusal']} | "
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['refusals_per_second']} | {f['clients']} | {f['refused']} | "
+                  f"{f['accepted']} | {f['worker_cpu_s_without_spinning']} | "
+                  f"**{f['cpu_ms_per_refusal']}** | {f['kernel_ms_per_refusal']} | "
                   f"{f['cpu_ms_per_refusal_schedstat']} | {f['client_cpu_ms_per_refusal']} |"
-                  for f in rc["floods"]]
-        if rc.get("profile"):
-            lines += _profile_tables(rc["profile"], f"py-spy --gil during one more flood of "
-                                     f"{rc['profile']['clients']} clients (not measured)", 12)
+                  for r in rc["runs"] for f in r["floods"]]
+        lines += ["", "Idle windows' worker CPU: " + ", ".join(
+            f"{r['idle_worker_cpu_s']} s ({r['refusals_per_second']}/s server)"
+            for r in rc["runs"])]
+        if rc["marginal"]:
+            lines += ["", "| clients | between refusals/s | marginal CPU ms per refusal | "
+                      "fixed CPU s per s of the slower |", "|---:|---|---:|---:|"]
+            lines += [f"| {m['clients']} | {m['rates'][0]} and {m['rates'][1]} | "
+                      f"**{m['cpu_ms_per_refusal']}** | {m['fixed_cpu_s_per_s']} |"
+                      for m in rc["marginal"]]
+        prof = next((r["profile"] for r in rc["runs"] if r.get("profile")), None)
+        if prof:
+            lines += _profile_tables(prof, f"py-spy --gil during one more flood of "
+                                     f"{prof['clients']} clients (not measured)", 12)
     sw = result.get("swap")
     if sw:
         lines += ["", f"Publishing a new version under load ({sw['concurrency']} clients, "
@@ -695,6 +744,9 @@ def main(argv=None) -> int:
                         help="clients wait Retry-After after a 503 (default: send again at once)")
     parser.add_argument("--refusal_cpu", type=float, default=0.0, metavar="SECONDS",
                         help="also measure the worker CPU of one refused request")
+    parser.add_argument("--refusal_rates", default="0,100", metavar="R,R",
+                        help="MAX_REFUSALS_PER_SECOND of the refusal servers (0: at once); the "
+                             "marginal CPU of a refusal is the slope between them")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="also sample the worker with py-spy during one more level")
     parser.add_argument("--profile_concurrency", type=int, default=16)
@@ -711,6 +763,7 @@ def main(argv=None) -> int:
         large_concurrency=tuple(int(c) for c in args.large_concurrency.split(",") if c),
         inprocess_batches=tuple(int(c) for c in args.inprocess_batches.split(",") if c),
         driver=args.driver, polite=args.polite, refusal_cpu=args.refusal_cpu,
+        refusal_rates=tuple(int(r) for r in args.refusal_rates.split(",") if r),
         profile=args.profile, profile_concurrency=args.profile_concurrency, swap=args.swap)
     result = run(params)
     result["command"] = "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])

@@ -28,3 +28,24 @@ def test_photo_jpeg_sizes():
 
     from PIL import Image
     assert Image.open(BytesIO(loadgen.photo_jpeg(500, 375))).size == (500, 375)
+
+
+@pytest.mark.server
+def test_refusal_cpu_at_once_and_paced(tmp_path):
+    """The refused-request measurement: every flood request is refused (the spinning model holds
+    the batcher), a paced server answers fewer refusals than one answering at once, and the
+    slope between them is reported."""
+    body = tmp_path / "photo.jpg"
+    body.write_bytes(loadgen.photo_jpeg(500, 375))
+    out = benchmark.refused_request_cpu(1.0, str(body), str(tmp_path),
+                                        benchmark.choose_driver("auto"), clients=(2,),
+                                        rates=(0, 20))
+    at_once, paced = out["runs"]
+    assert (at_once["refusals_per_second"], paced["refusals_per_second"]) == (0, 20)
+    for run in out["runs"]:
+        (flood,) = run["floods"]
+        assert run["probe_status"] == 503 and flood["accepted"] == 0 and flood["refused"] > 0
+        assert flood["load"]["errors"] == 0
+    assert paced["floods"][0]["refused"] <= 20 * paced["floods"][0]["wall_s"] + 10
+    assert at_once["floods"][0]["refused"] > paced["floods"][0]["refused"]
+    assert [m["rates"] for m in out["marginal"]] == [[0, 20]]
