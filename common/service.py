@@ -151,42 +151,48 @@ class Service:
             return {"model": classifier.describe(), "results": results,
                     "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1)}
 
-    def infer_tensor(self, batch, route: Route = Route()):
-        """A float32 ``[n, h, w, 3]`` batch in ``[0, 1]`` (the SavedModel's own input, as
-        protocol clients send it) -> ``(classifier, [n, labels] scores)``, through the batcher,
-        admitted for ``n`` images. 400 when the shape does not fit the model."""
+    def infer(self, read_inputs: Callable[[], "list[bytes] | np.ndarray"],
+              route: Route = Route()):
+        """A protocol request (TF Serving, Open Inference Protocol) -> ``(classifier,
+        [n, labels] scores)``, through the batcher.
+
+        Admitted for one image before ``read_inputs`` reads and parses the body, then for the
+        rest once they are counted (``MAX_IMAGES_PER_REQUEST`` at most, 400 past it; 503 when
+        they do not fit): a refused request never reads its body. ``read_inputs`` returns
+        either encoded images (base64 or binary elements; decoded and stored like uploads) or
+        a float32 ``[n, h, w, 3]`` batch in ``[0, 1]`` (the SavedModel's own input). Unlike
+        :meth:`classify_many`, one bad image fails the request (400/413/415/422, as a tensor
+        call would), and so does a tensor whose shape does not fit the model (400).
+        """
         import numpy as np
 
-        with self.registry.admit(route, max(1, len(batch))) as admission:
+        with self.registry.admit(route, 1) as admission:
+            inputs = read_inputs()
+            if len(inputs) == 0:
+                raise InvalidParameter("no images in the request")
+            if len(inputs) > self.config.max_images_per_request:
+                raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
+                                    f"request (MAX_IMAGES_PER_REQUEST), got {len(inputs)}")
+            admission.reserve(len(inputs) - 1)
             classifier = admission.classifier
-            batch = np.asarray(batch, dtype=np.float32)
-            expected = (*classifier.input_size, 3)
-            if batch.ndim != 4 or batch.shape[1:] != expected or len(batch) == 0:
-                raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
-                                       f"{expected[1]}, 3], got shape {list(batch.shape)}")
-            return classifier, np.stack(admission.infer_many(list(batch)))
-
-    def infer_images(self, images: list[bytes], route: Route = Route()):
-        """Encoded images (protocol clients' base64 or binary elements) -> ``(classifier,
-        [n, labels] scores)``. Unlike :meth:`classify_many`, one bad image fails the request
-        (400/413/415/422, as a tensor call would)."""
-        import numpy as np
-
-        if not images:
-            raise InvalidParameter("no images in the request")
-        if len(images) > self.config.max_images_per_request:
-            raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
-                                f"request (MAX_IMAGES_PER_REQUEST), got {len(images)}")
-        with self.registry.admit(route, len(images)) as admission:
-            classifier = admission.classifier
-            arrays = []
-            for data in images:
-                if not data:
-                    raise EmptyImage()
-                array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
-                self.store.save(data, decoded.extension)
-                arrays.append(array)
+            if isinstance(inputs, list):
+                arrays = [self._decode(classifier, data) for data in inputs]
+            else:
+                batch = np.asarray(inputs, dtype=np.float32)
+                expected = (*classifier.input_size, 3)
+                if batch.ndim != 4 or batch.shape[1:] != expected:
+                    raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
+                                           f"{expected[1]}, 3], got shape {list(batch.shape)}")
+                arrays = list(batch)
             return classifier, np.stack(admission.infer_many(arrays))
+
+    def _decode(self, classifier, data: bytes):
+        """One encoded image of a protocol request -> its model input, the image stored."""
+        if not data:
+            raise EmptyImage()
+        array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
+        self.store.save(data, decoded.extension)
+        return array
 
     def _classify(self, admission: Admission, data: bytes, options: Options,
                   started: float | None) -> dict:

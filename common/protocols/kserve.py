@@ -85,17 +85,18 @@ def model_ready(name, version=None):
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name, version=None):
-    header, binary = _split_body(body_bytes())
-    wanted = route(name, version)
-    if header is None:  # raw binary request: the body is one encoded image
-        body, tensor = {"parameters": {"binary_data_output": True}}, [binary]
-    else:
-        body = read_json(header)
-        tensor = _input(body, binary)
-    if isinstance(tensor, list):
-        classifier, scores = service().infer_images(tensor, wanted)
-    else:
-        classifier, scores = service().infer_tensor(tensor, wanted)
+    request_ = {}
+
+    def inputs():
+        header, binary = _split_body(body_bytes())
+        if header is None:  # raw binary request: the body is one encoded image
+            request_["body"] = {"parameters": {"binary_data_output": True}}
+            return [binary]
+        request_["body"] = read_json(header)
+        return _input(request_["body"], binary)
+
+    classifier, scores = service().infer(inputs, route(name, version))
+    body = request_["body"]
     note(classifier, "kserve")
     answer = {"model_name": name, "model_version": classifier.version}
     if "id" in body:

@@ -106,27 +106,33 @@ def _tensor_info(shape: list[int], tensor: str) -> dict:
 @bp.post("/<segment:name>/versions/<segment:version>:predict")
 @bp.post("/<segment:name>/labels/<segment:label>:predict")
 def predict(name, version=None, label=None):
-    """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output."""
-    body = read_json(body_bytes())
-    _check_signature(body)
-    if "instances" in body and "inputs" in body:
-        raise InvalidParameter("expecting only one of 'inputs' or 'instances' keys")
-    if "instances" in body:
-        rows, key = body["instances"], "predictions"
-        if not isinstance(rows, list) or not rows:
-            raise InvalidParameter("'instances' must be a non-empty list")
-        rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
-    elif "inputs" in body:
-        key = "outputs"
-        rows = _unname(body["inputs"], "inputs")
-        rows = [rows] if is_b64(rows) else rows
-        if not isinstance(rows, list) or not rows:
-            raise InvalidParameter("'inputs' must be a non-empty list, or one {\"b64\": ...}")
-    else:
-        raise InvalidParameter("Missing 'inputs' or 'instances' key")
-    classifier, scores = _infer(rows, route(name, version, label), key)
+    """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output.
+    The body is read once the request is admitted (as every protocol route's)."""
+    key = {}
+
+    def inputs():
+        body = read_json(body_bytes())
+        _check_signature(body)
+        if "instances" in body and "inputs" in body:
+            raise InvalidParameter("expecting only one of 'inputs' or 'instances' keys")
+        if "instances" in body:
+            key["name"], rows = "predictions", body["instances"]
+            if not isinstance(rows, list) or not rows:
+                raise InvalidParameter("'instances' must be a non-empty list")
+            rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
+        elif "inputs" in body:
+            key["name"], rows = "outputs", _unname(body["inputs"], "inputs")
+            rows = [rows] if is_b64(rows) else rows
+            if not isinstance(rows, list) or not rows:
+                raise InvalidParameter("'inputs' must be a non-empty list, or one "
+                                       "{\"b64\": ...}")
+        else:
+            raise InvalidParameter("Missing 'inputs' or 'instances' key")
+        return _rows(rows, key["name"])
+
+    classifier, scores = service().infer(inputs, route(name, version, label))
     note(classifier, "tfserving")
-    return jsonify({key: scores.tolist()})
+    return jsonify({key["name"]: scores.tolist()})
 
 
 @bp.post("/<segment:name>:classify")
@@ -134,15 +140,17 @@ def predict(name, version=None, label=None):
 @bp.post("/<segment:name>/labels/<segment:label>:classify")
 def classify(name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
-    body = read_json(body_bytes())
-    _check_signature(body, "tensorflow/serving/classify")
-    examples, context = body.get("examples"), body.get("context", {})
-    if not isinstance(examples, list) or not examples:
-        raise InvalidParameter("'examples' must be a non-empty list of objects")
-    if not isinstance(context, dict):
-        raise InvalidParameter("'context' must be an object")
-    images = [_example_image(example, context, i) for i, example in enumerate(examples)]
-    classifier, scores = service().infer_images(images, route(name, version, label))
+    def inputs():
+        body = read_json(body_bytes())
+        _check_signature(body, "tensorflow/serving/classify")
+        examples, context = body.get("examples"), body.get("context", {})
+        if not isinstance(examples, list) or not examples:
+            raise InvalidParameter("'examples' must be a non-empty list of objects")
+        if not isinstance(context, dict):
+            raise InvalidParameter("'context' must be an object")
+        return [_example_image(example, context, i) for i, example in enumerate(examples)]
+
+    classifier, scores = service().infer(inputs, route(name, version, label))
     note(classifier, "tfserving")
     return jsonify({"results": [[[p.label, p.score] for p in classifier.rank(row)]
                                 for row in scores]})
@@ -168,15 +176,14 @@ def _unname(value, where: str):
     return value
 
 
-def _infer(rows: list, route_, what: str):
-    """Rows that are all ``{"b64"}`` images -> infer_images; otherwise one float tensor."""
+def _rows(rows: list, what: str):
+    """Rows that are all ``{"b64"}`` images -> their bytes; otherwise one float tensor."""
     images = [is_b64(row) for row in rows]
     if all(images):
-        return service().infer_images(
-            [decode_b64(row["b64"], f"{what}[{i}].b64") for i, row in enumerate(rows)], route_)
+        return [decode_b64(row["b64"], f"{what}[{i}].b64") for i, row in enumerate(rows)]
     if any(images):
         raise InvalidParameter("mix of {\"b64\": ...} images and tensors in one request")
-    return service().infer_tensor(float_tensor(rows, "the input tensor"), route_)
+    return float_tensor(rows, "the input tensor")
 
 
 def _example_image(example, context: dict, index: int) -> bytes:
