@@ -9,9 +9,12 @@ a watchdog thread shuts the socket's read side (gunicorn puts it in ``environ['g
 so the read returns at once; the request then fails with 408 ``request_timeout``. Without a
 socket (development server, test client) the deadline is checked after each read.
 
-An error answered before the whole body arrived (a request refused by admission, a wrong
+An error answered before the whole body was read (a request refused by admission, a wrong
 Content-Type, a slow body) closes the connection after the response, so the server never reads
-megabytes it is going to throw away.
+megabytes it is going to throw away; a small rest of the body (at most ``DRAIN_BYTES``) that
+has already arrived is read instead and the connection kept: closing would read as much
+(gunicorn drains up to 64 KiB on close), and a client resending refused requests then costs
+no new connection each time.
 
 The real answer for deployments is a buffering reverse proxy in front (docs/RELIABILITY.md):
 it also bounds slow request *headers*, which gunicorn does not.
@@ -28,6 +31,8 @@ from .errors import RequestTimeout
 log = logging.getLogger(__name__)
 
 CHUNK = 16 * 1024  # reads are split so progress (and the deadline) is updated often
+DRAIN_BYTES = 64 * 1024  # the most of an unread body read to keep the connection
+DRAIN_WAIT = 0.05  # seconds the rest of a small body may take to arrive
 
 
 class _Watchdog:
@@ -163,7 +168,8 @@ class UploadDeadline:
 
         def start(status, headers, exc_info=None):
             if int(status.split(" ", 1)[0]) >= 400 and (declared is None
-                                                         or stream.received < declared):
+                                                         or stream.received < declared) \
+                    and not _drain(stream, declared, environ.get("gunicorn.socket")):
                 _close_after_response(start_response)
             return start_response(status, headers, exc_info)
 
@@ -178,6 +184,28 @@ def _declared_length(environ) -> int | None:
         return int(environ.get("CONTENT_LENGTH") or "")
     except ValueError:
         return None  # chunked: the length is unknown until the last chunk
+
+
+def _drain(stream: DeadlineStream, declared: int | None, sock: socket.socket | None) -> bool:
+    """Read the unread rest of a body of ``declared`` bytes when it is small (``DRAIN_BYTES``)
+    and arrives within ``DRAIN_WAIT`` (it is normally in the socket's buffer already); True
+    when the whole body has been read, so the connection can be kept. Never for a body that
+    ran out of time, or without gunicorn's socket."""
+    if (sock is None or declared is None or stream.expired
+            or declared - stream.received > DRAIN_BYTES):
+        return False
+    try:
+        timeout = sock.gettimeout()
+        sock.settimeout(DRAIN_WAIT)
+        try:
+            while stream.received < declared:
+                if not stream.read(declared - stream.received):
+                    return False
+        finally:
+            sock.settimeout(timeout)
+    except (OSError, RequestTimeout):  # slow, or gone: the connection is closed instead
+        return False
+    return True
 
 
 def _close_after_response(start_response) -> None:

@@ -98,6 +98,34 @@ def test_a_refused_upload_is_answered_before_its_body_and_the_connection_closes(
     assert sorted(os.listdir(busy_server.temp_dir)) == busy_server.stored_before
 
 
+def test_a_refused_small_upload_keeps_its_connection(busy_server):
+    """A small body that has arrived whole is read after the refusal (closing would read as
+    much) and the connection serves the client's next request."""
+    body = ig.encode(ig.noisy(ig.BLUE, seed=7), "PNG")
+    assert len(body) < 64 * 1024
+    with socket.create_connection(("127.0.0.1", busy_server.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head, answer = read_response(sock)
+            assert head.startswith("HTTP/1.1 503") and b"overloaded" in answer, head
+            assert "connection: close" not in head.lower()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = read_response(sock)
+        assert head.startswith("HTTP/1.1 200"), head
+    assert sorted(os.listdir(busy_server.temp_dir)) == busy_server.stored_before
+
+
+def test_a_refused_upload_whose_body_is_late_is_closed(busy_server):
+    """Half of a small body sent: the refusal does not wait for the rest; it closes."""
+    body = ig.encode(ig.noisy(ig.BLUE, seed=8), "PNG")
+    with socket.create_connection(("127.0.0.1", busy_server.port), timeout=10) as sock:
+        sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+        head, _ = read_response(sock)
+        assert head.startswith("HTTP/1.1 503") and "connection: close" in head.lower(), head
+
+
 def test_a_refused_url_request_downloads_nothing(busy_server):
     host = ws.Recorder("127.0.0.1", {"/cat.jpg": ws.body(ig.jpeg(ig.BLUE))})
     try:
