@@ -87,6 +87,7 @@ build/models/mobilenet_v2/saved_model.pb: | venv
 	$(BIN)/python scripts/make_inception_model.py --arch mobilenet_v2 --output_dir build/models/mobilenet_v2
 
 bench: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/pip install -q py-spy==0.4.3  # the profiles (--profile, --refusal-cpu); wrk: apt-get install wrk
 	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --concurrency 1,16,64 --large-concurrency 1 --duration 20 --inprocess-batches 1,4,8 --refusal-cpu 5 --profile 10 --swap 20 --json build/bench/inception.json
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --concurrency 1,16 --large-concurrency "" --duration 20 --inprocess-batches 1,4,8 --json build/bench/mobilenet.json
 	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --duration 10 --concurrency 1,16 --large_concurrency "" --env PRECISION=bf16 --json build/bench/inception_bf16.json

@@ -89,13 +89,16 @@ def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> dict:
 def in_process(model: str, batches: tuple[int, ...], env: dict,
                images: dict[str, bytes] | None = None) -> dict:
     """The model alone: median latency at batch 1, the best images/s over ``batches``, and the
-    median decode and resize times of each of ``images`` (the service's own functions)."""
-    from common import tfruntime
-    from common.classifier import load_classifier
+    median decode and resize times of each of ``images`` (the service's own functions).
 
-    tfruntime.configure(int(env.get("TF_INTRA_OP_THREADS", 0)),
-                         int(env.get("TF_INTER_OP_THREADS", 0)), env.get("PRECISION", "fp32"))
-    clf = load_classifier(model)
+    The model runs on the runtime the server chose with the same settings (``RUNTIME``, the
+    thread and precision variables, from this environment and ``env``, as the server's): with
+    ``RUNTIME=auto`` a folder with a verified model.onnx runs on ONNX Runtime in both."""
+    from common.classifier import RuntimeOptions, load_classifier
+    from common.config import Config
+
+    settings = Config.from_env({**os.environ, **env, "MODEL_PATH": model})
+    clf = load_classifier(model, RuntimeOptions.from_config(settings))
     clf.warm_up(batches)
     rng = np.random.default_rng(0)
     per_batch = {}
@@ -112,7 +115,8 @@ def in_process(model: str, batches: tuple[int, ...], env: dict,
         per_batch[n] = {"ms_per_batch": round(median * 1000, 1),
                         "images_per_s": round(n / median, 2)}
     best = max(per_batch, key=lambda n: per_batch[n]["images_per_s"])
-    return {"batch1_ms": per_batch[1]["ms_per_batch"] if 1 in per_batch else None,
+    return {"runtime": clf.runtime,
+            "batch1_ms": per_batch[1]["ms_per_batch"] if 1 in per_batch else None,
             "best_batch": best, "best_images_per_s": per_batch[best]["images_per_s"],
             "per_batch": per_batch,
             "decode": {name: decode_times(data, tuple(clf.input_size))
@@ -215,6 +219,8 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         first.read()
         result["first_request_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         result["first_request_status"] = first.status
+        conn.request("GET", "/model")
+        result["server_runtime"] = json.loads(conn.getresponse().read()).get("runtime")
         conn.close()
         levels = []
         for name, body, counts in (("500x375", small, params.concurrency),
@@ -239,6 +245,9 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         result["refusal_cpu"] = refused_request_cpu(params.refusal_cpu, paths["500x375"],
                                                     log_dir, driver,
                                                     rates=params.refusal_rates)
+    if inproc["runtime"] != result["server_runtime"]:  # the ratios would compare runtimes
+        raise RuntimeError(f"the server ran {result['server_runtime']} but the in-process "
+                           f"figures {inproc['runtime']}")
     result["ratios"] = ratios(result)
     return result
 
@@ -647,7 +656,8 @@ def profile_level(server: LiveServer, driver: str, body: bytes, body_path: str,
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Model `{result['model']}` · load generator: {result.get('driver', 'python')} · "
+    lines = [f"Model `{result['model']}` on {result.get('server_runtime')} · load generator: "
+             f"{result.get('driver', 'python')} · "
              f"time to ready {result['time_to_ready_s']} s · first "
              f"request {result['first_request_ms']} ms · peak RSS per worker "
              f"{', '.join(f'{v} MB' for v in result['peak_rss_mb'].values())} (private at the "
@@ -663,7 +673,8 @@ def markdown(result: dict) -> str:
                      f"{lv['shed_503']} | {lv['errors']} | {lv.get('client_cpu_s', '')} |")
     ip = result["in_process"]
     per_batch = ", ".join(f"{n}: {v['images_per_s']}" for n, v in ip["per_batch"].items())
-    lines += ["", f"In-process, same run: batch 1 {ip['batch1_ms']} ms; best batch "
+    lines += ["", f"In-process, same run, on {ip.get('runtime', 'tensorflow')} (as the server): "
+              f"batch 1 {ip['batch1_ms']} ms; best batch "
               f"{ip['best_batch']}: {ip['best_images_per_s']} images/s "
               f"({per_batch})"]
     if ip.get("decode"):
