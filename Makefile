@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-onnx venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed
@@ -88,10 +88,17 @@ build/models/mobilenet_v2/saved_model.pb: | venv
 
 bench: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/saved_model.pb
 	$(BIN)/pip install -q py-spy==0.4.3  # the profiles (--profile, --refusal-cpu); wrk: apt-get install wrk
-	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --concurrency 1,16,64 --large-concurrency 1 --duration 20 --inprocess-batches 1,4,8 --refusal-cpu 5 --profile 10 --swap 20 --json build/bench/inception.json
-	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --concurrency 1,16 --large-concurrency "" --duration 20 --inprocess-batches 1,4,8 --json build/bench/mobilenet.json
-	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --duration 10 --concurrency 1,16 --large_concurrency "" --env PRECISION=bf16 --json build/bench/inception_bf16.json
+	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --env RUNTIME=tensorflow --concurrency 1,16,64 --large-concurrency 1 --duration 20 --refusal-cpu 5 --profile 10 --swap 20 --json build/bench/inception.json
+	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=tensorflow --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet.json
+	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --duration 10 --concurrency 1,16 --large_concurrency "" --env PRECISION=bf16 --env RUNTIME=tensorflow --json build/bench/inception_bf16.json
 	$(BIN)/python scripts/bf16_check.py --speed_model build/models/inception_v3
+
+# The same on ONNX Runtime (RUNTIME=auto's choice once a folder has a verified model.onnx).
+bench-onnx: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/inception_v3 --format onnx --generated 16
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --env RUNTIME=onnx --concurrency 1,16,64 --large-concurrency "" --duration 20 --json build/bench/inception_onnx_admission.json
+	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet_onnx_admission.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build
