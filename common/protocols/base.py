@@ -33,8 +33,8 @@ def route(name: str, version: str | None = None, label: str | None = None) -> Ro
 
 
 def version_number(served: ServedModel) -> int:
-    """The number a served version has in the registry: a repository's version folder, or 1 for
-    the one model ``MODEL_PATH`` names (or a model given in memory), which is its version 1."""
+    """The number a served version has in the registry: a repository's version folder, the
+    version ``MODEL_PATH``'s model is served as, or 1 for a model given in memory."""
     return int(served.identity[1]) if served.identity else 1
 
 
