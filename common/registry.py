@@ -290,14 +290,14 @@ def single_model_identity(config: Config) -> tuple[str, int]:
     model.json's when they can be routed (a model name as in a repository, a whole version
     number), else its folder's name (a frozen graph: the folder holding it) and 1."""
     folder = model_folder(config)
-    name, version = folder.identity({})
+    fallback, version = folder.identity({})
+    name = fallback
     try:
         name, version = folder.identity(folder.read_metadata())
     except Exception as exc:  # an unreadable model.json fails the load, with its message
         log.debug("MODEL_PATH is served under its folder's name: %s", exc)
     if not routable(name):
-        name = folder.identity({})[0]
-        name = name if routable(name) else "model"
+        name = fallback if routable(fallback) else "model"
     return name, int(version) if version.isdigit() and int(version) > 0 else 1
 
 

@@ -133,10 +133,8 @@ class Service:
             arrays = []
             for data in images:
                 try:
-                    if not data:
-                        raise EmptyImage()
-                    array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
-                    results.append({"filename": self.store.save(data, decoded.extension)})
+                    array, filename = self._prepare(classifier, data)
+                    results.append({"filename": filename})
                     arrays.append(array)
                 except ApiError as err:
                     results.append({"error": err.to_dict()["error"]})
@@ -176,7 +174,7 @@ class Service:
             admission.reserve(len(inputs) - 1)
             classifier = admission.classifier
             if isinstance(inputs, list):
-                arrays = [self._decode(classifier, data) for data in inputs]
+                arrays = [self._prepare(classifier, data)[0] for data in inputs]
             else:
                 batch = np.asarray(inputs, dtype=np.float32)
                 expected = (*classifier.input_size, 3)
@@ -186,22 +184,20 @@ class Service:
                 arrays = list(batch)
             return classifier, np.stack(admission.infer_many(arrays))
 
-    def _decode(self, classifier, data: bytes):
-        """One encoded image of a protocol request -> its model input, the image stored."""
+    def _prepare(self, classifier, data: bytes):
+        """One uploaded or downloaded image -> ``(model input, stored file name)``: decoded and
+        preprocessed for ``classifier`` (float32 ``[h, w, 3]`` in ``[0, 1]``), and stored.
+        400 when empty; 413/415/422 from decoding."""
         if not data:
             raise EmptyImage()
         array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
-        self.store.save(data, decoded.extension)
-        return array
+        return array, self.store.save(data, decoded.extension)
 
     def _classify(self, admission: Admission, data: bytes, options: Options,
                   started: float | None) -> dict:
         started = time.perf_counter() if started is None else started
-        if not data:
-            raise EmptyImage()
         classifier = admission.classifier
-        array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
-        filename = self.store.save(data, decoded.extension)
+        array, filename = self._prepare(classifier, data)
         scores = admission.infer(array)
         predictions = classifier.postprocess(scores, options)
         self.feedback.review(filename, classifier, scores)
