@@ -180,15 +180,17 @@ class RuntimeOptions:
     precision: str = "fp32"
     onnx_intra_op_threads: int = 0
     onnx_inter_op_threads: int = 0
+    onnx_spinning: bool = False
 
     @classmethod
     def from_config(cls, config) -> "RuntimeOptions":
-        """The server's: RUNTIME, TF_*_THREADS, PRECISION and ONNX_*_THREADS."""
+        """The server's: RUNTIME, TF_*_THREADS, PRECISION, ONNX_*_THREADS and ONNX_SPINNING."""
         return cls(runtime=config.runtime, configure_tensorflow=True,
                    tf_intra_op_threads=config.tf_intra_op_threads,
                    tf_inter_op_threads=config.tf_inter_op_threads, precision=config.precision,
                    onnx_intra_op_threads=config.onnx_intra_op_threads,
-                   onnx_inter_op_threads=config.onnx_inter_op_threads)
+                   onnx_inter_op_threads=config.onnx_inter_op_threads,
+                   onnx_spinning=config.onnx_spinning)
 
 
 def choose_runtime(folder: ModelFolder, runtime: str, precision: str = "fp32") -> str:
@@ -228,7 +230,8 @@ def _exported_graph(folder: ModelFolder, options: RuntimeOptions, runtime: str):
     if runtime == "onnx":
         from . import onnxrt
         graph = onnxrt.load_graph(path, intra_op=options.onnx_intra_op_threads,
-                                  inter_op=options.onnx_inter_op_threads)
+                                  inter_op=options.onnx_inter_op_threads,
+                                  spinning=options.onnx_spinning)
     else:
         from . import litert
         graph = litert.load_graph(path)

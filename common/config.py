@@ -169,6 +169,7 @@ class Config:
     runtime: str = env("RUNTIME", _runtime, default="auto")
     onnx_intra_op_threads: int = env("ONNX_INTRA_OP_THREADS", _int(0), default=0)
     onnx_inter_op_threads: int = env("ONNX_INTER_OP_THREADS", _int(0), default=0)
+    onnx_spinning: bool = env("ONNX_SPINNING", _bool, default=False)
     malloc_arena_max: int = env("MALLOC_ARENA_MAX", _int(1), default=2)
     log_level: str = env("LOG_LEVEL", _level, default="info")
     metrics_dir: str | None = env("PROMETHEUS_MULTIPROC_DIR", _optional(str), default=None)

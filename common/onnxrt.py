@@ -28,18 +28,28 @@ def available() -> bool:
     return True
 
 
-def session_options(intra_op: int = 0, inter_op: int = 0):
-    """ONNX Runtime session options: thread pools (0 = its own choice, one per core)."""
+def session_options(intra_op: int = 0, inter_op: int = 0, spinning: bool = False):
+    """ONNX Runtime session options: thread pools (0 = its own choice, one per core).
+
+    ``spinning`` False stops the pools' threads from busy-waiting for the next op once their part
+    of one is done (ONNX Runtime's default is to spin). Alone on a machine spinning shaves a
+    little latency; in the server it burned a core that the request threads (decode, resize,
+    HTTP) needed: ``docs/BENCHMARKS.md`` has the measurement behind the default.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op
     options.inter_op_num_threads = inter_op
     options.log_severity_level = 3  # errors only
+    flag = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    options.add_session_config_entry("session.inter_op.allow_spinning", flag)
     return options
 
 
-def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0) -> RuntimeGraph:
+def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0,
+               spinning: bool = False) -> RuntimeGraph:
     """An ONNX file (or its bytes) as a RuntimeGraph; ModelLoadError with the reason when
     onnxruntime is missing or the file is damaged."""
     try:
@@ -49,7 +59,8 @@ def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0) -> Ru
                              "(pip install -r requirements.txt)") from None
     where = path if isinstance(path, str) else "the ONNX model"
     try:
-        session = ort.InferenceSession(path, sess_options=session_options(intra_op, inter_op),
+        session = ort.InferenceSession(path,
+                                       sess_options=session_options(intra_op, inter_op, spinning),
                                        providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own types for a damaged file
         raise ModelLoadError(f"cannot load {where}: {exc}") from None
@@ -67,8 +78,9 @@ def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0) -> Ru
     static = _static_size(inputs[0].shape)
     declared = output.shape
     width = declared[-1] if len(declared) == 2 and isinstance(declared[-1], int) else None
-    log.info("ONNX Runtime %s loaded %s (threads: intra %s, inter %s)", ort.__version__,
-             where, intra_op or "auto", inter_op or "auto")
+    log.info("ONNX Runtime %s loaded %s (threads: intra %s, inter %s, spinning %s)",
+             ort.__version__, where, intra_op or "auto", inter_op or "auto",
+             "on" if spinning else "off")
     return RuntimeGraph(predict_fn, static, width, session)
 
 

@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 import imagegen as ig
 from common import exports
 from common.classifier import RuntimeOptions, load_classifier
+from common.config import Config
 from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
 from helpers import ROOT, post_image, start_server
 from scripts import export as export_cli
@@ -63,6 +64,18 @@ def test_onnx_export_is_written_verified_and_recorded(exported):
     assert onnx_clf.runtime == "onnx" and onnx_clf.input_size == tf_clf.input_size
     images = _colour_images()
     np.testing.assert_allclose(onnx_clf.predict(images), tf_clf.predict(images), atol=1e-4)
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_onnx_spinning_setting_reaches_the_session(exported, spinning):
+    """ONNX_SPINNING (default off) becomes the session's allow_spinning entries, so the pool
+    threads sleep between ops instead of taking CPU from the request threads."""
+    env = {"RUNTIME": "onnx", **({"ONNX_SPINNING": "true"} if spinning else {})}
+    clf = load_classifier(exported, RuntimeOptions.from_config(Config.from_env(env)))
+    options = clf._keepalive.get_session_options()
+    for pool in ("intra_op", "inter_op"):
+        entry = options.get_session_config_entry(f"session.{pool}.allow_spinning")
+        assert entry == ("1" if spinning else "0")
 
 
 @pytest.mark.parametrize("quantize", ["fp32", "float16", "dynamic", "int8"])
