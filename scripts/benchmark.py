@@ -107,17 +107,20 @@ def in_process(model: str, batches: tuple[int, ...], env: dict,
         clf.predict(x)
         times = []
         budget = time.perf_counter() + 8.0
+        cpu0 = time.process_time()
         while len(times) < 5 or (time.perf_counter() < budget and len(times) < 50):
             t0 = time.perf_counter()
             clf.predict(x)
             times.append(time.perf_counter() - t0)
+        cpu_ms = (time.process_time() - cpu0) * 1000 / (n * len(times))
         median = statistics.median(times)
         per_batch[n] = {"ms_per_batch": round(median * 1000, 1),
-                        "images_per_s": round(n / median, 2)}
+                        "images_per_s": round(n / median, 2), "cpu_ms_per_image": round(cpu_ms, 2)}
     best = max(per_batch, key=lambda n: per_batch[n]["images_per_s"])
     return {"runtime": clf.runtime,
             "batch1_ms": per_batch[1]["ms_per_batch"] if 1 in per_batch else None,
             "best_batch": best, "best_images_per_s": per_batch[best]["images_per_s"],
+            "best_cpu_ms_per_image": per_batch[best]["cpu_ms_per_image"],
             "per_batch": per_batch,
             "decode": {name: decode_times(data, tuple(clf.input_size))
                        for name, data in (images or {}).items()}}
@@ -223,11 +226,17 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         result["server_runtime"] = json.loads(conn.getresponse().read()).get("runtime")
         conn.close()
         levels = []
+        workers = server.worker_pids()
         for name, body, counts in (("500x375", small, params.concurrency),
                                    ("4000x3000", large, params.large_concurrency)):
             for c in counts:
-                levels.append({"image": name, **level(driver, server.port, body, paths[name], c,
-                                                      params)})
+                before = workers_cpu_s(workers)
+                lv = level(driver, server.port, body, paths[name], c, params)
+                # the warm-up requests are inside the window too: they are answered 200s
+                answered = lv["ok"] + params.warmup_requests
+                lv["server_cpu_ms_per_200"] = round(
+                    (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
+                levels.append({"image": name, **lv})
                 print(json.dumps(levels[-1]), file=sys.stderr)
         result["levels"] = levels
         if params.profile:
@@ -261,6 +270,11 @@ def ratios(result: dict) -> dict:
         if image == "500x375" and c > 1:
             out[f"goodput_c{c}_vs_best_batch"] = round(lv["ok"] / lv["seconds"]
                                                        / inproc["best_images_per_s"], 3)
+            if lv.get("server_cpu_ms_per_200"):
+                # the most 200s per second the server's CPU per 200 allows on this machine's
+                # cores, as a share of the in-process best: the ratio above cannot exceed it
+                most = result["machine"]["cpus"] * 1000 / lv["server_cpu_ms_per_200"]
+                out[f"cpu_ceiling_c{c}"] = round(most / inproc["best_images_per_s"], 3)
     if ("500x375", 1) in by and inproc["batch1_ms"]:
         c1 = by[("500x375", 1)]
         out["p50_c1_vs_batch1"] = round(c1["p50_ms"] / inproc["batch1_ms"], 3)
@@ -341,6 +355,11 @@ def task_cpu(pid: int) -> dict[int, tuple[int, int]]:
             continue
         out[int(tid)] = (int(fields[11]) + int(fields[12]), ns)
     return out
+
+
+def workers_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system, every thread) the worker processes ``pids`` have used."""
+    return sum(process_ticks(pid) for pid in pids) / os.sysconf("SC_CLK_TCK")
 
 
 def process_ticks(pid: int, system_only: bool = False) -> int:
@@ -663,20 +682,21 @@ def markdown(result: dict) -> str:
              f"{', '.join(f'{v} MB' for v in result['peak_rss_mb'].values())} (private at the "
              f"end: {', '.join(f'{v} MB' for v in result['anon_rss_mb'].values())})", "",
              "| image | clients | after 503 | goodput 200/s | 503 share | p50 ms | p95 ms | "
-             "p99 ms | 200s | 503s | errors | client CPU s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "p99 ms | 200s | 503s | errors | client CPU s | server CPU ms per 200 |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
         lines.append(f"| {lv['image']} | {lv['concurrency']} | "
                      f"{'wait Retry-After' if lv.get('polite') else 'retry at once'} | "
                      f"{lv['throughput']} | {lv.get('shed_share', '')} | "
                      f"{lv['p50_ms']} | {lv['p95_ms']} | {lv['p99_ms']} | {lv['ok']} | "
-                     f"{lv['shed_503']} | {lv['errors']} | {lv.get('client_cpu_s', '')} |")
+                     f"{lv['shed_503']} | {lv['errors']} | {lv.get('client_cpu_s', '')} | "
+                     f"{lv.get('server_cpu_ms_per_200', '')} |")
     ip = result["in_process"]
     per_batch = ", ".join(f"{n}: {v['images_per_s']}" for n, v in ip["per_batch"].items())
     lines += ["", f"In-process, same run, on {ip.get('runtime', 'tensorflow')} (as the server): "
               f"batch 1 {ip['batch1_ms']} ms; best batch "
               f"{ip['best_batch']}: {ip['best_images_per_s']} images/s "
-              f"({per_batch})"]
+              f"({per_batch}), {ip.get('best_cpu_ms_per_image')} ms of CPU per image"]
     if ip.get("decode"):
         lines.append("Decode + resize in-process (median): " + "; ".join(
             f"{name} ({d['bytes'] // 1000} KB): decode {d['decode_ms']} ms, resize "

@@ -17,8 +17,11 @@ def test_benchmark_end_to_end(colour_model_dir):
     assert all(lv["ok"] > 0 and lv["errors"] == 0 for lv in result["levels"])
     assert result["peak_rss_mb"] and all(v > 0 for v in result["peak_rss_mb"].values())
     assert result["in_process"]["best_images_per_s"] > 0
+    assert result["in_process"]["best_cpu_ms_per_image"] > 0
+    # the worker's CPU per answer, and the ceiling it puts on goodput ÷ in-process
+    assert all(lv["server_cpu_ms_per_200"] > 0 for lv in result["levels"])
     assert set(result["ratios"]) >= {"p50_c1_vs_batch1", "first_request_vs_median",
-                                     "large_vs_small_p50_c1"}
+                                     "large_vs_small_p50_c1", "cpu_ceiling_c4"}
     table = benchmark.markdown(result)
     assert "| 500x375 | 4 |" in table and "In-process" in table
 
