@@ -232,8 +232,8 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
             for c in counts:
                 before = workers_cpu_s(workers)
                 lv = level(driver, server.port, body, paths[name], c, params)
-                # the warm-up requests are inside the window too: they are answered 200s
-                answered = lv["ok"] + params.warmup_requests
+                # the level's warm-up 200s (level() waits for max(1, N)) are in the window too
+                answered = lv["ok"] + max(1, params.warmup_requests)
                 lv["server_cpu_ms_per_200"] = round(
                     (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
                 levels.append({"image": name, **lv})
