@@ -135,6 +135,11 @@ class Config:
     max_upload_mb: float = env("MAX_UPLOAD_MB", _float(), default=16.0)
     max_image_pixels: int = env("MAX_IMAGE_PIXELS", _int(1),
                                 default=DEFAULT_MAX_IMAGE_PIXELS)
+    decode_memory_mb: float = env("DECODE_MEMORY_MB", _float(), default=512.0)
+    bodies_in_flight: int = env("BODIES_IN_FLIGHT", _int(1), default=32)
+    header_timeout: float = env("HEADER_TIMEOUT", _float(), default=5.0)
+    send_timeout: float = env("SEND_TIMEOUT", _float(), default=10.0)
+    allowed_hosts: tuple[str, ...] = env("ALLOWED_HOSTS", _host_list, default=())
     max_url_length: int = env("MAX_URL_LENGTH", _int(16), default=2048)
     url_fetch_timeout: float = env("URL_FETCH_TIMEOUT", _float(), default=10.0)
     url_connect_timeout: float = env("URL_CONNECT_TIMEOUT", _float(), default=3.0)
@@ -184,6 +189,10 @@ class Config:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def decode_memory_bytes(self) -> int:
+        return int(self.decode_memory_mb * MIB)
 
     @property
     def temp_max_bytes(self) -> int:
