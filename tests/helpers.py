@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "tf_files", "demo")
 
 __all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "post_image", "assert_envelope",
-           "metric"]
+           "metric", "PeakMemory"]
 
 
 def start_server(work, env: dict, name: str = "server", wait_ready: bool = True) -> LiveServer:
@@ -68,3 +68,38 @@ def metric(text: str, name: str, **labels) -> float:
             found = True
     assert found, f"no sample {name}{labels}"
     return total
+
+
+class PeakMemory:
+    """A process's peak resident memory around some work, as the kernel counts it.
+
+    ``reset()`` writes 5 to ``/proc/PID/clear_refs`` (the peak, ``VmHWM``, drops to the current
+    RSS); ``rise_mb()`` is then the peak since the reset minus the RSS at the reset, in MiB.
+    Use with ``server.worker_pids()[0]`` for a one-worker server.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.base_kb = 0
+
+    def _status_kb(self, field: str) -> int:
+        with open(f"/proc/{self.pid}/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
+    def reset(self) -> "PeakMemory":
+        with open(f"/proc/{self.pid}/clear_refs", "w") as fh:
+            fh.write("5")
+        self.base_kb = self._status_kb("VmRSS")
+        return self
+
+    def peak_mb(self) -> float:
+        return self._status_kb("VmHWM") / 1024.0
+
+    def rss_mb(self) -> float:
+        return self._status_kb("VmRSS") / 1024.0
+
+    def rise_mb(self) -> float:
+        return (self._status_kb("VmHWM") - self.base_kb) / 1024.0
