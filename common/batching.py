@@ -137,12 +137,6 @@ class Ticket:
         self.left -= len(images)
         return self._batcher._submit_many(images, timeout)
 
-    def extend(self, images: int) -> None:
-        """Room for ``images`` more images, under the same rules as :meth:`Batcher.admit`."""
-        if images > 0:
-            self._batcher._reserve(images)
-            self.left += images
-
     def release(self) -> None:
         """Give back the room not used."""
         if self.left:
@@ -215,21 +209,38 @@ class Batcher:
         self._reserve(images)
         return Ticket(self, images)
 
+    def check(self, images: int = 1) -> None:
+        """Refuse now, as :meth:`admit` would, without reserving anything: for a request that
+        reads its body before it is admitted (a refused one then reads nothing)."""
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("the worker is shutting down")
+            refused = self._refuses(images)
+        if refused:
+            self._refuse()
+
     def _reserve(self, images: int) -> None:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the worker is shutting down")
-            refused = self._waiting + images > self.max_queue or (
-                self.max_wait > 0 and self.expected_wait() > self.max_wait)
+            refused = self._refuses(images)
             if not refused:
                 self._waiting += images
         if refused:
-            self.stats.shed += 1
-            self._event("rejected_request", "overloaded")
-            if self.pacer is not None:
-                time.sleep(self.pacer.delay())
-            raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
+            self._refuse()
         self._event("queue_changed", images)
+
+    def _refuses(self, images: int) -> bool:
+        """Whether ``images`` more would pass the hard cap or the wait budget (under the lock)."""
+        return self._waiting + images > self.max_queue or (
+            self.max_wait > 0 and self.expected_wait() > self.max_wait)
+
+    def _refuse(self) -> None:
+        self.stats.shed += 1
+        self._event("rejected_request", "overloaded")
+        if self.pacer is not None:
+            time.sleep(self.pacer.delay())
+        raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
 
     def expected_wait(self) -> float:
         """Seconds until a new request's first batch would start: the running call's rest plus

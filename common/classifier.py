@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .exports import check_reference
-from .images import DecodedImage, load_for_model
+from .images import DecodedImage, DecodeLimits, load_for_model
 from .modelfolder import EXPORT_FILES, TFLITE, ModelFolder, ModelLoadError
 
 #: Decimal places of the scores in every answer.
@@ -74,12 +74,14 @@ class Classifier:
         return len(self.labels)
 
     # -- 1. preprocess ------------------------------------------------------------------------
-    def preprocess(self, data: bytes, max_pixels: int) -> tuple[np.ndarray, DecodedImage]:
+    def preprocess(self, data: bytes,
+                   limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, DecodedImage]:
         """Image bytes -> (float32 ``[h, w, 3]`` in ``[0, 1]``, the decoded image).
 
-        Raises the 4xx ApiErrors of ``common.images.decode_image`` for bad bytes.
+        Raises the 4xx ApiErrors of ``common.images.decode_image`` for bad bytes, and its 503
+        when the decode does not fit in ``limits.budget``.
         """
-        return load_for_model(data, self.input_size, max_pixels=max_pixels)
+        return load_for_model(data, self.input_size, limits=limits)
 
     # -- 2. inference -------------------------------------------------------------------------
     def predict(self, images: np.ndarray) -> np.ndarray:

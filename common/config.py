@@ -136,7 +136,7 @@ class Config:
     max_image_pixels: int = env("MAX_IMAGE_PIXELS", _int(1),
                                 default=DEFAULT_MAX_IMAGE_PIXELS)
     decode_memory_mb: float = env("DECODE_MEMORY_MB", _float(), default=512.0)
-    bodies_in_flight: int = env("BODIES_IN_FLIGHT", _int(1), default=32)
+    bodies_in_flight: int | None = env("BODIES_IN_FLIGHT", _optional(_int(1)), default=None)
     header_timeout: float = env("HEADER_TIMEOUT", _float(), default=5.0)
     send_timeout: float = env("SEND_TIMEOUT", _float(), default=10.0)
     allowed_hosts: tuple[str, ...] = env("ALLOWED_HOSTS", _host_list, default=())
@@ -189,6 +189,14 @@ class Config:
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def body_slots(self) -> int:
+        """BODIES_IN_FLIGHT, or by default all request threads but an eighth (at least 2),
+        which stay free for probes and requests without a body."""
+        if self.bodies_in_flight is not None:
+            return self.bodies_in_flight
+        return max(1, self.threads - max(2, self.threads // 8))
 
     @property
     def decode_memory_bytes(self) -> int:

@@ -78,12 +78,6 @@ class Admission:
         batches -> their scores, in order."""
         return self.ticket.predict_many(images)
 
-    def reserve(self, images: int) -> None:
-        """Room for ``images`` more images of the same request (a request with several images
-        is admitted for one before its body is read, then for the rest once counted);
-        Overloaded (503) when they do not fit."""
-        self.ticket.extend(images)
-
     def __enter__(self) -> "Admission":
         return self
 
@@ -284,6 +278,14 @@ class ServedModel:
         except BaseException:
             self.unhold()
             raise
+
+    def check(self, images: int = 1) -> None:
+        """Refuse now, as :meth:`admit` would, without taking room: the 503 of a version that
+        is not ready, or Overloaded."""
+        running = self._running
+        if running is None or self._stopped:
+            raise self.health().error() or ModelNotReady()
+        running.batcher.check(images)
 
     def infer(self, image: np.ndarray) -> np.ndarray:
         """Admit and classify one preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) ->

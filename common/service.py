@@ -1,31 +1,37 @@
 """The data plane: one plain method per route, bytes or a URL in, the response dict out.
 
 No web framework here (KServe's ``dataplane.py`` in spirit): the views parse HTTP and call one
-method of :class:`Service`; the protocol adapters of later issues will do the same. A request's
+method of :class:`Service`; so do the protocol adapters. A request's
 path, top to bottom:
 
 1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad);
-2. admission: the served model must be ready and its batcher must expect to start the request
-   within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise), before the body is read or a
-   URL downloaded: a refused request does no work and stores nothing;
-3. the body is read, or the URL downloaded under ``fetch.py``'s rules;
-4. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes);
-5. the bytes are stored in temp/ under their content hash (``storage.py``);
-6. ``admission.infer``: through the batcher, always (503 when timed out);
-7. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
+2. a check as admission would make it: the served model must be ready and its batcher must
+   expect to start the request within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise),
+   before the body is read or a URL downloaded: a refused request does no work;
+3. the body is read, or the URL downloaded under ``fetch.py``'s rules, in one of
+   ``BODIES_IN_FLIGHT`` slots and holding no room in the model's queue;
+4. admission for the images the body holds (503 + Retry-After when they do not fit);
+5. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes),
+   the decode's memory estimated from the header and reserved from ``DECODE_MEMORY_MB``;
+6. the bytes are stored in temp/ under their content hash (``storage.py``);
+7. ``admission.infer``: through the batcher, always (503 when timed out);
+8. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
 """
 from __future__ import annotations
 
 import base64
 import os
+import threading
 import time
 from typing import Callable, Mapping
 
 from .classifier import Options
 from .config import Config
-from .errors import ApiError, EmptyImage, InvalidParameter, NotFound, TooManyImages
+from .errors import (ApiError, EmptyImage, InvalidParameter, NotFound, Overloaded,
+                     TooManyImages)
 from .feedback import Feedback
 from .fetch import UrlFetcher
+from .images import DecodeBudget, DecodeLimits
 from .modelfolder import ONNX
 from .registry import Registry, Route
 from .served import Admission, ServedModel
@@ -53,6 +59,24 @@ def _parameter(args: Mapping[str, str], name: str, cast, valid, expected: str):
     return value
 
 
+class Slots:
+    """At most ``limit`` holders at once (a context manager); one more is refused at once with
+    503 (Overloaded, ``Retry-After: 1``) instead of waiting. Thread-safe."""
+
+    def __init__(self, limit: int, what: str, setting: str):
+        self.limit = limit
+        self._free = threading.BoundedSemaphore(limit)
+        self._message = f"{limit} {what} in this worker already ({setting}); retry"
+
+    def __enter__(self) -> "Slots":
+        if not self._free.acquire(blocking=False):
+            raise Overloaded(self._message)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._free.release()
+
+
 def digest_b64(sha256_hex: str) -> str:
     """A hex SHA-256 in base64, as Subresource Integrity and Repr-Digest write it."""
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
@@ -77,6 +101,10 @@ class Service:
         self.fetcher = fetcher
         self.metrics = metrics
         self.feedback = Feedback.from_config(config, store)
+        self.decode_limits = DecodeLimits(config.max_image_pixels,
+                                          DecodeBudget(config.decode_memory_bytes))
+        self.bodies = Slots(config.body_slots, "request bodies are being received",
+                            "BODIES_IN_FLIGHT")
 
     def attach(self, app) -> "Service":
         app.extensions[self._KEY] = self
@@ -94,40 +122,39 @@ class Service:
     # -- classification -------------------------------------------------------------------------
     def classify_upload(self, read_body: Callable[[], bytes], args: Mapping[str, str],
                         started: float | None = None, route: Route = Route()) -> dict:
-        """An uploaded image -> DESIGN.md's 200 answer. ``read_body`` is called only once the
-        request is admitted: a refused request never reads its body."""
+        """An uploaded image -> DESIGN.md's 200 answer (see :meth:`_receive` for when
+        ``read_body`` is called)."""
         options = parse_options(args, self.config.top_k)
+        data = self._receive(route, read_body)
         with self.registry.admit(route, 1) as admission:
-            return self._classify(admission, read_body(), options, started)
+            return self._classify(admission, data, options, started)
 
     def classify_url(self, url: str, args: Mapping[str, str],
                      started: float | None = None, route: Route = Route()) -> dict:
-        """An image URL, downloaded only once the request is admitted -> the answer."""
+        """An image URL, downloaded like an upload's body is read -> the answer."""
         options = parse_options(args, self.config.top_k)
+        data = self._receive(route, lambda: self.fetcher.fetch(url))
         with self.registry.admit(route, 1) as admission:
-            return self._classify(admission, self.fetcher.fetch(url), options, started)
+            return self._classify(admission, data, options, started)
 
     def classify_many(self, read_images: Callable[[], list[bytes]], args: Mapping[str, str],
                       started: float | None = None, route: Route = Route()) -> dict:
         """Uploaded images of one request: one image gets the single-image answer, several get
         one result per image, in order.
 
-        Admitted for one image before the body is read, then for the rest once they are
-        counted (``MAX_IMAGES_PER_REQUEST`` at most, 400 past it; 503 when they do not fit).
-        Each result is the single-image answer's ``filename``/``predictions``/``labels``, or
-        ``{"error": {...}}`` (the error envelope's inner object) for an image that could not be
-        classified; one version serves them all.
+        Admitted for all of them once they are read (``MAX_IMAGES_PER_REQUEST`` at most, 400
+        past it; 503 when they do not fit). Each result is the single-image answer's
+        ``filename``/``predictions``/``labels``, or ``{"error": {...}}`` (the error envelope's
+        inner object) for an image that could not be classified; one version serves them all.
         """
         started = time.perf_counter() if started is None else started
         options = parse_options(args, self.config.top_k)
-        with self.registry.admit(route, 1) as admission:
-            images = read_images()
-            if len(images) == 1:  # one image: the single-image answer
+        images = self._receive(route, read_images)
+        if len(images) == 1:  # one image: the single-image answer
+            with self.registry.admit(route, 1) as admission:
                 return self._classify(admission, images[0], options, started)
-            if len(images) > self.config.max_images_per_request:
-                raise TooManyImages(f"at most {self.config.max_images_per_request} images in "
-                                    f"one request (MAX_IMAGES_PER_REQUEST), got {len(images)}")
-            admission.reserve(len(images) - 1)
+        self._check_count(len(images))
+        with self.registry.admit(route, len(images)) as admission:
             classifier = admission.classifier
             results: list[dict] = []
             arrays = []
@@ -154,24 +181,21 @@ class Service:
         """A protocol request (TF Serving, Open Inference Protocol) -> ``(classifier,
         [n, labels] scores)``, through the batcher.
 
-        Admitted for one image before ``read_inputs`` reads and parses the body, then for the
-        rest once they are counted (``MAX_IMAGES_PER_REQUEST`` at most, 400 past it; 503 when
-        they do not fit): a refused request never reads its body. ``read_inputs`` returns
-        either encoded images (base64 or binary elements; decoded and stored like uploads) or
-        a float32 ``[n, h, w, 3]`` batch in ``[0, 1]`` (the SavedModel's own input). Unlike
-        :meth:`classify_many`, one bad image fails the request (400/413/415/422, as a tensor
-        call would), and so does a tensor whose shape does not fit the model (400).
+        ``read_inputs`` reads and parses the body (see :meth:`_receive` for when); the request
+        is then admitted for the images it counted (``MAX_IMAGES_PER_REQUEST`` at most, 400
+        past it; 503 when they do not fit). It returns either encoded images (base64 or binary
+        elements; decoded and stored like uploads) or a float32 ``[n, h, w, 3]`` batch in
+        ``[0, 1]`` (the SavedModel's own input). Unlike :meth:`classify_many`, one bad image
+        fails the request (400/413/415/422, as a tensor call would), and so does a tensor whose
+        shape does not fit the model (400).
         """
         import numpy as np
 
-        with self.registry.admit(route, 1) as admission:
-            inputs = read_inputs()
-            if len(inputs) == 0:
-                raise InvalidParameter("no images in the request")
-            if len(inputs) > self.config.max_images_per_request:
-                raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
-                                    f"request (MAX_IMAGES_PER_REQUEST), got {len(inputs)}")
-            admission.reserve(len(inputs) - 1)
+        inputs = self._receive(route, read_inputs)
+        if len(inputs) == 0:
+            raise InvalidParameter("no images in the request")
+        self._check_count(len(inputs))
+        with self.registry.admit(route, len(inputs)) as admission:
             classifier = admission.classifier
             if isinstance(inputs, list):
                 arrays = [self._prepare(classifier, data)[0] for data in inputs]
@@ -184,13 +208,31 @@ class Service:
                 arrays = list(batch)
             return classifier, np.stack(admission.infer_many(arrays))
 
+    def _receive(self, route: Route, read: Callable):
+        """``read()`` the request's body (or download its URL), the way every classification
+        request gets its images.
+
+        First the route is checked as admission would check it (404; 503 when the version is
+        not ready or its queue would refuse), so a refused request reads nothing. The body is
+        then read in one of ``BODIES_IN_FLIGHT`` slots (503 when all are taken), holding no
+        room in the model's queue: a slow upload or download delays only itself. The caller
+        is admitted once the body has arrived."""
+        self.registry.check(route)
+        with self.bodies:
+            return read()
+
+    def _check_count(self, count: int) -> None:
+        if count > self.config.max_images_per_request:
+            raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
+                                f"request (MAX_IMAGES_PER_REQUEST), got {count}")
+
     def _prepare(self, classifier, data: bytes):
         """One uploaded or downloaded image -> ``(model input, stored file name)``: decoded and
         preprocessed for ``classifier`` (float32 ``[h, w, 3]`` in ``[0, 1]``), and stored.
         400 when empty; 413/415/422 from decoding."""
         if not data:
             raise EmptyImage()
-        array, decoded = classifier.preprocess(data, self.config.max_image_pixels)
+        array, decoded = classifier.preprocess(data, self.decode_limits)
         return array, self.store.save(data, decoded.extension)
 
     def _classify(self, admission: Admission, data: bytes, options: Options,
@@ -224,9 +266,10 @@ class Service:
                 raise InvalidParameter(f"version must be an integer >= 1, got {text!r:.40}")
             version = int(text)
         classifier = self.registry.find(Route(name or None, version)).classifier
-        return self.feedback.record(fields.get("filename"), fields.get("label"),
-                                    classifier.describe(), classifier.labels,
-                                    fields.get("predicted"), fields.get("score"))
+        with self.feedback.admit():  # a few at once per worker (503 beyond)
+            return self.feedback.record(fields.get("filename"), fields.get("label"),
+                                        classifier.describe(), classifier.labels,
+                                        fields.get("predicted"), fields.get("score"))
 
     # -- models ---------------------------------------------------------------------------------
     def models(self) -> dict:

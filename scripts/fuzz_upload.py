@@ -36,11 +36,11 @@ def write_corpus(folder: str) -> int:
 def make_target(size=(64, 64), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """The function libFuzzer calls with each input."""
     from common.errors import ApiError
-    from common.images import load_for_model
+    from common.images import DecodeLimits, load_for_model
 
     def test_one_input(data: bytes) -> None:
         try:
-            array, _ = load_for_model(data, size, max_pixels=max_pixels)
+            array, _ = load_for_model(data, size, limits=DecodeLimits(max_pixels))
         except ApiError as err:
             if not 400 <= err.status < 500:
                 raise

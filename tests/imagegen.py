@@ -8,6 +8,8 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from scripts.attacks import bombs, tiff_with_strips  # noqa: F401 (the tests' hostile files)
+
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 30), (20, 30, 220)
 
 
@@ -119,3 +121,4 @@ ALL_FORMATS = {
     "webp": (webp(RED), "webp"),
     "tiff": (tiff(RED), "tiff"),
 }
+

@@ -15,7 +15,7 @@ import requests
 
 import imagegen as ig
 import webservers as ws
-from helpers import assert_envelope, post_image, start_server
+from helpers import assert_envelope, metric, post_image, start_server
 from tiny_models import TRAP, save_colour_model
 
 pytestmark = pytest.mark.server
@@ -170,3 +170,97 @@ def test_request_threads_run_below_the_model_threads(demo_server):
     assert threads[pid][1] == 0
     assert any(nice == 0 for tid, (_, nice) in threads.items() if tid != pid), threads
     assert all(nice == 0 for name, nice in threads.values() if name.startswith("tf_")), threads
+
+
+@pytest.fixture(scope="module")
+def small_queue_server(tmp_path_factory):
+    """One worker whose queue holds two images, and whose worker takes four bodies at once."""
+    work = tmp_path_factory.mktemp("bodies")
+    model = save_colour_model(str(work / "model"))
+    server = start_server(work, {"MODEL_PATH": model, "WORKERS": "1", "BATCH_QUEUE_SIZE": "2",
+                                 "BODIES_IN_FLIGHT": "4", "URL_ALLOW_HOSTS": "127.0.0.1"})
+    yield server
+    server.stop()
+
+
+def _start_trickles(server, count: int) -> list[socket.socket]:
+    """``count`` uploads that send their headers and 10 bytes of a 100 kB body, then wait."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + b"\x89PNG\r\n\x1a\n\0\0")
+        socks.append(sock)
+    time.sleep(0.5)  # each is now in a request thread, reading its body
+    return socks
+
+
+def _close_all(server, socks: list[socket.socket]) -> None:
+    """Close the slow uploads and wait until the worker has finished with them (a body cut
+    short is read as far as it goes, then refused)."""
+    for sock in socks:
+        sock.close()
+    for _ in range(100):
+        text = requests.get(server.url + "/metrics", timeout=5).text
+        if metric(text, "classifier_queue_depth") == 0 and \
+                metric(text, "classifier_requests_in_flight") <= 1:
+            return
+        time.sleep(0.05)
+
+
+def test_uploads_still_arriving_hold_no_room_in_the_model_queue(small_queue_server):
+    """Bodies are read before admission: three slow uploads do not fill a queue of two, so a
+    normal upload is answered at once."""
+    socks = _start_trickles(small_queue_server, 3)
+    try:
+        started = time.monotonic()
+        response = post_image(small_queue_server, ig.png(ig.GREEN))
+        assert response.status_code == 200, response.text
+        assert time.monotonic() - started < 5
+    finally:
+        _close_all(small_queue_server, socks)
+
+
+def test_past_bodies_in_flight_an_upload_is_refused_at_once(small_queue_server):
+    """Six slow uploads in a worker that receives four bodies at once: two are refused as
+    soon as they have sent their headers, and so is a normal upload while the four last."""
+    socks = _start_trickles(small_queue_server, 6)
+    try:
+        refused = []
+        for sock in socks:
+            sock.settimeout(0.5)
+            try:
+                refused.append(read_response(sock))
+            except socket.timeout:
+                pass
+        assert len(refused) == 2, refused
+        assert all(head.startswith("HTTP/1.1 503") and b"BODIES_IN_FLIGHT" in body
+                   for head, body in refused), refused
+        response = post_image(small_queue_server, ig.png(ig.GREEN))
+        error = assert_envelope(response, 503, "overloaded")
+        assert "BODIES_IN_FLIGHT" in error["message"] and response.headers["Retry-After"]
+        assert requests.get(small_queue_server.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        _close_all(small_queue_server, socks)
+    response = post_image(small_queue_server, ig.png(ig.GREEN))
+    assert response.status_code == 200, response.text
+
+
+def test_slow_downloads_hold_no_room_in_the_model_queue(small_queue_server):
+    """``image_url`` downloads are bodies too: three slow ones leave the queue free."""
+    slow = ws.Recorder("127.0.0.1", {"/slow.png": ws.trickle(ig.png(ig.RED), 0.5)})
+    try:
+        url = small_queue_server.url + "/classify?image_url=" + slow.base + "/slow.png"
+        downloads = [threading.Thread(target=lambda: requests.get(url, timeout=30), daemon=True)
+                     for _ in range(3)]
+        for thread in downloads:
+            thread.start()
+        for _ in range(100):  # until the three downloads have started
+            if len(slow.hits) >= 3:
+                break
+            time.sleep(0.05)
+        assert len(slow.hits) >= 3
+        response = post_image(small_queue_server, ig.png(ig.GREEN))
+        assert response.status_code == 200, response.text
+    finally:
+        slow.close()

@@ -8,6 +8,7 @@ import pytest
 
 import imagegen as ig
 from common.classifier import Classifier, Options, load_classifier
+from common.images import DecodeLimits
 from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
 from helpers import ROOT
 from tiny_models import COLOUR_LABELS, save_colour_frozen_graph, save_colour_model
@@ -43,7 +44,7 @@ def test_a_model_answering_the_wrong_shape_is_a_value_error_not_a_load_error():
 
 
 def test_the_three_steps(classifier):
-    array, decoded = classifier.preprocess(ig.png(ig.BLUE), max_pixels=10_000)
+    array, decoded = classifier.preprocess(ig.png(ig.BLUE), DecodeLimits(10_000))
     assert array.shape == (32, 32, 3) and array.dtype == np.float32
     assert 0.0 <= array.min() and array.max() <= 1.0 and decoded.extension == "png"
     scores = classifier.predict(array[None])[0]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import fuzzing as fz
 from common.errors import ApiError
-from common.images import load_for_model
+from common.images import DecodeLimits, load_for_model
 
 # Pillow warns about the damage it meets (that is the point); keep the output readable.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -60,7 +60,7 @@ def test_dimension_rewrites_reach_the_header():
 @given(mutated)
 def test_decoding_mutated_images_never_fails_unexpectedly(data):
     try:
-        array, _ = load_for_model(data, (64, 64), max_pixels=50_000_000)
+        array, _ = load_for_model(data, (64, 64), limits=DecodeLimits(50_000_000))
     except ApiError as err:
         assert 400 <= err.status < 500, err
         assert err.code in ("empty_image", "unsupported_media_type", "undecodable_image",
@@ -97,7 +97,7 @@ def test_largest_legal_claims_stay_within_the_bound(seed, claim):
     data = fz.claim_dimensions(SEEDS[seed], *claim)
     started = time.perf_counter()
     try:
-        load_for_model(data, (64, 64), max_pixels=50_000_000)
+        load_for_model(data, (64, 64), limits=DecodeLimits(50_000_000))
     except ApiError as err:
         assert 400 <= err.status < 500
     assert time.perf_counter() - started < 2.0

@@ -6,7 +6,7 @@ from PIL import Image
 
 import imagegen as ig
 from common.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
-from common.images import decode_image, load_for_model
+from common.images import DecodeLimits, decode_image, load_for_model
 from common.preprocessing import to_model_input
 
 
@@ -86,8 +86,8 @@ def test_decompression_bomb_refused_before_decoding():
 def test_pixel_limit_is_configurable():
     data = ig.png(size=(100, 100))
     with pytest.raises(ImageTooLarge):
-        decode_image(data, max_pixels=9999)
-    assert decode_image(data, max_pixels=10000).image.size == (100, 100)
+        decode_image(data, limits=DecodeLimits(9999))
+    assert decode_image(data, limits=DecodeLimits(10000)).image.size == (100, 100)
 
 
 def test_large_jpeg_is_decoded_in_draft_mode():

@@ -12,6 +12,7 @@ import requests
 import imagegen as ig
 from common.config import Config
 from common.errors import ModelNotFound
+from common.images import DecodeLimits
 from common.registry import Registry, Route, load_version
 from common.classifier import load_classifier
 from common.repository import (Repository, RepositoryConfigError, VersionPolicy,
@@ -141,7 +142,7 @@ def _versions(registry, name):
 
 
 def _red(clf):
-    return clf.preprocess(ig.png(ig.RED), 10**6)[0]
+    return clf.preprocess(ig.png(ig.RED), DecodeLimits(10**6))[0]
 
 
 def _classify(registry, route=Route()):
