@@ -19,6 +19,9 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 from .batching import bucket_sizes
 
+#: The HTTP methods counted by name (RFC 9110's); any other is counted as ``other``.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                     "PATCH"})
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 MODEL_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -69,9 +72,12 @@ class Metrics:
         self.in_flight.inc()
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        """``route`` must be a route pattern (bounded cardinality), never a raw path."""
+        """``route`` must be a route pattern (bounded cardinality), never a raw path; a method
+        outside ``METHODS`` counts as ``other`` and a status outside 100-599 as ``other``, so
+        no request can add a series of its own."""
         self.in_flight.dec()
-        self.requests.labels(route, method, str(status)).inc()
+        self.requests.labels(route, method if method in METHODS else "other",
+                             str(status) if 100 <= status <= 599 else "other").inc()
         self.latency.labels(route).observe(seconds)
 
     # -- exposition ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 
 SAVED_MODEL = "saved_model.pb"
@@ -191,11 +192,13 @@ class ModelFolder:
         _write_text(self.file(BUILD_JSON), json.dumps(record, indent=2))
 
     def public_file(self, name: str) -> str | None:
-        """Path of a file the routes may serve (``PUBLIC_FILES``), or None when there is none."""
+        """Path of a file the routes may serve (``PUBLIC_FILES``), or None when there is none.
+        A symlink is never served, wherever it points: what the routes hand out is the
+        folder's own file."""
         if name not in PUBLIC_FILES or self.folder is None:
             return None
         path = self.file(name)
-        return path if os.path.isfile(path) else None
+        return path if _regular_file(path) else None
 
     # -- exports for other runtimes (scripts/export.py) ------------------------------------------
     def export_record(self, key: str) -> dict | None:
@@ -340,6 +343,14 @@ def parse_labels(path: str) -> list[str]:
     if len(set(labels)) != len(labels):
         raise ModelLoadError(f"labels file {path} has duplicate labels")
     return labels
+
+
+def _regular_file(path: str) -> bool:
+    """Whether ``path`` is a regular file itself (not a symlink to one)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _write_text(path: str, text: str) -> None:

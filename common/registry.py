@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from typing import Callable
 from .classifier import Classifier
 from .config import Config
 from .errors import ModelNotFound, ModelNotReady
-from .modelfolder import LegacyGraph, ModelFolder
-from .repository import Repository, SettingsFile, VersionFolder, routable
+from .modelfolder import LegacyGraph, ModelFolder, ModelLoadError
+from .repository import Repository, SettingsFile, VersionFolder, routable, without_paths
 from .served import Admission, Health, ServedModel, State
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Registry:
                     if current is not None:  # failed or loading: try the new files
                         to_retire.append(current.served)
                     # answers say the name and version that route to them
-                    served = self._served(lambda f=folder: self._load(f),
+                    served = self._served(lambda f=folder: self._load_quoted(f),
                                           identity=(name, str(version)), initial=initial)
                     have[version] = _Version(folder, served.start(), time.monotonic())
                     if initial:
@@ -185,6 +186,27 @@ class Registry:
             threading.Thread(target=self._retire, args=(served,), name="model-unloader",
                              daemon=True).start()
 
+    def _load_quoted(self, folder: VersionFolder) -> Classifier:
+        """Load ``folder``; a failure's message, which becomes the version's error in every
+        answer (``/models``, the protocols' status, 503s), names files relative to the
+        repository (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by
+        their server path. The log keeps the full message."""
+        try:
+            return self._load(folder)
+        except Exception as exc:
+            message = str(exc) or type(exc).__name__
+            log.error("model %s version %d failed to load: %s", folder.name, folder.version,
+                      message)
+            raise ModelLoadError(without_paths(message, self._shown_roots())) from None
+
+    def _shown_roots(self) -> dict[str, str]:
+        """The server folders an error may name -> how answers show them."""
+        if self.config.model_repository:
+            return {self.config.model_repository: ""}
+        if self.config.model_path:
+            return {os.path.dirname(os.path.abspath(self.config.model_path)): ""}
+        return {}
+
     def _retire(self, served: ServedModel) -> None:
         served.retire(self.config.request_timeout + 5.0)
         gc.collect()  # the graph's memory goes back only once nothing refers to it
@@ -213,6 +235,11 @@ class Registry:
             served = self._find(route)
             served.hold()
         return served.admit(images, held=True)
+
+    def check(self, route: Route, images: int = 1) -> None:
+        """Refuse now what :meth:`admit` would refuse (404, or the version's 503), taking no
+        room: a request checks before it reads its body and is admitted once it has it."""
+        self.find(route).check(images)
 
     def find(self, route: Route) -> ServedModel:
         """The version ``route`` asks for (for metadata and status; requests use admit)."""

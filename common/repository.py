@@ -11,9 +11,11 @@ Layout, as TensorFlow Serving's (``MODEL_REPOSITORY``)::
       .incoming-3/        hidden names are never read (publish by renaming into place)
 
 Folders that are neither (no model inside, e.g. a feature-extractor module) are skipped with one
-log line. A version is loaded only once it is *settled*: its files (names, sizes, times) were
-the same at two polls, or its newest file is older than ``settle_seconds``, so a folder still
-being copied is never loaded.
+log line, and so are model and version folders that are symlinks resolving outside the
+repository (a link inside it, e.g. ``3 -> 2``, is fine; ``MODEL_REPOSITORY`` itself may be a
+link: the operator chose it). A version is loaded only once it is *settled*: its files (names,
+sizes, times) were the same at two polls, or its newest file is older than ``settle_seconds``,
+so a folder still being copied is never loaded.
 
 The settings file (``MODEL_CONFIG``, JSON or YAML) says, per model, which versions to serve and
 which labels name them; it is re-read when it changes::
@@ -115,6 +117,29 @@ class RepositorySettings:
         return self.models.get(name, ModelSettings())
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"]+/)*([^\s/'\"]*)")
+
+
+def without_paths(text: str, known: dict[str, str] | None = None) -> str:
+    """``text`` (an error's message) with no absolute server path in it, for answers: a path
+    inside a folder of ``known`` (folder -> how to show it, "" for nothing) is shown relative to
+    it, any other absolute path by its last part. Logs keep the full message."""
+    for path, shown in sorted((known or {}).items(), key=lambda item: -len(item[0])):
+        for variant in {os.path.abspath(path), os.path.realpath(path)}:
+            variant = variant.rstrip(os.sep)
+            if variant:
+                text = text.replace(variant + os.sep, shown + "/" if shown else "")
+                text = text.replace(variant, shown or ".")
+    return _ABSOLUTE.sub(lambda m: m.group(1) or "/", text)
+
+
+def inside(path: str, root: str) -> bool:
+    """Whether ``path``, symlinks resolved, stays inside the folder ``root`` (itself resolved:
+    the operator may give a symlink as the repository)."""
+    real, base = os.path.realpath(path), os.path.realpath(root)
+    return real == base or real.startswith(base.rstrip(os.sep) + os.sep)
+
+
 def routable(name: str) -> bool:
     """Whether ``name`` can be a model's name in URLs (and a repository folder's)."""
     return bool(_NAME.match(name))
@@ -182,8 +207,10 @@ class SettingsFile:
             with open(self.path, encoding="utf-8") as fh:
                 settings = parse_settings(fh.read(), self.path)
         except (OSError, RepositoryConfigError) as exc:
-            self.error = str(exc)
             log.error("model settings not applied: %s", exc)
+            shown = os.path.basename(self.path)
+            self.error = (f"{shown}: {exc.strerror}" if isinstance(exc, OSError) and
+                          exc.strerror else without_paths(str(exc), {self.path: shown}))
             return False
         self.error = None
         changed = settings != self.settings
@@ -286,8 +313,18 @@ class Repository:
                 if not routable(name):
                     self._skip(path, "not a valid model name")
                     continue
-                versions = {int(v): os.path.join(path, v) for v in os.listdir(path)
-                            if _VERSION.match(v) and os.path.isdir(os.path.join(path, v))}
+                if not inside(path, self.root):
+                    self._skip(path, "a symlink to a folder outside the repository")
+                    continue
+                versions = {}
+                for v in os.listdir(path):
+                    version = os.path.join(path, v)
+                    if not (_VERSION.match(v) and os.path.isdir(version)):
+                        continue
+                    if inside(version, self.root):
+                        versions[int(v)] = version
+                    else:
+                        self._skip(version, "a symlink to a folder outside the repository")
                 if versions:
                     found[name] = versions
                 elif ModelFolder.holds_model(path):

@@ -14,11 +14,14 @@ caps hold after every scan; between scans the writers together add at most one r
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import logging
 import os
 import re
 import itertools
+import stat
 import threading
 
 from .errors import StorageUnavailable
@@ -61,11 +64,38 @@ class ImageStore:
 
     def path_of(self, name: str) -> str | None:
         """The path of the stored image ``name``, or None when it is not one of our names or
-        is not (or no longer) stored."""
+        is not (or no longer) stored as a regular file (a symlink in the folder is not ours)."""
         if not self.is_name(name):
             return None
         path = os.path.join(self.root, name)
-        return path if os.path.isfile(path) else None
+        try:
+            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
+        except FileNotFoundError:
+            return None
+
+    @contextlib.contextmanager
+    def open(self, name: str):
+        """The stored image ``name`` opened for reading, or None (not one of our names, not
+        stored, or not a regular file). Opened with ``O_NOFOLLOW``: a symlink put in the folder
+        never makes the service read a file elsewhere."""
+        fh = None
+        if self.is_name(name):
+            try:
+                fd = os.open(os.path.join(self.root, name),
+                             os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as exc:  # absent (ENOENT) or a symlink (ELOOP)
+                if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                    raise
+            else:
+                fh = os.fdopen(fd, "rb")
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    fh.close()
+                    fh = None
+        try:
+            yield fh
+        finally:
+            if fh is not None:
+                fh.close()
 
     def save(self, data: bytes, extension: str) -> str:
         """Write ``data`` atomically and return the stored file name (not a path)."""
@@ -73,8 +103,9 @@ class ImageStore:
         path = os.path.join(self.root, name)
         try:
             try:
-                os.utime(path)  # stored before: the same bytes, now the newest
-                return name
+                if stat.S_ISREG(os.lstat(path).st_mode):  # a symlink there is replaced below
+                    os.utime(path)  # stored before: the same bytes, now the newest
+                    return name
             except FileNotFoundError:
                 pass
             tmp = os.path.join(self.root, f".incoming-{os.getpid()}-{next(self._names)}.part")

@@ -37,6 +37,24 @@ def _service() -> Service:
     return Service.of(current_app)
 
 
+def body_bytes(limit: int | None = None) -> bytes:
+    """The request body, at most ``limit`` bytes (default ``MAX_CONTENT_LENGTH``), whatever
+    its transfer encoding; 413 past it. A Content-Length over the limit is refused before
+    reading; a chunked body has none, and werkzeug stops reading it at the limit without a
+    word, so one byte more is read and a body that has it is refused rather than used cut
+    short. The body is cached for ``request.form`` and ``request.get_json``."""
+    limit = request.max_content_length if limit is None else limit
+    if limit is None:
+        return request.get_data(cache=True)
+    if (request.content_length or 0) > limit:
+        raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
+    request.max_content_length = limit + 1
+    data = request.get_data(cache=True)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
+    return data
+
+
 @bp.before_app_request
 def _start_request():
     g.started = time.perf_counter()
@@ -80,7 +98,7 @@ def classify_upload(**route):
         answer = service.classify_many(_multipart_images, request.args, started=g.started,
                                        route=Route(**route))
     elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
-        answer = service.classify_upload(lambda: request.get_data(cache=False), request.args,
+        answer = service.classify_upload(body_bytes, request.args,
                                          started=g.started, route=Route(**route))
     else:
         raise UnsupportedMediaType(
@@ -116,9 +134,11 @@ def classify_url(**route):
 def feedback():
     """The right label for an answer: a JSON object or a form with ``filename`` (from the
     classify answer) and ``label``, optionally ``model``, ``version``, ``predicted``, ``score``.
-    201 when kept, 200 when this image already had this label."""
-    if (request.content_length or 0) > FEEDBACK_BODY_LIMIT:
-        raise PayloadTooLarge(f"a feedback body has at most {FEEDBACK_BODY_LIMIT} bytes")
+    201 when kept, 200 when this image already had this label.
+
+    At most ``FEEDBACK_BODY_LIMIT`` bytes of the body are taken, whatever its transfer
+    encoding (413 past them: :func:`body_bytes`)."""
+    body_bytes(FEEDBACK_BODY_LIMIT)  # cached: the JSON or form is parsed from these bytes
     if request.mimetype == "application/json":
         fields = request.get_json(silent=True)
     elif request.mimetype in ("application/x-www-form-urlencoded", "multipart/form-data"):

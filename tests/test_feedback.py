@@ -5,6 +5,7 @@ server."""
 import io
 import json
 import os
+import shutil
 
 import pytest
 import requests
@@ -12,6 +13,7 @@ import requests
 import imagegen as ig
 from app import create_app
 from common.config import Config, ConfigError
+from common import feedback as feedback_module
 from common.feedback import REVIEW
 from helpers import assert_envelope, post_image, start_server
 
@@ -41,7 +43,9 @@ def classify(client, data: bytes) -> dict:
 
 
 def files(folder) -> list[str]:
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    """The names in ``folder`` but the service's hidden ones (its lock, index and count)."""
+    return sorted(f for f in os.listdir(folder) if not f.startswith(".")) \
+        if os.path.isdir(folder) else []
 
 
 def test_feedback_keeps_the_image_under_the_right_label(fb, feedback_dir):
@@ -150,6 +154,35 @@ def test_feedback_switched_off(classifier, tmp_path):
     assert 'id="feedback"' not in client.get("/").get_data(as_text=True)  # no buttons
     assert Config.from_env({"FEEDBACK_DIR": "OFF"}).feedback_dir is None
     assert Config.from_env({"FEEDBACK_DIR": ""}).feedback_dir == "feedback"
+
+
+def test_a_folder_filled_before_the_index_is_found(fb, feedback_dir):
+    """Pictures a person (or an older version) put in a label folder are found when they are
+    relabelled: the index is built from the folders when there is none."""
+    filename = classify(fb, ig.png(ig.GREEN))["filename"]
+    os.makedirs(os.path.join(feedback_dir, "red"))
+    with open(os.path.join(feedback_dir, "red", filename), "wb") as fh:
+        fh.write(b"kept before")
+    response = fb.post("/feedback", json={"filename": filename, "label": "blue"})
+    assert response.status_code == 201 and response.get_json()["moved_from"] == "red"
+    assert files(feedback_dir) == ["blue"]
+
+
+def test_a_folder_emptied_by_hand_is_counted_again(classifier, tmp_path, feedback_dir,
+                                                     monkeypatch):
+    """Retrain, then empty the folder: once the count is old it is recounted from the folders,
+    so the room comes back (and the index forgets what was removed)."""
+    client = make_app(classifier, tmp_path, feedback_max_files=1).test_client()
+    first = classify(client, ig.png(ig.RED))["filename"]
+    second = classify(client, ig.png(ig.GREEN))["filename"]
+    assert client.post("/feedback", json={"filename": first, "label": "red"}).status_code == 201
+    assert_envelope(client.post("/feedback", json={"filename": second, "label": "green"}), 507,
+                    "feedback_full")
+    shutil.rmtree(os.path.join(feedback_dir, "red"))  # what retraining has used
+    monkeypatch.setattr(feedback_module, "USAGE_RECOUNT_SECONDS", 0.0)
+    assert client.post("/feedback", json={"filename": second, "label": "green"}
+                       ).status_code == 201
+    assert os.listdir(os.path.join(feedback_dir, ".state", "index")) == [second]
 
 
 @pytest.mark.parametrize("caps", [{"feedback_max_files": 1}, {"feedback_max_mb": 0.0001}])

@@ -78,3 +78,23 @@ def test_same_bytes_are_written_once(tmp_path):
     os.utime(tmp_path / name, ns=(0, 0))
     assert store.save(b"abc", "jpg") == name
     assert os.stat(tmp_path / name).st_mtime_ns > 0  # touched: now the newest, not rewritten
+
+
+def test_a_symlink_in_the_folder_is_not_a_stored_image(tmp_path):
+    """A link planted under a name the store could give is never read through (O_NOFOLLOW),
+    and saving the bytes of that name replaces the link with the real file."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not an upload")
+    store = ImageStore(str(tmp_path / "temp"))
+    store.ensure()
+    data = b"\x89PNG pretend"
+    name = store.name_for(data, "png")
+    os.symlink(secret, os.path.join(store.root, name))
+    assert store.path_of(name) is None
+    with store.open(name) as fh:
+        assert fh is None
+    assert store.save(data, "png") == name
+    assert not os.path.islink(os.path.join(store.root, name))
+    with store.open(name) as fh:
+        assert fh.read() == data
+    assert secret.read_text() == "not an upload"
