@@ -292,6 +292,10 @@ PNG = ig.png(ig.RED)
     ("/versions/x:predict", json.dumps({"instances": [{"b64": b64(PNG)}]}), 404),
     ("/versions/9:predict", json.dumps({"instances": [{"b64": b64(PNG)}]}), 404),
     ("/labels/x:classify", json.dumps({"examples": [{"image": {"b64": b64(PNG)}}]}), 404),
+    (":classify", json.dumps({"examples": [{"image": {"b64": b64(PNG)}}],
+                              "context": {f"k{i}": i for i in range(9)}}), 400),
+    (":predict", json.dumps({"instances": [{"b64": b64(PNG)}] * 9}), 400),
+    (":predict", json.dumps({"instances": [0] * 40_000}), 400),  # more values than 8 images
 ])
 def test_tfserving_bad_requests(client, path, body, status):
     r = client.post(f"/v1/models/default{path}", data=body)
@@ -329,6 +333,10 @@ GOOD_BYTES = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [b64(
     (_infer_body([{**GOOD_BYTES, "data": "abc"}]), {}, 400),
     (_infer_body([GOOD_BYTES], id=7), {}, 400),
     (_infer_body([GOOD_BYTES], outputs=[{"name": "logits"}]), {}, 400),
+    (_infer_body([GOOD_BYTES], outputs=[{"name": "probabilities"}] * 2), {}, 400),
+    (_infer_body([{**GOOD_BYTES, "shape": [2 ** 70]}]), {}, 400),
+    (_infer_body([{"name": "images", "datatype": "FP32", "shape": [4611686018427387905, 4],
+                   "data": [0.5] * 4}]), {}, 400),
     (_infer_body([GOOD_BYTES], outputs=[{"name": "probabilities",
                                          "parameters": {"classification": -1}}]), {}, 400),
     (_infer_body([{"name": "images", "datatype": "FP32", "shape": [1, 32, 32, 3],

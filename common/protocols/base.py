@@ -1,20 +1,23 @@
-"""What both protocol adapters need: the model a URL names, a version's number, base64 and
-JSON-number tensors checked into numpy, and the request and response plumbing. Names and
-versions from a URL are looked up in the registry, never used as paths."""
+"""What both protocol adapters need: the model a URL names, a version's number, the bounds a
+body is checked against before it is parsed, base64 and JSON-number tensors checked into numpy,
+and the request and response plumbing. Names and versions from a URL are looked up in the
+registry, never used as paths."""
 from __future__ import annotations
 
 import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass
 
 import numpy as np
-from flask import current_app, g, request
+from flask import current_app, g
 
-from ..errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound
+from ..errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from ..registry import Route
 from ..served import ServedModel
 from ..service import Service
+from ..views import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 
@@ -38,9 +41,90 @@ def version_number(served: ServedModel) -> int:
     return int(served.identity[1]) if served.identity else 1
 
 
-def read_json(raw: bytes) -> dict:
-    """A request body that must be one JSON object (400 otherwise). NaN and Infinity parse, as
-    both protocols allow them; :func:`float_tensor` refuses them where a model would see them."""
+#: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``).
+MAX_RANK = 8
+#: Feature keys in a ``:classify`` example or its ``context``: an image classifier reads one
+#: image feature; a few more (a caption, an id) are tolerated, not thousands.
+MAX_FEATURES = 8
+#: Entries of a v2 ``outputs`` list: the model has one output, asked for at most once.
+MAX_OUTPUTS = 8
+#: JSON objects and strings per image the largest valid body holds (an example with
+#: ``MAX_FEATURES`` features, each ``{"b64": ...}`` under a name), and room for the rest of the
+#: body (names, parameters, ``context``, ``outputs``).
+_PER_IMAGE, _SLACK = 2 * MAX_FEATURES + 2, 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the largest valid request can hold: ``max_images`` images
+    (``MAX_IMAGES_PER_REQUEST``), each as encoded bytes of at most ``max_upload_bytes`` or as
+    a float ``[h, w, 3]`` tensor of the model's ``input_size``. Bodies are checked against it
+    before they are parsed, so a request costs a bounded multiple of what a valid one does."""
+
+    max_images: int
+    input_size: tuple[int, int]
+    max_upload_bytes: int
+
+    @property
+    def max_tensor_values(self) -> int:
+        """Numbers in ``max_images`` float images: ``N * h * w * 3``."""
+        h, w = self.input_size
+        return self.max_images * h * w * 3
+
+    @property
+    def max_json_values(self) -> int:
+        """JSON values (numbers and the lists that nest them) a valid body may hold."""
+        h, w = self.input_size
+        return self.max_tensor_values + self.max_images * (h + 1) * (w + 1) + _SLACK
+
+    @property
+    def max_json_objects(self) -> int:
+        return self.max_images * _PER_IMAGE + _SLACK
+
+    @property
+    def max_json_strings(self) -> int:
+        return self.max_images * 2 * _PER_IMAGE + _SLACK
+
+
+def limits_for(target: Route) -> Limits:
+    """The limits of a request to ``target``: the settings, and the model's input size."""
+    config = service().config
+    return Limits(config.max_images_per_request,
+                  tuple(service().registry.find(target).classifier.input_size),
+                  config.max_upload_bytes)
+
+
+def check_image_count(count: int, limits: Limits, what: str) -> None:
+    """400 ``too_many_images`` past ``MAX_IMAGES_PER_REQUEST``, checked on a list's length
+    before anything is built per element."""
+    if count > limits.max_images:
+        raise TooManyImages(f"at most {limits.max_images} images in one request "
+                            f"(MAX_IMAGES_PER_REQUEST), got {count} {what}")
+
+
+def check_json_size(raw: bytes, limits: Limits) -> None:
+    """Refuse a body that holds more JSON objects, strings or values than the largest valid
+    request (400 ``too_many_images``), by counting bytes before parsing: ``{`` opens an object,
+    two ``"`` make a string, and every array element but the first follows a ``,`` (the first
+    a ``[``). Base64 holds none of these bytes, so the counts only over-estimate by what free
+    text (a caption, an id) holds. Counting costs a few percent of parsing a valid tensor, and
+    spares building millions of Python objects for a body that must be refused anyway."""
+    found = {"objects": (raw.count(b"{"), limits.max_json_objects),
+             "strings": (raw.count(b'"') // 2, limits.max_json_strings),
+             "values": (raw.count(b",") + raw.count(b"["), limits.max_json_values)}
+    for what, (count, most) in found.items():
+        if count > most:
+            raise TooManyImages(
+                f"the body holds {count} JSON {what}, more than a request of at most "
+                f"{limits.max_images} images (MAX_IMAGES_PER_REQUEST) of this model can "
+                f"({most})")
+
+
+def read_json(raw: bytes, limits: Limits) -> dict:
+    """A request body that must be one JSON object (400 otherwise), checked by
+    :func:`check_json_size` before it is parsed. NaN and Infinity parse, as both protocols
+    allow them; :func:`float_tensor` refuses them where a model would see them."""
+    check_json_size(raw, limits)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -52,11 +136,12 @@ def read_json(raw: bytes) -> dict:
     return body
 
 
-def decode_b64(text, what: str) -> bytes:
-    """Standard or URL-safe base64 (padding optional) -> bytes; 400 when it is not base64."""
+def decode_b64(text, what: str, max_bytes: int) -> bytes:
+    """Standard or URL-safe base64 (padding optional) -> bytes; 400 when it is not base64, 413
+    when it would decode to more than ``max_bytes`` (the upload limit)."""
     if not isinstance(text, str):
         raise InvalidParameter(f"{what} must be a base64 string, got {type(text).__name__}")
-    if len(text) > service().config.max_upload_bytes * 4 // 3 + 4:
+    if len(text) > max_bytes * 4 // 3 + 4:
         raise ImageTooLarge(f"{what} is larger than the upload limit (MAX_UPLOAD_MB)")
     cleaned = text.strip().replace("\n", "").replace("\r", "")
     padded = cleaned + "=" * (-len(cleaned) % 4)
@@ -95,10 +180,6 @@ def note(classifier, source: str) -> None:
     g.source = source
 
 
-def body_bytes() -> bytes:
-    """The request body (413 past the upload limit, via werkzeug's MAX_CONTENT_LENGTH)."""
-    return request.get_data(cache=False)
-
-
-__all__ = ["service", "route", "version_number", "read_json", "decode_b64", "is_b64",
-           "float_tensor", "note", "body_bytes"]
+__all__ = ["service", "route", "version_number", "Limits", "limits_for", "check_image_count",
+           "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note",
+           "body_bytes", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]

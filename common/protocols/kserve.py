@@ -15,19 +15,27 @@ classification extensions, over the Service.
   (or the request's ``"binary_data_output": true``) are written after the JSON answer. A
   header length of 0 is a raw binary request: the whole body is one encoded image.
 
+* Bounds (``base.Limits``): a body holds no more JSON than ``MAX_IMAGES_PER_REQUEST`` images
+  can (counted on its bytes before parsing), one input whose shape has 1 to ``MAX_RANK``
+  dimensions with a product (exact) within the limits and equal to its data, and ``outputs``
+  naming ``probabilities`` once; all checked before inference.
+
 Errors are ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422, 503).
 """
 from __future__ import annotations
 
 import json
+import math
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
 from .. import errors
-from ..errors import InvalidParameter
-from .base import body_bytes, decode_b64, float_tensor, note, read_json, route, service
+from ..errors import InvalidParameter, TooManyImages
+from .base import (MAX_OUTPUTS, MAX_RANK, Limits, body_bytes, decode_b64, float_tensor,
+                   limits_for, note, read_json, route, service)
 
 bp = Blueprint("kserve", __name__, url_prefix="/v2")
 errors.install_handler(bp, "message")
@@ -85,24 +93,22 @@ def model_ready(name, version=None):
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name, version=None):
-    request_ = {}
+    target = route(name, version)
+    parsed = {}
 
     def inputs():
-        header, binary = _split_body(body_bytes())
-        if header is None:  # raw binary request: the body is one encoded image
-            request_["body"] = {"parameters": {"binary_data_output": True}}
-            return [binary]
-        request_["body"] = read_json(header)
-        return _input(request_["body"], binary)
+        parsed["request"] = parse_infer(body_bytes(), request.headers.get(HEADER_LENGTH),
+                                        limits_for(target))
+        return parsed["request"].inputs
 
-    classifier, scores = service().infer(inputs, route(name, version))
-    body = request_["body"]
+    classifier, scores = service().infer(inputs, target)
+    asked = parsed["request"]
     note(classifier, "kserve")
     answer = {"model_name": name, "model_version": classifier.version}
-    if "id" in body:
-        answer["id"] = body["id"]
+    if asked.id is not None:
+        answer["id"] = asked.id
     outputs, chunks = [], []
-    for spec in _outputs(body):
+    for spec in asked.outputs:
         output = _output(spec, scores, classifier.labels)
         if spec["binary"]:
             data = output.pop("data")
@@ -117,9 +123,32 @@ def infer(name, version=None):
                     headers={HEADER_LENGTH: str(len(head))})
 
 
-def _split_body(raw: bytes) -> tuple[bytes | None, bytes]:
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed ``infer`` body: its one input (float32 ``[N, h, w, 3]`` or encoded images), the
+    outputs asked for (see :func:`_outputs`) and the request's ``id``."""
+
+    inputs: np.ndarray | list[bytes]
+    outputs: list[dict]
+    id: str | None = None
+
+
+def parse_infer(raw: bytes, header_length: str | None, limits: Limits) -> InferRequest:
+    """An ``infer`` body (``header_length``: its ``Inference-Header-Content-Length``, if any)
+    -> what it asks for, or 400/413. Every count is checked against ``limits`` before anything
+    is built per element, so no body costs more than a bounded multiple of a valid one."""
+    header, binary = _split_body(raw, header_length)
+    if header is None:  # raw binary request: the body is one encoded image
+        return InferRequest([binary], [{"name": OUTPUT, "classification": 0, "binary": True}])
+    body = read_json(header, limits)
+    if "id" in body and not isinstance(body["id"], str):
+        raise InvalidParameter("'id' must be a string")
+    outputs = _outputs(body)
+    return InferRequest(_input(body, binary, limits), outputs, body.get("id"))
+
+
+def _split_body(raw: bytes, given: str | None) -> tuple[bytes | None, bytes]:
     """(JSON header, binary data after it); (None, body) for a raw binary request."""
-    given = request.headers.get(HEADER_LENGTH)
     if given is None:
         return raw, b""
     if not given.strip().isdigit() or int(given) > len(raw):
@@ -129,20 +158,18 @@ def _split_body(raw: bytes) -> tuple[bytes | None, bytes]:
     return (None, raw) if length == 0 else (raw[:length], raw[length:])
 
 
-def _input(body: dict, binary: bytes):
+def _input(body: dict, binary: bytes, limits: Limits):
     """The one input -> float32 ``[N, h, w, 3]`` (FP32) or a list of encoded images (BYTES)."""
-    if "id" in body and not isinstance(body["id"], str):
-        raise InvalidParameter("'id' must be a string")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise InvalidParameter("'inputs' must be a list of one input (FP32 images [N, h, w, 3] "
                                "or BYTES encoded images [N])")
     spec = inputs[0]
-    datatype, shape = spec.get("datatype"), spec.get("shape")
-    if not isinstance(shape, list) or not shape or not all(
-            type(d) is int and d >= 0 for d in shape):
-        raise InvalidParameter("input 'shape' must be a list of whole numbers")
-    count = int(np.prod(shape, dtype=np.int64)) if len(shape) < 8 else -1
+    datatype = spec.get("datatype")
+    if datatype not in ("FP32", "BYTES"):
+        raise InvalidParameter(f"input datatype must be FP32 (images [N, h, w, 3] in [0, 1]) "
+                               f"or BYTES (encoded images), got {str(datatype)[:20]!r}")
+    shape, count = _shape(spec.get("shape"), datatype, limits)
     size = _binary_size(spec)
     if size is not None and size != len(binary):
         raise InvalidParameter(f"binary_data_size is {size} but {len(binary)} bytes follow the "
@@ -152,9 +179,8 @@ def _input(body: dict, binary: bytes):
                                f"binary_data_size")
     if datatype == "FP32":
         if size is not None:
-            if count < 0 or size != count * 4:
-                raise InvalidParameter(f"FP32 shape {shape} needs {max(count, 0) * 4} bytes, "
-                                       f"got {size}")
+            if size != count * 4:
+                raise InvalidParameter(f"FP32 shape {shape} needs {count * 4} bytes, got {size}")
             array = np.frombuffer(binary, dtype="<f4").astype(np.float32)
             if not np.isfinite(array).all():
                 raise InvalidParameter("the input has NaN or infinite values")
@@ -163,21 +189,37 @@ def _input(body: dict, binary: bytes):
             if array.size != count:
                 raise InvalidParameter(f"shape {shape} needs {count} values, got {array.size}")
         return array.reshape(shape)
-    if datatype == "BYTES":
-        if size is not None:
-            images = _deserialize_bytes(binary)
-        else:
-            images = [decode_b64(v, f"input 'data'[{i}]")
-                      for i, v in enumerate(_flatten(spec.get("data")))]
-        if len(images) != count:
-            raise InvalidParameter(f"shape {shape} needs {count} elements, got {len(images)}")
-        return images
-    raise InvalidParameter(f"input datatype must be FP32 (images [N, h, w, 3] in [0, 1]) or "
-                           f"BYTES (encoded images), got {str(datatype)[:20]!r}")
+    if size is not None:
+        images = _deserialize_bytes(binary, count)
+    else:
+        images = [decode_b64(v, f"input 'data'[{i}]", limits.max_upload_bytes)
+                  for i, v in enumerate(_flatten(spec.get("data"), count))]
+    if len(images) != count:
+        raise InvalidParameter(f"shape {shape} needs {count} elements, got {len(images)}")
+    return images
 
 
-def _flatten(data) -> list:
-    """BYTES ``data``, flat or nested lists -> its elements in row-major order."""
+def _shape(shape, datatype: str, limits: Limits) -> tuple[list[int], int]:
+    """The input's shape and its element count, in exact integer arithmetic (no overflow, so
+    no dimension can wrap the count into a small one): 1 to ``MAX_RANK`` whole numbers >= 0,
+    neither the count nor any dimension above what ``limits`` allow (BYTES: images; FP32: the
+    numbers of that many float images)."""
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK or not all(
+            type(d) is int and d >= 0 for d in shape):
+        raise InvalidParameter(f"input 'shape' must be a list of 1 to {MAX_RANK} whole "
+                               f"numbers >= 0, got {json.dumps(shape)[:80]}")
+    count = math.prod(shape)
+    most = limits.max_images if datatype == "BYTES" else limits.max_tensor_values
+    if count > most or max(shape) > most:  # a dimension too, in case another is 0
+        raise TooManyImages(f"input shape {json.dumps(shape)[:80]} holds more {datatype} "
+                            f"elements than {limits.max_images} images (MAX_IMAGES_PER_REQUEST)"
+                            f" can ({most})")
+    return shape, count
+
+
+def _flatten(data, most: int) -> list:
+    """BYTES ``data``, flat or nested lists -> its elements in row-major order; 400 past
+    ``most`` elements (the shape's count), before the rest is walked."""
     if not isinstance(data, list):
         raise InvalidParameter("input 'data' must be a list")
     flat, todo = [], [iter(data)]
@@ -187,6 +229,8 @@ def _flatten(data) -> list:
             todo.pop()
         elif isinstance(item, list):
             todo.append(iter(item))
+        elif len(flat) == most:
+            raise InvalidParameter(f"input 'data' has more elements than its shape ({most})")
         else:
             flat.append(item)
     return flat
@@ -202,10 +246,13 @@ def _binary_size(spec: dict) -> int | None:
     return size
 
 
-def _deserialize_bytes(data: bytes) -> list[bytes]:
-    """Triton's BYTES tensor: each element a 4-byte little-endian length, then its bytes."""
+def _deserialize_bytes(data: bytes, most: int) -> list[bytes]:
+    """Triton's BYTES tensor: each element a 4-byte little-endian length, then its bytes; 400
+    past ``most`` elements (the shape's count), before the rest is read."""
     items, offset = [], 0
     while offset < len(data):
+        if len(items) == most:
+            raise InvalidParameter(f"BYTES data has more elements than its shape ({most})")
         if offset + 4 > len(data):
             raise InvalidParameter("BYTES data ends inside an element's length")
         (length,) = struct.unpack_from("<I", data, offset)
@@ -218,7 +265,9 @@ def _deserialize_bytes(data: bytes) -> list[bytes]:
 
 
 def _outputs(body: dict) -> list[dict]:
-    """The outputs asked for: name, classification count (0: the scores), binary or JSON."""
+    """The outputs asked for: name, classification count (0: the scores), binary or JSON.
+    The model has one output, so at most ``MAX_OUTPUTS`` entries are read and each name may
+    appear once: the answer never grows with the number of entries."""
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidParameter("'parameters' must be an object")
@@ -226,13 +275,17 @@ def _outputs(body: dict) -> list[dict]:
     asked = body.get("outputs")
     if asked is None:
         return [{"name": OUTPUT, "classification": 0, "binary": binary_default}]
-    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
-        raise InvalidParameter("'outputs' must be a list of objects")
+    if not isinstance(asked, list) or len(asked) > MAX_OUTPUTS or not all(
+            isinstance(o, dict) for o in asked):
+        raise InvalidParameter(f"'outputs' must be a list of at most {MAX_OUTPUTS} objects, "
+                               f"each naming the model's output {OUTPUT!r} once")
     specs = []
     for output in asked:
         if output.get("name") != OUTPUT:
             raise InvalidParameter(f"unexpected inference output {str(output.get('name'))[:40]!r}"
                                    f": the model's output is {OUTPUT!r}")
+        if specs:
+            raise InvalidParameter(f"output {OUTPUT!r} is asked for more than once")
         params = output.get("parameters") or {}
         if not isinstance(params, dict):
             raise InvalidParameter("output 'parameters' must be an object")

@@ -14,19 +14,25 @@ Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model nam
 * ``POST /v1/models/{m}:classify``: ``examples`` whose image feature is ``{"b64": ...}``
   (``image/encoded``, ``image``, ...) -> ``{"results": [[[label, score], ...], ...]}`` ranked.
 
+Bodies are bounded (``base.Limits``): no more JSON than ``MAX_IMAGES_PER_REQUEST`` images can
+hold (counted on the bytes before parsing), at most that many rows or examples (counted before
+any is built), at most ``MAX_FEATURES`` features in ``context`` and in each example.
+
 Errors are TF Serving's ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422,
 503 with Retry-After).
 """
 from __future__ import annotations
 
+import numpy as np
 from flask import Blueprint, jsonify
 from werkzeug.routing import BaseConverter
 
 from .. import errors
 from ..errors import InvalidParameter, ModelNotFound
 from ..served import State
-from .base import (body_bytes, decode_b64, float_tensor, is_b64, note, read_json, route,
-                   service, version_number)
+from .base import (MAX_FEATURES, Limits, body_bytes, check_image_count, decode_b64,
+                   float_tensor, is_b64, limits_for, note, read_json, route, service,
+                   version_number)
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 errors.install_handler(bp, "message")
@@ -108,31 +114,16 @@ def _tensor_info(shape: list[int], tensor: str) -> dict:
 def predict(name, version=None, label=None):
     """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output.
     The body is read once the request is admitted (as every protocol route's)."""
-    key = {}
+    target = route(name, version, label)
+    parsed = {}
 
     def inputs():
-        body = read_json(body_bytes())
-        _check_signature(body)
-        if "instances" in body and "inputs" in body:
-            raise InvalidParameter("expecting only one of 'inputs' or 'instances' keys")
-        if "instances" in body:
-            key["name"], rows = "predictions", body["instances"]
-            if not isinstance(rows, list) or not rows:
-                raise InvalidParameter("'instances' must be a non-empty list")
-            rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
-        elif "inputs" in body:
-            key["name"], rows = "outputs", _unname(body["inputs"], "inputs")
-            rows = [rows] if is_b64(rows) else rows
-            if not isinstance(rows, list) or not rows:
-                raise InvalidParameter("'inputs' must be a non-empty list, or one "
-                                       "{\"b64\": ...}")
-        else:
-            raise InvalidParameter("Missing 'inputs' or 'instances' key")
-        return _rows(rows, key["name"])
+        parsed["key"], rows = parse_predict(body_bytes(), limits_for(target))
+        return rows
 
-    classifier, scores = service().infer(inputs, route(name, version, label))
+    classifier, scores = service().infer(inputs, target)
     note(classifier, "tfserving")
-    return jsonify({key["name"]: scores.tolist()})
+    return jsonify({parsed["key"]: scores.tolist()})
 
 
 @bp.post("/<segment:name>:classify")
@@ -140,20 +131,52 @@ def predict(name, version=None, label=None):
 @bp.post("/<segment:name>/labels/<segment:label>:classify")
 def classify(name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
-    def inputs():
-        body = read_json(body_bytes())
-        _check_signature(body, "tensorflow/serving/classify")
-        examples, context = body.get("examples"), body.get("context", {})
-        if not isinstance(examples, list) or not examples:
-            raise InvalidParameter("'examples' must be a non-empty list of objects")
-        if not isinstance(context, dict):
-            raise InvalidParameter("'context' must be an object")
-        return [_example_image(example, context, i) for i, example in enumerate(examples)]
-
-    classifier, scores = service().infer(inputs, route(name, version, label))
+    target = route(name, version, label)
+    classifier, scores = service().infer(
+        lambda: parse_classify(body_bytes(), limits_for(target)), target)
     note(classifier, "tfserving")
     return jsonify({"results": [[[p.label, p.score] for p in classifier.rank(row)]
                                 for row in scores]})
+
+
+def parse_predict(raw: bytes, limits: Limits) -> tuple[str, list[bytes] | np.ndarray]:
+    """A ``:predict`` body -> (the answer's key, ``predictions`` or ``outputs``; the encoded
+    images or the float tensor), or 400/413. The rows are counted against ``limits`` before
+    anything is built per row."""
+    body = read_json(raw, limits)
+    _check_signature(body)
+    if "instances" in body and "inputs" in body:
+        raise InvalidParameter("expecting only one of 'inputs' or 'instances' keys")
+    if "instances" in body:
+        rows = body["instances"]
+        if not isinstance(rows, list) or not rows:
+            raise InvalidParameter("'instances' must be a non-empty list")
+        check_image_count(len(rows), limits, "instances")
+        rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
+        return "predictions", _rows(rows, "predictions", limits)
+    if "inputs" in body:
+        rows = _unname(body["inputs"], "inputs")
+        rows = [rows] if is_b64(rows) else rows
+        if not isinstance(rows, list) or not rows:
+            raise InvalidParameter("'inputs' must be a non-empty list, or one {\"b64\": ...}")
+        check_image_count(len(rows), limits, "inputs")
+        return "outputs", _rows(rows, "outputs", limits)
+    raise InvalidParameter("Missing 'inputs' or 'instances' key")
+
+
+def parse_classify(raw: bytes, limits: Limits) -> list[bytes]:
+    """A ``:classify`` body -> the encoded image of each example, or 400/413. The examples are
+    counted, and the features of ``context`` and of each example bounded (``MAX_FEATURES``),
+    before any example is looked at: the work grows with the examples, never with
+    features x examples."""
+    body = read_json(raw, limits)
+    _check_signature(body, "tensorflow/serving/classify")
+    examples, context = body.get("examples"), body.get("context", {})
+    if not isinstance(examples, list) or not examples:
+        raise InvalidParameter("'examples' must be a non-empty list of objects")
+    check_image_count(len(examples), limits, "examples")
+    _check_features(context, "'context'")
+    return [_example_image(example, context, i, limits) for i, example in enumerate(examples)]
 
 
 def _check_signature(body: dict, *also: str) -> None:
@@ -165,33 +188,42 @@ def _check_signature(body: dict, *also: str) -> None:
                                f"signature def")
 
 
+def _check_features(features, where: str) -> None:
+    """An example or the context: an object of at most ``MAX_FEATURES`` features."""
+    if not isinstance(features, dict):
+        raise InvalidParameter(f"{where} must be an object of features")
+    if len(features) > MAX_FEATURES:
+        raise InvalidParameter(f"{where} has {len(features)} features; at most {MAX_FEATURES} "
+                               f"(the model reads one image feature)")
+
+
 def _unname(value, where: str):
     """A value given under the model's one input name (any name: TF Serving clients use
     ``images``, ``image_bytes``, ``input``...) -> the value; others pass unchanged."""
     if isinstance(value, dict) and not is_b64(value):
         if len(value) != 1:
-            raise InvalidParameter(f"{where}: the model has one input ({INPUT!r}), got keys "
-                                   f"{sorted(value)[:5]}")
+            raise InvalidParameter(f"{where}: the model has one input ({INPUT!r}), got "
+                                   f"{len(value)} keys")
         return next(iter(value.values()))
     return value
 
 
-def _rows(rows: list, what: str):
+def _rows(rows: list, what: str, limits: Limits):
     """Rows that are all ``{"b64"}`` images -> their bytes; otherwise one float tensor."""
     images = [is_b64(row) for row in rows]
     if all(images):
-        return [decode_b64(row["b64"], f"{what}[{i}].b64") for i, row in enumerate(rows)]
+        return [decode_b64(row["b64"], f"{what}[{i}].b64", limits.max_upload_bytes)
+                for i, row in enumerate(rows)]
     if any(images):
         raise InvalidParameter("mix of {\"b64\": ...} images and tensors in one request")
     return float_tensor(rows, "the input tensor")
 
 
-def _example_image(example, context: dict, index: int) -> bytes:
+def _example_image(example, context: dict, index: int, limits: Limits) -> bytes:
     """The encoded image of one tf.Example given as JSON: a known feature name holding
     ``{"b64": ...}`` (or a one-element list of it), else the one feature that holds one."""
     where = f"examples[{index}]"
-    if not isinstance(example, dict):
-        raise InvalidParameter(f"{where} must be an object of features")
+    _check_features(example, where)
     shared = set(example) & set(context)
     if shared:
         raise InvalidParameter(f"{where}: features in 'context' must not appear in examples "
@@ -207,4 +239,4 @@ def _example_image(example, context: dict, index: int) -> bytes:
     else:
         raise InvalidParameter(f"{where}: give the image as one feature {{\"b64\": ...}}, e.g. "
                                f"\"image/encoded\" (found {len(binary)} binary features)")
-    return decode_b64(values[chosen]["b64"], f"{where}.{chosen}.b64")
+    return decode_b64(values[chosen]["b64"], f"{where}.{chosen}.b64", limits.max_upload_bytes)
