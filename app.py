@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 
 from flask import Flask
 
-from common import errors
+from common import errors, web_security
 from common.classifier import Classifier, RuntimeOptions, load_classifier
 from common.config import Config
 from common.fetch import UrlFetcher
@@ -82,6 +82,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     app.register_blueprint(bp)
     app.register_blueprint(tfserving.bp)  # TF Serving's REST API, /v1
     app.register_blueprint(kserve.bp)  # Open Inference Protocol (KServe v2), /v2
+    web_security.init_app(app, config)  # after the blueprints: see its docstring
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app

@@ -112,6 +112,17 @@ class FeedbackFull(ApiError):
              "this service need to retrain and make room.")
 
 
+class HostNotAllowed(BadRequest):
+    code, message = "host_not_allowed", "this server does not answer to that Host (ALLOWED_HOSTS)"
+    plain = "This server does not answer to that address."
+
+
+class CrossSiteRequest(ApiError):
+    status, code = 403, "cross_site_request"
+    message = "a post from another site is refused on this route"
+    plain = "That request came from another website, so it was refused."
+
+
 class TooManyImages(BadRequest):
     code = "too_many_images"
     plain = "Too many images in one request."

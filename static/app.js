@@ -10,9 +10,10 @@
   const bars = $("bars"), meta = $("meta");
   const buttons = document.querySelectorAll("button");
 
-  // API error codes in plain words, from the server's own list (common/errors.py: catalogue());
+  // API error codes in plain words, from the server's own list (common/errors.py: catalogue(),
+  // in this script tag's data-error-messages: the page has no inline script, see its CSP);
   // the server's technical message is the fallback for a code the list lacks.
-  const MESSAGES = JSON.parse($("error-messages").textContent || "{}");
+  const MESSAGES = JSON.parse(document.currentScript.dataset.errorMessages || "{}");
 
   function setBusy(busy, text) {
     buttons.forEach((b) => { b.disabled = busy; });

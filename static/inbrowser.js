@@ -5,7 +5,8 @@
 //
 // Preprocessing is the server's, step for step (common/images.py + common/preprocessing.py):
 // decode, composite transparency on white, (JPEG only) the decoder's 1/2, 1/4 or 1/8 draft
-// scaling, then Pillow's BILINEAR resize (a triangle filter widened by the scale factor, 8-bit
+// scaling, a box reduce of an image three times the input size or more, then Pillow's BILINEAR
+// resize (a triangle filter widened by the scale factor, 8-bit
 // fixed-point coefficients, horizontal pass then vertical, rounded to 8 bits in between), then
 // float32 value * float32(1/255) in [0, 1]. The browser tests (tests/test_browser_onnx.py)
 // compare the scores with the server's.
@@ -14,6 +15,9 @@
 
   const ORT_DIR = "/static/vendor/onnxruntime-web/";
   const ORT_SCRIPT = ORT_DIR + "ort.wasm.min.js";
+  // Its Subresource Integrity, computed by the server at start-up (common/web_security.py) and
+  // given in this script tag's data-ort-integrity; empty when the runtime is not vendored.
+  const ORT_INTEGRITY = document.currentScript.dataset.ortIntegrity || "";
   const DEBOUNCE_MS = 150;
 
   // -- Pillow's BILINEAR resize on 8-bit RGBA pixels (Pillow's src/libImaging/Resample.c) ----
@@ -98,6 +102,12 @@
     return 1;
   }
 
+  // common/images.py's reduce before the resize: an image at least REDUCE_GAP (3) times the
+  // model input on both sides is box-reduced by the integer factor that keeps it so.
+  function reduceFactor(w, h, height, width) {
+    return Math.max(1, Math.min(Math.floor(w / (width * 3)), Math.floor(h / (height * 3))));
+  }
+
   function boxReduce(rgb, w, h, s) {
     const ow = Math.ceil(w / s), oh = Math.ceil(h / s);
     const out = new Uint8ClampedArray(ow * oh * 3);
@@ -126,6 +136,8 @@
     }
     const s = isJpeg ? draftScale(w, h, height, width) : 1;
     if (s > 1) ({ rgb, w, h } = boxReduce(rgb, w, h, s));
+    const f = reduceFactor(w, h, height, width);
+    if (f > 1) ({ rgb, w, h } = boxReduce(rgb, w, h, f));
     const resized = (w === width && h === height) ? rgb : resizeBilinear(rgb, w, h, height, width);
     const SCALE = Math.fround(1 / 255); // numpy: float32(v) * float32(1/255), rounded to float32
     const out = new Float32Array(resized.length);
@@ -157,16 +169,17 @@
     answered: 0, error: null };
   const $ = (id) => document.getElementById(id);
 
-  function loadScript(src) {
+  function loadScript(src, integrity) {
     return new Promise((resolve, reject) => {
       const s = document.createElement("script");
+      s.integrity = integrity;
       s.src = src; s.onload = resolve; s.onerror = () => reject(new Error("cannot load " + src));
       document.head.appendChild(s);
     });
   }
 
   async function loadSession() {
-    if (!window.ort) await loadScript(ORT_SCRIPT);
+    if (!window.ort) await loadScript(ORT_SCRIPT, ORT_INTEGRITY);
     window.ort.env.wasm.wasmPaths = ORT_DIR;
     window.ort.env.wasm.numThreads = 1; // threads need cross-origin isolation; one is plenty
     const response = await fetch(state.model.onnx.url, { integrity: state.model.onnx.integrity });
@@ -262,7 +275,7 @@
   }
 
   async function offer(model) {
-    if (!model || !model.onnx) return;
+    if (!model || !model.onnx || !ORT_INTEGRITY) return;
     const runtime = await fetch(ORT_SCRIPT, { method: "HEAD" }).catch(() => null);
     if (!runtime || !runtime.ok) return;
     state.model = model;

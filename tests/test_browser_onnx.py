@@ -26,7 +26,8 @@ TOLERANCE = 0.01
 
 def pictures(tmp_path) -> list[str]:
     """Image files of every kind the page may get: the examples, drawings made in the page,
-    a transparent PNG, and a large JPEG (the server decodes it at 1/8 scale)."""
+    a transparent PNG, a large JPEG (the server decodes it at 1/8 scale) and a large PNG (the
+    server reduces it by an integer factor before the resize)."""
     paths = [os.path.join(ROOT, "docs", "examples", f) for f in ("star.png", "heart.png")]
     paths += [os.path.join(DRAWINGS, shape, f"{shape}_00{i}.png")
               for shape in sorted(os.listdir(DRAWINGS)) for i in (1, 7)]
@@ -35,7 +36,8 @@ def pictures(tmp_path) -> list[str]:
     transparent = Image.merge("RGBA", (*Image.new("RGB", star.size, (30, 60, 200)).split(), alpha))
     transparent.save(tmp_path / "transparent.png")
     star.resize((900, 700)).save(tmp_path / "big.jpg", quality=92)
-    return paths + [str(tmp_path / "transparent.png"), str(tmp_path / "big.jpg")]
+    star.resize((1500, 1100)).save(tmp_path / "big.png")  # box-reduced before the resize
+    return paths + [str(tmp_path / f) for f in ("transparent.png", "big.jpg", "big.png")]
 
 
 def switch_on(browser, server):

@@ -1,12 +1,20 @@
 """The web page in real headless Chromium (Debian's chromium + chromedriver, via Selenium),
 against the real gunicorn server serving the demo model."""
+import html
 import os
 
 import pytest
 
 from browsers import (By, WebDriverWait, browser, draw, open_page,  # noqa: F401
                       shape_points, wait_for_result)
-from helpers import ROOT
+from helpers import ROOT, post_image
+from webservers import Recorder, body
+
+ORT = os.path.join(ROOT, "static", "vendor", "onnxruntime-web", "ort.wasm.min.js")
+#: Run in every new document before its own scripts: records Content-Security-Policy violations.
+VIOLATIONS = """window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => window.cspViolations.push(
+  e.effectiveDirective + " " + e.blockedURI + " " + e.sourceFile + ":" + e.lineNumber));"""
 
 
 pytestmark = pytest.mark.server
@@ -85,3 +93,66 @@ def test_labels_and_keyboard(browser, demo_server):
         body.send_keys("\ue004")  # Tab
         reached.add(browser.switch_to.active_element.get_attribute("id"))
     assert {"file", "url", "url-go", "draw-classify"} <= reached
+
+
+def test_the_page_runs_under_its_policy_without_a_violation(browser, demo_server):
+    """Upload (preview from an object URL), the evaluation picture, the error words, and the
+    in-browser mode (onnxruntime-web compiling its WebAssembly) all work under the page's
+    Content-Security-Policy, and the browser reports no violation; the listener does see one
+    when something the policy forbids is tried."""
+    watch = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": VIOLATIONS})
+    try:
+        open_page(browser, demo_server)
+        browser.find_element(By.ID, "file").send_keys(os.path.join(ROOT, "docs", "examples",
+                                                                   "star.png"))
+        assert wait_for_result(browser)[0] == "star"
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "const i = document.getElementById('confusion');"
+            "return i.complete && i.naturalWidth > 0"))
+        preview = browser.execute_script("return document.getElementById('preview').src")
+        assert preview.startswith("blob:")
+        browser.find_element(By.ID, "draw-classify").click()  # nothing drawn: the page's own words
+        assert "Draw something first" in browser.find_element(By.ID, "error").text
+        if os.path.exists(ORT):
+            WebDriverWait(browser, 20).until(
+                lambda d: d.find_element(By.ID, "in-browser-panel").is_displayed())
+            browser.find_element(By.ID, "in-browser").click()
+            WebDriverWait(browser, 60).until(lambda d: "runs in this browser" in d.find_element(
+                By.ID, "in-browser-note").text)
+            side = browser.find_element(By.ID, "canvas").size["width"]
+            draw(browser, shape_points("star", side))
+            WebDriverWait(browser, 30).until(lambda d: d.execute_script(
+                "return window.InBrowser.pending === 0 && window.InBrowser.last !== null"))
+            assert "in your browser" in browser.find_element(By.ID, "meta").text
+            assert browser.execute_script(  # onnxruntime-web was loaded pinned by its hash
+                "return document.querySelector('script[src$=\"/ort.wasm.min.js\"]').integrity"
+            ).startswith("sha384-")
+        assert browser.execute_script("return window.cspViolations") == []
+        browser.execute_script("const i = new Image(); i.src = 'http://example.invalid/x.png';"
+                               "document.body.append(i)")
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
+            "return window.cspViolations.length") == 1)
+        assert browser.execute_script("return window.cspViolations")[0].startswith("img-src")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", watch)
+
+
+def test_a_form_on_another_site_cannot_post_feedback(browser, demo_server, tmp_path):
+    """CSRF: a page on another site (localhost is another site than 127.0.0.1) submits a form
+    to /feedback as the visitor's browser; the server refuses it (403) and keeps nothing."""
+    with open(os.path.join(ROOT, "docs", "examples", "heart.png"), "rb") as fh:
+        filename = post_image(demo_server, fh.read(), "heart.png", "image/png").json()["filename"]
+    attack = (f'<!doctype html><body onload="document.forms[0].submit()">'
+              f'<form method="post" action="{demo_server.url}/feedback">'
+              f'<input name="filename" value="{html.escape(filename)}">'
+              f'<input name="label" value="star"></form>').encode()
+    site = Recorder("127.0.0.1", {"/attack.html": body(attack, "text/html")})
+    try:
+        browser.get(f"http://localhost:{site.server_address[1]}/attack.html")
+        WebDriverWait(browser, 20).until(lambda d: d.current_url.startswith(demo_server.url))
+        answer = browser.find_element(By.TAG_NAME, "body").text
+    finally:
+        site.close()
+    assert '"cross_site_request"' in answer and '"status":403' in answer
+    feedback = os.path.join(os.path.dirname(demo_server.temp_dir), "feedback", "star")
+    assert not os.path.isdir(feedback) or os.listdir(feedback) == []
