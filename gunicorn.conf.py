@@ -29,7 +29,9 @@ wsgi_app = "app:create_app()"
 bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
     f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
-worker_class = "common.gunicorn_worker.JsonErrorWorker"  # gthread + JSON protocol errors
+# gthread that reads request heads in its main loop (HEADER_TIMEOUT), drops clients that do not
+# read their answers (SEND_TIMEOUT) and answers gunicorn's protocol errors in JSON.
+worker_class = "common.gunicorn_worker.JsonErrorWorker"
 threads = _settings.threads
 preload_app = False
 # The model loads in a background thread, so the worker keeps its heartbeat while it warms up;

@@ -248,8 +248,9 @@ def wire_response(err: ApiError) -> bytes:
             ).encode("latin-1") + body
 
 
-_REASONS = {400: "Bad Request", 414: "URI Too Long", 417: "Expectation Failed",
-            431: "Request Header Fields Too Large", 501: "Not Implemented"}
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long",
+            417: "Expectation Failed", 431: "Request Header Fields Too Large",
+            501: "Not Implemented"}
 
 # werkzeug's HTTPException codes that map onto our own classes; others keep werkzeug's status.
 _HTTP_EXCEPTION_MAP = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}

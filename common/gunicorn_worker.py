@@ -1,18 +1,55 @@
-"""gunicorn's gthread worker, answering gunicorn's own protocol errors with the JSON envelope.
+"""gunicorn's gthread worker, hardened against slow clients, answering gunicorn's own protocol
+errors with the JSON envelope.
 
-A request line over ``limit_request_line``, too many or too large header fields, a malformed
-request line or header never reach the app: gunicorn answers them itself, by default with an
-HTML page. This worker answers them like every other error of the service, with the envelope and
-classes of ``common/errors.py``. Everything else is gunicorn's (``gunicorn.conf.py`` names this
-class).
+gthread hands each readable connection to one of ``THREADS`` request threads, which then reads
+the request line and headers, and later writes the answer, with blocking calls; and its main
+loop closes each finished connection "gracefully", waiting up to 2 s for the client to close its
+side. So a few dozen clients could hold every thread by sending half a request, or by not
+reading a large answer, and could stall the main loop by not closing. This worker keeps threads
+for complete requests and the main loop never waits on a client:
+
+* **Request heads are read in the main loop** (non-blocking) until the blank line that ends
+  them; only then does the connection go to a thread, with the bytes read so far handed to
+  gunicorn's parser. A head must be complete within ``HEADER_TIMEOUT`` seconds of the
+  connection (of the first byte of the next request, on a kept-alive connection; waiting for
+  it is ``keepalive``'s business): else the connection is closed, with a 408 when some of the
+  request had come. A head over ``HEAD_LIMIT`` bytes gets 431 (414 when it is all one line):
+  what the loop holds per connection stays small. A bare LF is handed over at once, for the
+  parser's 400.
+* **Writes wait at most ``SEND_TIMEOUT``** seconds for the client to read (``ClientSocket``,
+  the rule of nginx's ``send_timeout``: the time between two writes that make progress), and
+  at most half the threads may wait so at once: past that, a client that leaves its answer
+  unread is dropped at once. Either way the connection is reset and its thread freed.
+* **Closing lingers in the main loop**: after the last answer the write side is shut and the
+  client's remaining bytes are read as they come (at most ``LINGER_BYTES``, ``LINGER_SECONDS``)
+  without blocking, so the client sees the whole answer and cannot stall the loop.
+
+With TLS, HTTP/2 prior knowledge or the PROXY protocol (none used here) heads are read by the
+request threads, as gunicorn does. ``gunicorn.conf.py`` names this class.
 """
 from __future__ import annotations
 
-from gunicorn import util
+import errno
+import os
+import select
+import selectors
+import socket
+import struct
+import threading
+import time
+from functools import partial
+
+from gunicorn import http, util
 from gunicorn.http import errors as http_errors
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import errors
+from .config import Config
+
+HEAD_LIMIT = 64 * 1024  # bytes of request line and headers a connection may send
+LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to close its side
+LINGER_BYTES = 64 * 1024  # the most read from a client after its last answer
+FILE_BLOCK = 256 * 1024  # bytes of a file read per write by ClientSocket.sendfile
 
 # gunicorn's client-error exceptions -> our error class; first match wins.
 _CLIENT_ERRORS = [
@@ -28,8 +65,104 @@ _CLIENT_ERRORS = [
 ]
 
 
+class ClientNotReading(TimeoutError):
+    """The client left its answer unread for too long, or while too many others did."""
+
+
+class SendGate:
+    """How long a request thread may wait for its client to read (``timeout`` seconds without
+    progress), and how many threads may wait so at once (``waiters``): the threads left are
+    for everyone else."""
+
+    def __init__(self, timeout: float, waiters: int):
+        self.timeout = timeout
+        self._slots = threading.BoundedSemaphore(waiters)
+
+    def wait_writable(self, sock: socket.socket) -> None:
+        """Return once ``sock`` can take more bytes; raise ClientNotReading when no slot is
+        free or the client reads nothing within the timeout."""
+        if not self._slots.acquire(blocking=False):
+            raise ClientNotReading("too many clients are not reading their answers")
+        try:
+            poll = select.poll()
+            poll.register(sock, select.POLLOUT)
+            if not poll.poll(self.timeout * 1000):
+                raise ClientNotReading(f"the client read nothing for {self.timeout:g} s")
+        finally:
+            self._slots.release()
+
+
+class ClientSocket(socket.socket):
+    """A client connection whose writes wait on the client only through its ``SendGate``.
+
+    gunicorn writes answers with ``sendall`` and ``sendfile`` (static files); both are plain
+    ``send`` calls that never block here: when the socket's buffer is full, the gate decides
+    whether and how long to wait. Reads are the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket, gate: SendGate):
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.gate = gate
+
+    def sendall(self, data, flags: int = 0) -> None:
+        with memoryview(data) as view:
+            while len(view):
+                try:
+                    sent = self.send(view, flags | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    self.gate.wait_writable(self)
+                    continue
+                view = view[sent:]
+
+    def sendfile(self, file, offset: int = 0, count: int | None = None) -> int:
+        """Send ``count`` bytes of ``file`` from ``offset`` (to its end when None) through
+        ``sendall``, so the gate applies (the kernel's sendfile would block on the client)."""
+        file.seek(offset)
+        total = 0
+        while count is None or total < count:
+            block = file.read(FILE_BLOCK if count is None else min(FILE_BLOCK, count - total))
+            if not block:
+                break
+            self.sendall(block)
+            total += len(block)
+        return total
+
+    def reset(self) -> None:
+        """Drop the connection: its unsent bytes are discarded and the client gets a reset
+        once the socket is closed (``SO_LINGER`` 0), rather than waiting to be delivered."""
+        try:
+            self.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _head_stop(head: bytearray, old: int) -> int:
+    """Where gunicorn's parser can judge ``head`` without reading more: just past the blank line
+    that ends it, or just past a bare LF (rejected at once); -1 while neither has come. The
+    first ``old`` bytes were checked before."""
+    end = head.find(b"\r\n\r\n", max(0, old - 3))
+    i = head.find(b"\n", old, len(head) if end < 0 else end)
+    while i >= 0:
+        if i == 0 or head[i - 1] != ord("\r"):
+            return i + 1
+        i = head.find(b"\n", i + 1, len(head) if end < 0 else end)
+    return -1 if end < 0 else end + 4
+
+
 class JsonErrorWorker(ThreadWorker):
-    """gthread with JSON bodies for the errors gunicorn answers before the app sees a request."""
+    """gthread with the slow-client rules of the module doc and JSON bodies for the errors
+    gunicorn answers before the app sees a request."""
+
+    def init_process(self):
+        settings = Config.from_env(os.environ)
+        self.header_timeout = settings.header_timeout
+        self.send_gate = SendGate(settings.send_timeout, max(1, self.cfg.threads // 2))
+        self.reads_heads = not (self.cfg.is_ssl or self.cfg.proxy_protocol != "off"
+                                or getattr(self.cfg, "http2_cleartext", "off") != "off")
+        self.heads: dict[TConn, bytearray] = {}  # connections whose request head is arriving
+        self.lingering: set[TConn] = set()  # answered connections, closing
+        super().init_process()
 
     def handle_error(self, req, client, addr, exc):
         for classes, error_class in _CLIENT_ERRORS:
@@ -41,3 +174,147 @@ class JsonErrorWorker(ThreadWorker):
                     self.log.debug("failed to send error response")
                 return
         super().handle_error(req, client, addr, exc)
+
+    # -- connections in the main loop ----------------------------------------------------------
+    def accept(self, listener):
+        try:
+            client, addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        self.enqueue_req(TConn(self.cfg, ClientSocket(client, self.send_gate), addr,
+                               listener.getsockname()))
+
+    def enqueue_req(self, conn):
+        """Wait in the main loop for ``conn``'s request head (with what gunicorn's parser
+        already read ahead of it), then hand it to a thread."""
+        if not self.reads_heads:
+            return super().enqueue_req(conn)
+        head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b"")
+        conn.sock.setblocking(False)
+        self.heads[conn] = head
+        conn.timeout = time.monotonic() + self.header_timeout
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_head, conn))
+        if head:
+            self._check_head(conn, 0)
+        if conn in self.heads:  # the head has often arrived already: no wait for the poller
+            self._read_head(conn)
+
+    def _read_head(self, conn, _sock=None):
+        try:
+            data = conn.sock.recv(HEAD_LIMIT, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away
+            self._forget_head(conn)
+            self._close(conn)
+            return
+        head = self.heads[conn]
+        old = len(head)
+        head += data
+        self._check_head(conn, old)
+
+    def _check_head(self, conn, old: int):
+        """Hand ``conn`` to a thread once its head can be parsed; refuse one over HEAD_LIMIT."""
+        head = self.heads[conn]
+        stop = _head_stop(head, old)
+        if 0 <= stop <= HEAD_LIMIT:
+            self._head_complete(conn)
+        elif stop > HEAD_LIMIT or len(head) > HEAD_LIMIT:
+            self._refuse_head(conn, errors.HeadersTooLarge() if b"\r\n" in head[2:]
+                              else errors.UriTooLong())
+
+    def _head_complete(self, conn):
+        head = self._forget_head(conn)
+        if conn.parser is None:
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+        conn.parser.unreader.unread(bytes(head))
+        conn.data_ready = True  # what gthread's handle() would otherwise wait for
+        super().enqueue_req(conn)
+
+    def _forget_head(self, conn) -> bytearray:
+        self.poller.unregister(conn.sock)
+        return self.heads.pop(conn)
+
+    def _refuse_head(self, conn, error: errors.ApiError):
+        """Answer ``error`` to a connection whose head broke a rule, and close it."""
+        received = len(self._forget_head(conn))
+        self.log.warning("request head refused from %s (%d bytes): %s",
+                         (conn.client or ("",))[0], received, error.message)
+        try:
+            conn.sock.send(errors.wire_response(error), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self._linger(conn)
+
+    def murder_pending(self):
+        """Also end the heads past ``HEADER_TIMEOUT`` and the lingering past their time."""
+        super().murder_pending()
+        now = time.monotonic()
+        for conn in [c for c in self.heads if c.timeout <= now]:
+            if self.heads[conn].strip():
+                self._refuse_head(conn, errors.RequestTimeout(
+                    f"the request line and headers did not arrive within "
+                    f"{self.header_timeout:g} s"))
+            else:  # sent nothing of a request (a blank line at most): nothing to answer
+                self._forget_head(conn)
+                self._close(conn)
+        for conn in [c for c in self.lingering if c.timeout <= now]:
+            self._end_linger(conn)
+
+    # -- the end of a connection ---------------------------------------------------------------
+    def handle_request(self, req, conn):
+        """gthread's, but a client that does not read its answer is dropped, quietly."""
+        try:
+            return super().handle_request(req, conn)
+        except ClientNotReading as exc:
+            self.log.info("dropped %s %s for %s: %s", req.method, req.path,
+                          (conn.client or ("",))[0], exc)
+            conn.sock.reset()
+            return False
+
+    def finish_request(self, conn, fs):
+        """gthread's, except that a connection to close lingers in the main loop instead of
+        blocking it (gunicorn's graceful close waits up to 2 s on the client)."""
+        if self.cfg.is_ssl or fs.cancelled() or fs.exception() is not None or fs.result():
+            return super().finish_request(conn, fs)
+        self._linger(conn)
+
+    def _linger(self, conn):
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        conn.timeout = time.monotonic() + LINGER_SECONDS
+        conn.lingered = 0
+        self.lingering.add(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_linger, conn))
+
+    def _read_linger(self, conn, _sock):
+        try:
+            data = conn.sock.recv(LINGER_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.lingered += len(data)
+        if not data or conn.lingered >= LINGER_BYTES:
+            self._end_linger(conn)
+
+    def _end_linger(self, conn):
+        self.lingering.discard(conn)
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        self._close(conn)
+
+    def _close(self, conn):
+        self.nr_conns -= 1
+        conn.close()

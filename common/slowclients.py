@@ -16,8 +16,9 @@ has already arrived is read instead and the connection kept: closing would read 
 (gunicorn drains up to 64 KiB on close), and a client resending refused requests then costs
 no new connection each time.
 
-The real answer for deployments is a buffering reverse proxy in front (docs/RELIABILITY.md):
-it also bounds slow request *headers*, which gunicorn does not.
+Slow request heads and clients that do not read their answers are the worker's business
+(``common/gunicorn_worker.py``); a buffering reverse proxy in front is still the better answer
+for deployments (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 

@@ -23,6 +23,11 @@ START, END = "<!-- figures:start -->", "<!-- figures:end -->"
 
 # name -> (title, formatted with the figures; [(key, label)])
 SECTIONS = {
+    "slow_connections": ("A normal upload while {half_sent_heads} clients hold half-sent heads "
+                         "and {trickling_bodies} trickle bodies", [
+        ("upload_median_quiet_ms", "upload median before (ms)"),
+        ("upload_median_during_ms", "upload median during (ms)"),
+        ("upload_max_during_ms", "slowest upload during (ms)")]),
     "overload": ("Overload: {clients} clients, {seconds} s, one worker, demo model", [
         ("answered_200", "answered 200"), ("answered_503", "answered 503 + Retry-After"),
         ("errors", "any other status or dropped connection"),

@@ -131,9 +131,9 @@ def test_honest_slow_upload_above_the_minimum_rate_succeeds(server):
     assert json.loads(response.partition(b"\r\n\r\n")[2])["predictions"][0]["label"] == "blue"
 
 
-def test_slow_headers_hold_one_thread_not_the_worker(server):
-    """gunicorn gives header parsing no deadline (the proxy's job, docs/RELIABILITY.md); what
-    the service guarantees is that such clients tie up threads, not the worker."""
+def test_slow_headers_do_not_hold_the_worker(server):
+    """Clients sending their headers slowly tie up no request thread, and never the worker
+    (the header deadline itself: tests/test_connection_deadlines.py)."""
     conns = []
     try:
         for _ in range(3):
