@@ -146,17 +146,19 @@ class Feedback:
             self._slots.release()
 
     def _probe(self) -> bool:
-        """Whether the folder exists (or can be made) and a file can be written in it."""
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            probe = os.path.join(self.root, f".probe-{os.getpid()}-{threading.get_ident()}")
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-            os.unlink(probe)
+        """Whether the folder, or the nearest existing folder above it (where it will be made
+        at the first feedback), can be written: nothing is created until feedback comes."""
+        folder = os.path.abspath(self.root)
+        while not os.path.isdir(folder):
+            parent = os.path.dirname(folder)
+            if parent == folder or os.path.lexists(folder):  # a file (or a link) in the way
+                break
+            folder = parent
+        if os.path.isdir(folder) and not os.path.islink(folder) and \
+                os.access(folder, os.W_OK | os.X_OK):
             return True
-        except OSError as exc:
-            log.warning("the feedback folder is not writable, feedback is unavailable: %s",
-                        exc.strerror or exc)
-            return False
+        log.warning("the feedback folder is not writable, feedback is unavailable")
+        return False
 
     # -- feedback -------------------------------------------------------------------------------
     def record(self, filename, label, model: dict, labels, predicted=None,
