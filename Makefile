@@ -34,12 +34,12 @@ test: venv vendor
 test-fast: venv
 	$(BIN)/python -m pytest -m "not server and not long"
 
-# The Docker image (the base image first: scripts/docker_base.sh makes a stand-in where no
-# registry is reachable), labelled with this checkout's version, commit and origin.
+# The Docker image on the base pinned by digest (scripts/docker_base.sh prints its immutable
+# reference: the Dockerfile's pinned digest, or a stand-in it makes where no registry is
+# reachable), labelled with this checkout's version, commit and origin.
 IMAGE ?= image-classifier:dev
 docker:
-	scripts/docker_base.sh
-	docker build -t $(IMAGE) \
+	base=$$(scripts/docker_base.sh) && docker build -t $(IMAGE) --build-arg BASE_IMAGE=$$base \
 	    --build-arg VERSION=$$(git describe --always --dirty 2>/dev/null || echo dev) \
 	    --build-arg REVISION=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	    --build-arg SOURCE=$$(git remote get-url origin 2>/dev/null || echo unknown) .

@@ -12,6 +12,7 @@ import threading
 from common.config import Config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id otherwise
 
 _settings = Config.from_env(os.environ)  # fails start-up with a message naming a bad variable
 

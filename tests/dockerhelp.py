@@ -19,6 +19,7 @@ import requests
 from helpers import ROOT
 
 IMAGE = os.environ.get("TEST_IMAGE", "image-classifier:test")
+NGINX_IMAGE = "image-classifier-nginx:test"
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> str:
@@ -51,6 +52,21 @@ def build_image(tag: str = IMAGE) -> str:
     return tag
 
 
+def base_image() -> str:
+    """The immutable reference of the base image (what ``make docker`` builds on)."""
+    proc = subprocess.run([os.path.join(ROOT, "scripts", "docker_base.sh")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
+def build_nginx_image(tag: str = NGINX_IMAGE) -> str:
+    """deploy/compose/nginx built on the pinned base (the proxy of compose and of the pod)."""
+    docker("build", "-q", "-t", tag, "--build-arg", f"BASE={base_image()}",
+           os.path.join(ROOT, "deploy", "compose", "nginx"), timeout=900)
+    return tag
+
+
 def graceful_timeout() -> int:
     """gunicorn.conf.py's graceful_timeout (read, not imported: importing it has effects)."""
     text = open(os.path.join(ROOT, "gunicorn.conf.py")).read()
@@ -68,13 +84,19 @@ def readable_copy(folder: str, dest) -> str:
 
 
 class Container:
-    """One ``docker run -d`` of an image, published on a free loopback port."""
+    """One ``docker run -d`` of an image, its ``ports`` published on free loopback ports;
+    ``url`` is the first one's (``urls[port]`` each one's). ``command`` replaces the CMD."""
 
-    def __init__(self, image: str, *run_args: str, env: dict | None = None):
+    def __init__(self, image: str, *run_args: str, env: dict | None = None,
+                 ports: tuple[int, ...] = (8000,), command: tuple[str, ...] = ()):
         env_args = [a for k, v in (env or {}).items() for a in ("-e", f"{k}={v}")]
-        self.id = docker("run", "-d", "-p", "127.0.0.1::8000", *env_args, *run_args, image)
-        port = docker("port", self.id, "8000/tcp").splitlines()[0].rsplit(":", 1)[1]
-        self.url = f"http://127.0.0.1:{port}"
+        port_args = [a for p in ports for a in ("-p", f"127.0.0.1::{p}")]
+        self.id = docker("run", "-d", *port_args, *env_args, *run_args, image, *command)
+        self.urls = {}
+        for p in ports:
+            host_port = docker("port", self.id, f"{p}/tcp").splitlines()[0].rsplit(":", 1)[1]
+            self.urls[p] = f"http://127.0.0.1:{host_port}"
+        self.url = self.urls[ports[0]] if ports else ""
 
     def inspect(self, template: str) -> str:
         return docker("inspect", "--format", template, self.id)

@@ -2,12 +2,14 @@
 
 One build (``make docker``) for the module. The main container runs as users are told to run it
 (docs/DEPLOY.md): read-only root filesystem, a tmpfs on /tmp (gunicorn's run folder and the
-metrics), a volume on /app/temp. Another serves a model mounted read-only with MODEL_PATH and
-is stopped with SIGTERM while requests wait in its queue.
+metrics), a volume on /app/temp and one on /app/feedback. Another serves a model mounted
+read-only with MODEL_PATH and is stopped with SIGTERM while requests wait in its queue.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -17,15 +19,16 @@ import requests
 
 import imagegen as ig
 from common.config import documented_variables
-from dockerhelp import (Container, build_image, docker, graceful_timeout, readable_copy,
-                        require_engine)
+from dockerhelp import (Container, base_image, build_image, docker, graceful_timeout,
+                        readable_copy, require_engine)
 from helpers import ROOT, metric
 from tiny_models import TRAP, save_colour_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.server]
 
 STAR = os.path.join(ROOT, "docs", "examples", "star.png")
-READ_ONLY = ("--read-only", "--tmpfs", "/tmp", "--mount", "type=volume,dst=/app/temp")
+READ_ONLY = ("--read-only", "--tmpfs", "/tmp", "--mount", "type=volume,dst=/app/temp",
+             "--mount", "type=volume,dst=/app/feedback")
 NEEDS_REPOSITORY = pytest.mark.skipif(
     "MODEL_REPOSITORY" not in documented_variables(),
     reason="needs MODEL_REPOSITORY, issue 12 (the model repository)")
@@ -39,7 +42,8 @@ def image():
 
 @pytest.fixture(scope="module")
 def container(image):
-    """The image as docs/DEPLOY.md runs it: read-only root, writable /tmp and /app/temp."""
+    """The image as docs/DEPLOY.md runs it: read-only root, writable /tmp, /app/temp and
+    /app/feedback."""
     box = Container(image, *READ_ONLY)
     yield box
     box.remove()
@@ -66,8 +70,64 @@ def test_it_runs_as_a_non_root_user_on_a_read_only_root(container):
     touched = docker("exec", container.id, "touch", "/app/x", check=False)
     assert touched == "" and container.exec("sh", "-c", "test ! -e /app/x && echo absent") \
         == "absent"
-    # The upload of the first test was stored in the writable volume, nothing else was written.
+    # The upload of the first test was stored in the writable volume, nothing else was written
+    # (nor tried: ONNX Runtime's telemetry, which warned it could not persist a device id, is off).
     assert container.exec("ls", "/app/temp").split()
+    assert "telemetry" not in container.logs()
+
+
+def give_feedback(box: Container) -> requests.Response:
+    """Classify the star, then tell the server it is another of the model's labels."""
+    with open(STAR, "rb") as fh:
+        r = requests.post(box.url + "/classify", files={"image": ("star.png", fh)}, timeout=30)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    other = next(label for label in answer["labels"] if label != "star") \
+        if "labels" in answer else answer["predictions"][-1]["label"]
+    return requests.post(box.url + "/feedback", timeout=30,
+                         json={"filename": answer["filename"], "label": other})
+
+
+def test_feedback_is_stored_in_the_documented_read_only_run(container):
+    """FEEDBACK_DIR is a folder of the service's user on a volume: /feedback answers 201 and
+    the labelled image is in it (on a read-only root it answered 503 storage_unavailable)."""
+    container.wait_ready()
+    r = give_feedback(container)
+    assert r.status_code == 201, r.text
+    stored = f"/app/feedback/{r.json()['label']}/{r.json()['filename']}"
+    assert container.exec("sh", "-c", 'test -f "$0" && echo stored', stored) == "stored"
+
+
+def test_the_writable_folders_are_declared_volumes(image):
+    """With no volume named on the command line (`--read-only --tmpfs /tmp` alone), Docker still
+    gives the service a writable TEMP_DIR and FEEDBACK_DIR: the image declares them volumes,
+    owned by its user."""
+    volumes = docker("inspect", "--format", "{{json .Config.Volumes}}", image)
+    assert '"/app/temp"' in volumes and '"/app/feedback"' in volumes, volumes
+    box = Container(image, "--read-only", "--tmpfs", "/tmp")
+    try:
+        box.wait_ready()
+        assert box.exec("stat", "-c", "%u %a", "/app/temp", "/app/feedback").split("\n") == \
+            ["10001 755"] * 2
+        r = give_feedback(box)
+        assert r.status_code == 201, r.text
+    finally:
+        box.remove()
+
+
+def test_the_image_is_built_on_the_base_pinned_by_digest(image):
+    """Every FROM takes BASE_IMAGE, whose default names a digest; `make docker` builds on the
+    immutable reference scripts/docker_base.sh gives (a registry digest, or the local
+    stand-in's image id), never on a tag that can move: the image starts with its layers."""
+    text = open(os.path.join(ROOT, "Dockerfile")).read()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms and set(froms) == {"${BASE_IMAGE}"}, froms
+    assert re.search(r"^ARG BASE_IMAGE=[^@\s]+@sha256:([0-9a-f]{64}|UNPINNED)$", text, re.M)
+    base = base_image()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}|[^@\s]+@sha256:[0-9a-f]{64}", base), base
+    layers = json.loads(docker("inspect", "--format", "{{json .RootFS.Layers}}", image))
+    base_layers = json.loads(docker("inspect", "--format", "{{json .RootFS.Layers}}", base))
+    assert layers[:len(base_layers)] == base_layers
 
 
 def test_the_healthcheck_turns_healthy(container):
