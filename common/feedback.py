@@ -472,18 +472,25 @@ def _images(root: int) -> list[tuple[str, str, int]]:
         if folder is None:
             continue
         try:
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if not _is_image(entry.name):
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if stat.S_ISREG(st.st_mode):
-                        found.append((label, entry.name, st.st_size))
+            found += [(label, name, size) for name, size in _image_files(folder)]
         finally:
             os.close(folder)
+    return found
+
+
+def _image_files(folder: int) -> list[tuple[str, int]]:
+    """(name, bytes) of the regular files in ``folder`` named as the store names images."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _is_image(entry.name):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append((entry.name, st.st_size))
     return found
 
 
@@ -509,18 +516,8 @@ def _holds(folder: int, name: str) -> bool:
 
 def _usage(folder: int) -> tuple[int, int]:
     """(images, their bytes) in ``folder``: regular files named as the store names images."""
-    count = total = 0
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if not _is_image(entry.name):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                count, total = count + 1, total + st.st_size
-    return count, total
+    files = _image_files(folder)
+    return len(files), sum(size for _, size in files)
 
 
 def _write_label(index: int, name: str, label: str) -> None:

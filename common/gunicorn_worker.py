@@ -137,6 +137,17 @@ class ClientSocket(socket.socket):
             pass
 
 
+def _recv_now(sock: socket.socket, size: int) -> bytes | None:
+    """What the socket holds now, at most ``size`` bytes: None when nothing has arrived yet,
+    b"" when the client has gone (closed or reset)."""
+    try:
+        return sock.recv(size, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def _head_stop(head: bytearray, old: int) -> int:
     """Where gunicorn's parser can judge ``head`` without reading more: just past the blank line
     that ends it, or just past a bare LF (rejected at once); -1 while neither has come. The
@@ -203,12 +214,9 @@ class JsonErrorWorker(ThreadWorker):
             self._read_head(conn)
 
     def _read_head(self, conn, _sock=None):
-        try:
-            data = conn.sock.recv(HEAD_LIMIT, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        data = _recv_now(conn.sock, HEAD_LIMIT)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away
             self._forget_head(conn)
             self._close(conn)
@@ -297,12 +305,9 @@ class JsonErrorWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._read_linger, conn))
 
     def _read_linger(self, conn, _sock):
-        try:
-            data = conn.sock.recv(LINGER_BYTES, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+        data = _recv_now(conn.sock, LINGER_BYTES)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.lingered += len(data)
         if not data or conn.lingered >= LINGER_BYTES:
             self._end_linger(conn)
