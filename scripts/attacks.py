@@ -226,6 +226,7 @@ def single_request_peaks(server: LiveServer, worker: Worker, max_pixels: int) ->
     files = bombs((side, side))
     files["webp_lossless_rgba 16383x3051"] = _webp_bomb()
     rgb_mb = 3 * max_pixels / MIB
+    rss_before = worker.reset_peak()
     rows = {}
     for name, data in tqdm(files.items(), desc="bombs, one at a time", unit="request"):
         base = worker.reset_peak()
@@ -234,7 +235,9 @@ def single_request_peaks(server: LiveServer, worker: Worker, max_pixels: int) ->
         rise = worker.peak_mb() - base
         rows[name] = {"bytes": len(data), "status": status, "peak_rise_mb": round(rise, 1),
                       "ratio": round(rise / rgb_mb, 3)}
+    time.sleep(0.5)
     return {"rgb_mb": round(rgb_mb, 1), "size": [side, side], "rows": rows,
+            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(worker.reset_peak(), 1),
             "max_ratio": max(r["ratio"] for r in rows.values())}
 
 
@@ -420,6 +423,8 @@ def markdown(result: dict) -> str:
         f"statuses {slow['attacked_statuses']} |",
         f"| new metric series from {m['requests']:,} made-up requests | 0 "
         f"| {m['new_series_count']} |",
+        f"| the worker's RSS before and after the bombs | back to the allocator "
+        f"| {s['rss_before_mb']} → {s['rss_after_mb']} MiB |",
         "", "| bomb (one request) | bytes | status | peak rise MiB | ÷ RGB |",
         "|---|---:|---:|---:|---:|"]
     for name, row in s["rows"].items():

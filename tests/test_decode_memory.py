@@ -142,3 +142,18 @@ def test_concurrent_decodes_stay_within_the_budget(tmp_path_factory, bombs):
         assert health and all(code == 200 and seconds < 2 for code, seconds in health), health
     finally:
         server.stop()
+
+
+def test_eight_bombs_in_one_multipart_request_cost_nothing(server, bombs):
+    """One request with eight 2 kB WebP bombs: each image is refused from its header (its own
+    413 among the results), so the request costs neither seconds nor memory."""
+    bomb = bombs["webp_lossless_rgba"]
+    files = [("image", (f"b{i}.webp", bomb, "image/webp")) for i in range(8)]
+    peak = PeakMemory(server.pid).reset()
+    cpu = cpu_seconds(server.pid)
+    response = requests.post(server.url + "/classify", files=files, timeout=60)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["error"]["code"] for r in results] == ["image_too_large"] * 8
+    assert peak.rise_mb() < 20
+    assert cpu_seconds(server.pid) - cpu < 0.5
