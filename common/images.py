@@ -266,6 +266,9 @@ def _to_rgb(im: Image.Image, factor: int) -> Image.Image:
     float clipped to [0, 255], every other mode converted as Pillow converts it. Strips are a
     whole number of ``factor`` rows high, so the result equals reducing the converted image.
     """
+    if im.mode in ("L", "RGB") and "transparency" not in im.info:  # no conversion per pixel
+        small = im.reduce(factor) if factor > 1 else im
+        return small if small.mode == "RGB" else small.convert("RGB")
     convert = _strip_converter(im)
     width, height = im.size
     out = Image.new("RGB", (math.ceil(width / factor), math.ceil(height / factor)))
