@@ -107,7 +107,8 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     Sets ``TF_CPP_MIN_LOG_LEVEL=1`` (C++ INFO off; warnings and errors stay) unless the user set
     it, then imports TensorFlow and lists its devices with file descriptor 2 captured: lines
     matching :data:`START_UP_NOISE` are dropped, the rest written back to stderr. When
-    TensorFlow is already imported (a library caller), only its Python logger is quietened.
+    TensorFlow is already imported (a library caller), only its Python logger is quietened;
+    without TensorFlow installed (a serving environment on ONNX Runtime) nothing is done.
     """
     if verbose:
         return
@@ -116,8 +117,10 @@ def quiet_tensorflow(verbose: bool = False) -> None:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     with filtered_stderr(START_UP_NOISE):
-        import tensorflow as tf
-
+        try:
+            import tensorflow as tf
+        except ImportError:  # a serving environment without TensorFlow: nothing to quieten
+            return
         tf.config.list_physical_devices()  # the CUDA probe happens here, not at import
     _tensorflow_loggers(logging.WARNING)
 
