@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-onnx venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-onnx venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed
@@ -99,6 +99,11 @@ bench-onnx: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/s
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --env RUNTIME=onnx --concurrency 1,16,64 --large-concurrency "" --duration 20 --json build/bench/inception_onnx_admission.json
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet_onnx_admission.json
+
+# Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
+# series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").
+bench-attacks: venv
+	$(BIN)/python scripts/attacks.py --model tf_files/demo --json build/attacks.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build
