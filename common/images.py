@@ -169,6 +169,7 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits(),
     """
     max_pixels = limits.max_pixels
     _check_tiff_header(data, max_pixels)
+    _check_jpeg_scans(data)
     try:
         im = Image.open(io.BytesIO(data), formats=list(formats))
     except Image.DecompressionBombError:
@@ -206,6 +207,7 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits(),
     reserved = limits.budget.reserve(cost) if limits.budget else contextlib.nullcontext()
     with reserved:
         rgb = _decode(im, fmt, target_size)
+        del im  # the decoded image's memory goes back before the reservation does
     return DecodedImage(image=rgb, format=fmt, original_size=(width, height))
 
 
@@ -292,6 +294,11 @@ def _strip_converter(im: Image.Image):
         lut = [255 if v == grey else v for v in range(256)]
         return lambda strip: strip.convert("L").point(lut).convert("RGB")
     if mode == "RGB" and transparency is not None:
+        if max(transparency) > 255:  # a 16-bit PNG's key: Pillow's own conversion applies it
+            def convert(strip):
+                strip.info["transparency"] = transparency
+                return _on_white(strip.convert("RGBA")).convert("RGB")
+            return convert
         return lambda strip: _colour_on_white(strip, transparency)
     if mode in _ALPHA_MODES:
         return lambda strip: _on_white(strip.convert("RGBA")).convert("RGB")
@@ -355,17 +362,41 @@ def decode_cost(im: Image.Image, target_size: tuple[int, int] | None = None) -> 
             buffers = math.ceil(2 * _jpeg_samples_per_pixel(im) * pixels)  # 16-bit coefficients
     if fmt == "WEBP":
         buffers = (_WEBP_BYTES - 4) * pixels
+    if fmt == "TIFF" and im.info.get("compression", "raw") != "raw":
+        buffers = 4 * _tiff_chunk_pixels(im)  # libtiff decodes a whole strip or tile at once
     total = decoded * _NATIVE_BYTES.get(mode, 4) + buffers
+    orientation = _header_orientation(im)
     factor = 1
-    if target_size is not None:  # the orientation is not known yet: the smaller factor
+    if target_size is not None:
         source = _draft_size(im.size, target_size) if fmt in ("JPEG", "MPO") else im.size
-        factor = min(_reduce_factor(source, target_size, 1),
-                     _reduce_factor(source, target_size, 6))
-    total += math.ceil(decoded / (factor * factor)) * 4 * 2  # the RGB result, rotated
+        factor = _reduce_factor(source, target_size, orientation)
+    small = math.ceil(decoded / (factor * factor))
+    plain = mode in ("L", "RGB") and "transparency" not in im.info
+    if factor > 1 or not plain or mode == "L":
+        total += small * 4  # the RGB result (an RGB image at its size is its own result)
+    if orientation != 1:
+        total += small * 4  # its rotated copy
     total += min(pixels, max(_STRIP_BYTES // 4, width)) * _STRIP_COPY_BYTES  # one strip
     if target_size is not None:
         total += target_size[0] * target_size[1] * (4 + 3 + 4 * 2)  # resized, uint8, float32
     return total + _SLACK
+
+
+def _header_orientation(im: Image.Image) -> int:
+    """The EXIF orientation known before decoding (a PNG's eXIf chunk may follow its pixels,
+    and reading it would decode them: 1 unless it came first)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    return _orientation(im)
+
+
+def _tiff_chunk_pixels(im: Image.Image) -> int:
+    """Pixels in one strip or tile of an opened TIFF (its tags, before decoding)."""
+    tags = getattr(im, "tag_v2", {})
+    width, height = im.size
+    if 322 in tags and 323 in tags:  # TileWidth, TileLength
+        return min(int(tags[322]), width) * min(int(tags[323]), height)
+    return width * min(int(tags.get(278, height) or height), height)  # RowsPerStrip
 
 
 def _jpeg_samples_per_pixel(im: Image.Image) -> float:
@@ -393,6 +424,19 @@ def _draft_scale(size: tuple[int, int], target_size: tuple[int, int]) -> int:
 def _draft_size(size: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int]:
     scale = _draft_scale(size, target_size)
     return math.ceil(size[0] / scale), math.ceil(size[1] / scale)
+
+
+#: Scans a JPEG may have: libjpeg decodes each over the whole image, so a file repeating a
+#: tiny scan thousands of times costs minutes of CPU (libjpeg-turbo's djpeg suggests a limit).
+#: Encoders write 1 (baseline) to about 10 (progressive).
+MAX_JPEG_SCANS = 100
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG with more than ``MAX_JPEG_SCANS`` start-of-scan markers (FF DA; inside
+    entropy-coded data a 0xFF byte is always followed by 00, so only real markers match)."""
+    if data[:2] == b"\xff\xd8" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise UndecodableImage(f"the JPEG has more than {MAX_JPEG_SCANS} scans")
 
 
 # TIFF tags read before Pillow parses the file: the size, and the strip and tile tables.
@@ -430,11 +474,14 @@ def _check_tiff_header(data: bytes, max_pixels: int) -> None:
                 value_at = start + i * entry + (12 if big else 8)
                 fields[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data,
                                                  value_at)[0]
-    except struct.error:
-        return  # truncated: Pillow says what is wrong
+    except (struct.error, OverflowError):
+        return  # truncated, or offsets past any file: Pillow says what is wrong
     width, height = fields.get(_TIFF_WIDTH, 0), fields.get(_TIFF_LENGTH, 0)
     if width * height > max_pixels:
         raise ImageTooLarge(f"the image is {width}x{height}, more than {max_pixels} pixels")
+    if max(width, height) > MAX_SIDE:
+        raise ImageTooLarge(f"the image is {width}x{height}; no side may exceed {MAX_SIDE} "
+                            f"pixels")
     samples = max(1, min(fields.get(_TIFF_SAMPLES, 1), 8))
     most = samples * max(height, math.ceil(width / 16) * math.ceil(height / 16))
     if tables > most:

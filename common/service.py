@@ -252,11 +252,14 @@ class Service:
         }
 
     # -- feedback -------------------------------------------------------------------------------
-    def record_feedback(self, fields: Mapping) -> tuple[dict, bool]:
-        """``POST /feedback``: ``fields`` ``filename``, ``label`` and optionally ``model``,
-        ``version`` (default: the default model), ``predicted`` and ``score``. Returns (answer,
-        created); see :meth:`common.feedback.Feedback.record`."""
-        self.feedback.require()  # 403 when off, before the model is looked at
+    def record_feedback(self, read_fields: Callable[[], Mapping]) -> tuple[dict, bool]:
+        """``POST /feedback``: ``read_fields()`` reads the body (in a ``BODIES_IN_FLIGHT``
+        slot) into ``filename``, ``label`` and optionally ``model``, ``version`` (default: the
+        default model), ``predicted`` and ``score``. Returns (answer, created); see
+        :meth:`common.feedback.Feedback.record`."""
+        self.feedback.require()  # 403 when off, before the body is read or the model looked at
+        with self.bodies:
+            fields = read_fields()
         name, version = fields.get("model"), fields.get("version")
         if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 100):
             raise InvalidParameter("model must be a model's name")

@@ -137,7 +137,14 @@ def feedback():
     201 when kept, 200 when this image already had this label.
 
     At most ``FEEDBACK_BODY_LIMIT`` bytes of the body are taken, whatever its transfer
-    encoding (413 past them: :func:`body_bytes`)."""
+    encoding (413 past them: :func:`body_bytes`), read like every body in one of the
+    Service's ``BODIES_IN_FLIGHT`` slots."""
+    answer, created = _service().record_feedback(_feedback_fields)
+    g.model = answer["model"]
+    return jsonify(answer), 201 if created else 200
+
+
+def _feedback_fields() -> dict:
     body_bytes(FEEDBACK_BODY_LIMIT)  # cached: the JSON or form is parsed from these bytes
     if request.mimetype == "application/json":
         fields = request.get_json(silent=True)
@@ -147,9 +154,7 @@ def feedback():
         fields = None
     if not isinstance(fields, dict):
         raise InvalidParameter("send a JSON object (or a form) with 'filename' and 'label'")
-    answer, created = _service().record_feedback(fields)
-    g.model = answer["model"]
-    return jsonify(answer), 201 if created else 200
+    return fields
 
 
 @bp.get("/models")

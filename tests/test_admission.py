@@ -206,6 +206,7 @@ def _close_all(server, socks: list[socket.socket]) -> None:
                 metric(text, "classifier_requests_in_flight") <= 1:
             return
         time.sleep(0.05)
+    pytest.fail("the worker still held the slow uploads 5 s after they closed")
 
 
 def test_uploads_still_arriving_hold_no_room_in_the_model_queue(small_queue_server):

@@ -133,7 +133,7 @@ def test_concurrent_decodes_stay_within_the_budget(tmp_path_factory, bombs):
         stop.set()
         prober.join()
         statuses = sorted(r.status_code for r in answers)
-        assert set(statuses) <= {200, 503}, statuses
+        assert set(statuses) <= {200, 503} and 200 in statuses, statuses  # a leak: all 503
         for response in answers:
             if response.status_code == 503:
                 assert_envelope(response, 503, "overloaded")

@@ -127,3 +127,62 @@ def test_absurdly_thin_images_are_refused_before_decoding(size):
     """Found by the fuzz tests: Pillow spends a row pointer (and time) per row."""
     with pytest.raises(ImageTooLarge, match="no side may exceed"):
         decode_image(ig.png_claiming(*size))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def test_a_jpeg_repeating_a_scan_is_refused_before_decoding():
+    """libjpeg decodes every scan over the whole image: 20,000 copies of one 75-byte scan cost
+    78 s of CPU. More than MAX_JPEG_SCANS scans is refused from the bytes."""
+    data = ig.encode(Image.new("RGB", (64, 64)), "JPEG", progressive=True)
+    last = data.rfind(b"\xff\xda")
+    repeated = data[:-2] + data[last:-2] * 150 + b"\xff\xd9"
+    with pytest.raises(UndecodableImage, match="scans"):
+        decode_image(repeated)
+    assert decode_image(data[:-2] + data[last:-2] * 5 + b"\xff\xd9").image.size == (64, 64)
+
+
+def test_a_long_thin_tiff_is_refused_before_its_strip_table_is_read():
+    """1 x 1,000,000 with a million strips: the strips fit its height, but no side may pass
+    MAX_SIDE, and that is checked before Pillow builds the tables (2.1 s and +329 MB)."""
+    import time
+
+    data = ig.tiff_with_strips(1_000_000, size=(1, 1_000_000), pixels=64)
+    started = time.process_time()
+    with pytest.raises(ImageTooLarge, match="no side"):
+        decode_image(data)
+    assert time.process_time() - started < 0.5  # Pillow's tables took 2 s
+
+
+def test_a_bigtiff_pointing_past_any_file_is_a_client_error():
+    import struct
+    data = b"II+\x00\x08\x00\x00\x00" + struct.pack("<Q", 2**64 - 1)
+    with pytest.raises((UndecodableImage, UnsupportedMediaType)):
+        decode_image(data)
+
+
+def test_a_sixteen_bit_png_with_a_transparent_colour_composites_it_on_white():
+    """tRNS in a 16-bit PNG holds 16-bit values (65535, 0, 0)."""
+    import struct
+    import zlib
+    red, blue = struct.pack(">HHH", 65535, 0, 0), struct.pack(">HHH", 0, 0, 65535)
+    rows = b"".join(b"\x00" + (red + blue) * 2 for _ in range(4))
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+            + _png_chunk(b"tRNS", red) + _png_chunk(b"IDAT", zlib.compress(rows))
+            + _png_chunk(b"IEND", b""))
+    pixels = np.asarray(decode_image(data).image)
+    assert tuple(pixels[0, 0]) == (255, 255, 255) and tuple(pixels[0, 1]) == (0, 0, 255)
+
+
+def test_a_wide_rgb_image_is_not_charged_for_copies_it_does_not_make():
+    """An RGB image whose short side is under three model inputs is not reduced and is its own
+    RGB result: a 12000 x 600 PNG (7.2 MP, bound 43 MB) decodes; counting a result copy and a
+    rotated copy that are never made (12 bytes a pixel) refused it."""
+    data = ig.encode(Image.new("RGB", (12000, 600), (20, 200, 30)), "PNG")
+    decoded = decode_image(data, limits=DecodeLimits(7_200_000), target_size=(224, 224))
+    assert decoded.image.size == (12000, 600)
