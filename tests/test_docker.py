@@ -180,10 +180,11 @@ def test_sigterm_answers_the_queued_requests_within_graceful_timeout(image, tmp_
         threads = [threading.Thread(target=post, args=(TRAP,))]
         threads += [threading.Thread(target=post, args=(ig.RED,)) for _ in range(6)]
         threads[0].start()
-        wait_for_metric(box, "classifier_requests_in_flight", 1)
+        # The scrape counts itself: 2 is the magenta request in flight, 8 all seven.
+        wait_for_metric(box, "classifier_requests_in_flight", 2)
         for t in threads[1:]:
             t.start()
-        wait_for_metric(box, "classifier_requests_in_flight", 7)
+        wait_for_metric(box, "classifier_requests_in_flight", 8)
         docker("stop", "-t", str(graceful_timeout()), box.id, timeout=graceful_timeout() + 30)
         for t in threads:
             t.join(30)
