@@ -13,19 +13,21 @@ from typing import Any, Callable, Mapping
 
 from flask import Flask
 
-from common import errors, web_security
-from common.classifier import Classifier, RuntimeOptions, load_classifier
 from common.config import Config
-from common.fetch import UrlFetcher
+from common.dataplane.fetch import UrlFetcher
+from common.dataplane.pipeline import Service
+from common.dataplane.storage import ImageStore
+from common.inference.classifier import Classifier
+from common.inference.loader import RuntimeOptions, load_classifier
+from common.inference.modelfolder import ModelFolder
 from common.logs import configure_logging
 from common.metrics import Metrics
-from common.modelfolder import ModelFolder
-from common.protocols import kserve, tfserving
-from common.registry import Registry, load_version
-from common.service import Service
-from common.slowclients import UploadDeadline
-from common.storage import ImageStore
-from common.views import InMemoryUploadRequest, bp
+from common.versions.manager import Registry, load_version
+from common.web import error_handlers
+from common.web import security as web_security
+from common.web.deadlines import UploadDeadline
+from common.web.protocols import kserve, tfserving
+from common.web.routes import InMemoryUploadRequest, bp
 
 WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this
 HUNG_MODEL_EXIT = 70  # any other status: gunicorn forks a replacement worker
@@ -78,7 +80,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
         classifier=classifier).start()
 
     Service(config, registry, store, fetcher, metrics).attach(app)
-    errors.init_app(app)
+    error_handlers.init_app(app)
     app.register_blueprint(bp)
     app.register_blueprint(tfserving.bp)  # TF Serving's REST API, /v1
     app.register_blueprint(kserve.bp)  # Open Inference Protocol (KServe v2), /v2

@@ -32,7 +32,7 @@ bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
 workers = _settings.workers
 # gthread that reads request heads in its main loop (HEADER_TIMEOUT), drops clients that do not
 # read their answers (SEND_TIMEOUT) and answers gunicorn's protocol errors in JSON.
-worker_class = "common.gunicorn_worker.JsonErrorWorker"
+worker_class = "common.web.gunicorn_worker.JsonErrorWorker"
 threads = _settings.threads
 preload_app = False
 # The model loads in a background thread, so the worker keeps its heartbeat while it warms up;
@@ -79,7 +79,7 @@ def post_worker_init(worker):
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     """
-    from common.service import Service
+    from common.dataplane.pipeline import Service
 
     registry = Service.of(worker.wsgi).registry
     while not registry.wait_initial(1.0):
@@ -107,7 +107,7 @@ def pre_request(worker, req):
 
 def worker_exit(server, worker):
     """On a graceful stop, answer what is still queued before the worker goes."""
-    from common.service import Service
+    from common.dataplane.pipeline import Service
 
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):

@@ -14,10 +14,17 @@ version gets a :class:`VersionMetrics` (``Metrics.for_version``) whose hooks its
 """
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest, multiprocess)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
-from .batching import bucket_sizes
+from common.inference.batcher import bucket_sizes
 
 #: The HTTP methods counted by name (RFC 9110's); any other is counted as ``other``.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",

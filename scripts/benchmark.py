@@ -94,8 +94,8 @@ def in_process(model: str, batches: tuple[int, ...], env: dict,
     The model runs on the runtime the server chose with the same settings (``RUNTIME``, the
     thread and precision variables, from this environment and ``env``, as the server's): with
     ``RUNTIME=auto`` a folder with a verified model.onnx runs on ONNX Runtime in both."""
-    from common.classifier import RuntimeOptions, load_classifier
     from common.config import Config
+    from common.inference.loader import RuntimeOptions, load_classifier
 
     settings = Config.from_env({**os.environ, **env, "MODEL_PATH": model})
     clf = load_classifier(model, RuntimeOptions.from_config(settings))
@@ -129,8 +129,8 @@ def in_process(model: str, batches: tuple[int, ...], env: dict,
 def decode_times(data: bytes, size: tuple[int, int], repeats: int = 15) -> dict:
     """Median ms of ``decode_image`` (draft-mode JPEG decode to RGB) and of ``to_model_input``
     (resize + scale) for one image, as the service runs them for a model of input ``size``."""
-    from common.images import decode_image
-    from common.preprocessing import to_model_input
+    from common.inference.images import decode_image
+    from common.inference.preprocessing import to_model_input
 
     decode, resize = [], []
     for _ in range(repeats):

@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _measure(precision: str, demo_model: str, data_dir: str, speed_model: str | None) -> dict:
     """Runs inside a child process: predictions on the demo test split, and images/s."""
-    from common import tfruntime
-    from common.classifier import load_classifier
+    from common.inference.loader import load_classifier
+    from common.inference.runtimes import tfruntime
     from scripts.label_image import label_images
     from scripts.training import create_image_lists
 

@@ -22,9 +22,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from scripts import cli  # noqa: E402
-from scripts.exporting import (DEFAULT_OPSET, FORMATS, OPSETS, QUANTIZATIONS,  # noqa: E402
-                               ExportError, ExportParams, export, find_images,
-                               resolve_model)
+from scripts.exporting import (  # noqa: E402
+    DEFAULT_OPSET,
+    FORMATS,
+    OPSETS,
+    QUANTIZATIONS,
+    ExportError,
+    ExportParams,
+    export,
+    find_images,
+    resolve_model,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

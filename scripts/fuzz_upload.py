@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the upload path with atheris (libFuzzer for Python).
 
-Feeds mutated bytes to ``common.images.load_for_model``, the function every upload and download
+Feeds mutated bytes to ``common.inference.images.load_for_model``, the function every upload and download
 goes through. Any exception other than the service's own 4xx ApiErrors is a finding, as is a
 crash of a C decoder (libFuzzer reports it) or an input slower than ``-timeout`` seconds. The
 corpus starts from one image of every accepted format (tests/fuzzing.py).
@@ -36,7 +36,7 @@ def write_corpus(folder: str) -> int:
 def make_target(size=(64, 64), max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
     """The function libFuzzer calls with each input."""
     from common.errors import ApiError
-    from common.images import DecodeLimits, load_for_model
+    from common.inference.images import DecodeLimits, load_for_model
 
     def test_one_input(data: bytes) -> None:
         try:

@@ -20,11 +20,11 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.classifier import (Classifier, Options, RuntimeOptions,  # noqa: E402
-                               load_classifier)
 from common.errors import ApiError  # noqa: E402
-from common.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
-from common.modelfolder import TFLITE, LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
+from common.inference.classifier import Classifier, Options  # noqa: E402
+from common.inference.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
+from common.inference.loader import RuntimeOptions, load_classifier  # noqa: E402
+from common.inference.modelfolder import TFLITE, LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
 from scripts import cli  # noqa: E402
 
 

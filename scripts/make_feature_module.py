@@ -26,7 +26,7 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.preprocessing import to_model_input  # noqa: E402
+from common.inference.preprocessing import to_model_input  # noqa: E402
 from scripts import cli  # noqa: E402
 from scripts.make_demo_data import DEMO_SHAPES, EXTRA_SHAPES, sketch_batch  # noqa: E402
 

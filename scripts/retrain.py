@@ -24,11 +24,18 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
-from common.repository import next_version  # noqa: E402
+from common.inference.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
+from common.versions.source import next_version  # noqa: E402
 from scripts import cli  # noqa: E402
-from scripts.training import (DEFAULT_MODULE, RUNS_LOG, RetrainError,  # noqa: E402
-                              RetrainResult, TrainParams, default_runs_log, retrain)
+from scripts.training import (  # noqa: E402
+    DEFAULT_MODULE,
+    RUNS_LOG,
+    RetrainError,
+    RetrainResult,
+    TrainParams,
+    default_runs_log,
+    retrain,
+)
 
 #: Flags that change what is printed, not what is trained: left out of the run record.
 NOT_RECORDED = ("quiet", "verbose", "print_misclassified_test_images", "no_export")

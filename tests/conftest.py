@@ -8,9 +8,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from hypothesis import settings
-
 from helpers import DEMO, start_server
+from hypothesis import settings
 from tiny_models import save_colour_model
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -49,7 +48,7 @@ def colour_model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def classifier(colour_model_dir):
-    from common.classifier import load_classifier
+    from common.inference.loader import load_classifier
     clf = load_classifier(colour_model_dir)
     clf.warm_up()
     return clf

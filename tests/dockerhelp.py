@@ -15,7 +15,6 @@ import time
 
 import pytest
 import requests
-
 from helpers import ROOT
 
 IMAGE = os.environ.get("TEST_IMAGE", "image-classifier:test")

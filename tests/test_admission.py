@@ -10,10 +10,9 @@ import socket
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 import webservers as ws
 from helpers import assert_envelope, metric, post_image, start_server
 from tiny_models import TRAP, save_colour_model

@@ -1,17 +1,16 @@
 """The routes in-process (Flask test client): parameters, sources, readiness, request ids."""
 import io
 import os
-
-import pytest
-
 import threading
 
 import imagegen as ig
-from app import create_app
-from common.classifier import load_classifier
-from common.served import State
-from common.service import Service
+import pytest
 from helpers import DEMO, assert_envelope
+
+from app import create_app
+from common.dataplane.pipeline import Service
+from common.inference.loader import load_classifier
+from common.versions.served import State
 
 
 def upload(client, data, name="photo.jpg", query="", content_type=None):

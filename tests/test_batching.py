@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from common.batching import Batcher, Pacer, bucket_sizes, efficient_batch_size
 from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
+from common.inference.batcher import Batcher, Pacer, bucket_sizes, efficient_batch_size
 
 
 def image(value: float) -> np.ndarray:

@@ -12,10 +12,9 @@ import socket
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 from helpers import PeakMemory, assert_envelope, start_server
 from tiny_models import save_colour_model
 

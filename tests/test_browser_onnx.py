@@ -6,10 +6,9 @@ import os
 
 import pytest
 import requests
-from PIL import Image
-
 from browsers import By, WebDriverWait, browser, draw, open_page, shape_points  # noqa: F401
 from helpers import DEMO, ROOT, post_image, start_server
+from PIL import Image
 
 pytestmark = pytest.mark.server
 

@@ -9,11 +9,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers import DEMO, ROOT
 from PIL import Image
 
-from common.classifier import load_classifier
-from common.modelfolder import ModelFolder
-from helpers import DEMO, ROOT
+from common.inference.loader import load_classifier
+from common.inference.modelfolder import ModelFolder
 from scripts import make_canvas_drawings, make_demo_data, training
 
 CANVAS = os.path.join(ROOT, "tf_files", "canvas_drawings")

@@ -3,15 +3,16 @@ checks, the three steps (preprocess, predict, postprocess)."""
 import subprocess
 import sys
 
+import imagegen as ig
 import numpy as np
 import pytest
-
-import imagegen as ig
-from common.classifier import Classifier, Options, load_classifier
-from common.images import DecodeLimits
-from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
 from helpers import ROOT
 from tiny_models import COLOUR_LABELS, save_colour_frozen_graph, save_colour_model
+
+from common.inference.classifier import Classifier, Options
+from common.inference.images import DecodeLimits
+from common.inference.loader import load_classifier
+from common.inference.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
 
 
 def batch(*colours, size=(32, 32)):
@@ -167,10 +168,10 @@ def test_logits_are_softmaxed():
 
 
 def test_engine_imports_no_web_framework():
-    code = ("import sys; import common.classifier, common.batching, common.images, "
-            "common.fetch, common.storage, common.service, common.preprocessing, common.config, "
-            "common.metrics, common.slowclients, common.modelfolder, common.served, "
-            "common.tfruntime, common.errors; "
+    code = ("import sys; import common.inference.classifier, common.inference.batcher, common.inference.images, "
+            "common.dataplane.fetch, common.dataplane.storage, common.dataplane.pipeline, common.inference.preprocessing, common.config, "
+            "common.metrics, common.web.deadlines, common.inference.modelfolder, common.versions.served, "
+            "common.inference.runtimes.tfruntime, common.errors; "
             "bad = [m for m in ('flask', 'werkzeug') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -8,13 +8,12 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 import imagegen as ig
-
+import pytest
 from helpers import ROOT
-from scripts import cli, label_image, make_feature_module, retrain
 from tiny_models import save_colour_model
+
+from scripts import cli, label_image, make_feature_module, retrain
 
 #: A line of TensorFlow's C++ logging (``I0000 00:00:17953.. 123 file.cc:31] ...``), absl's
 #: pre-init notice, or the Python INFO line of the SavedModel export.

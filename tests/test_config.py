@@ -3,9 +3,9 @@ import os
 import re
 
 import pytest
+from helpers import ROOT
 
 from common.config import Config, ConfigError, documented_variables
-from helpers import ROOT
 
 
 def test_defaults_match_design():

@@ -10,12 +10,11 @@ import statistics
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-from PIL import Image
-
-import imagegen as ig
 from helpers import DEMO, post_image, start_server
+from PIL import Image
 from reliability import record
 
 pytestmark = pytest.mark.server

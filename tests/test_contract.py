@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import requests
-
 from helpers import ROOT
 from reliability import record
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from helpers import ROOT
+
 from scripts import check_environment
 
 SERVING = os.path.join(ROOT, "requirements.txt")

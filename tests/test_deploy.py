@@ -23,19 +23,27 @@ import sys
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
 import yaml
+from dockerhelp import (
+    Container,
+    base_image,
+    build_image,
+    build_nginx_image,
+    docker,
+    graceful_timeout,
+    readable_copy,
+    require_engine,
+)
 from flask import Flask
-
-import imagegen as ig
-from common import errors
-from common.config import Config, documented_variables
-from common.views import bp
-from dockerhelp import (Container, base_image, build_image, build_nginx_image, docker,
-                        graceful_timeout, readable_copy, require_engine)
 from helpers import ROOT, metric
 from tiny_models import TRAP, save_colour_model
+
+from common import errors
+from common.config import Config, documented_variables
+from common.web.routes import bp
 
 K8S = os.path.join(ROOT, "deploy", "k8s")
 COMPOSE = os.path.join(ROOT, "deploy", "compose", "docker-compose.yml")

@@ -14,15 +14,22 @@ import subprocess
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
-from common.config import documented_variables
-from dockerhelp import (Container, base_image, build_image, docker, graceful_timeout,
-                        readable_copy, require_engine)
+from dockerhelp import (
+    Container,
+    base_image,
+    build_image,
+    docker,
+    graceful_timeout,
+    readable_copy,
+    require_engine,
+)
 from helpers import ROOT, metric
 from tiny_models import TRAP, save_colour_model
+
+from common.config import documented_variables
 
 pytestmark = [pytest.mark.docker, pytest.mark.server]
 

@@ -4,9 +4,10 @@ import json
 import re
 
 import pytest
+from helpers import assert_envelope
 
 from common import errors
-from helpers import assert_envelope
+from common.web import error_handlers
 
 ERROR_CLASSES = [c for _, c in inspect.getmembers(errors, inspect.isclass)
                  if issubclass(c, errors.ApiError)]
@@ -68,7 +69,7 @@ def test_every_code_has_plain_words_and_the_page_reads_them_from_the_server(clie
 @pytest.mark.parametrize("cls", [errors.UriTooLong, errors.HeadersTooLarge,
                                  errors.MalformedRequest], ids=lambda c: c.__name__)
 def test_wire_response_carries_the_same_envelope(cls):
-    raw = errors.wire_response(cls())
+    raw = error_handlers.wire_response(cls())
     head, body = raw.split(b"\r\n\r\n", 1)
     lines = head.decode("latin-1").split("\r\n")
     assert lines[0].startswith(f"HTTP/1.1 {cls.status} ")

@@ -7,22 +7,22 @@ import shutil
 import subprocess
 import sys
 
+import imagegen as ig
 import numpy as np
 import onnx
 import pytest
 import requests
-from onnx import helper, numpy_helper
-
-import imagegen as ig
-from common import exports
-from common.classifier import RuntimeOptions, load_classifier
-from common.config import Config
-from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
 from helpers import ROOT, post_image, start_server
+from onnx import helper, numpy_helper
+from tiny_models import save_colour_model
+
+from common.config import Config
+from common.inference import exports
+from common.inference.loader import RuntimeOptions, load_classifier
+from common.inference.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
 from scripts import export as export_cli
 from scripts import exporting, label_image
 from scripts.exporting import ExportError, ExportParams, converters
-from tiny_models import save_colour_model
 
 #: Colours with no tie between channels: the colour model ranks all three labels.
 MIXED = [(200, 120, 90), (40, 180, 120), (90, 60, 220), (128, 128, 140), (250, 240, 10)]

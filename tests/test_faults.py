@@ -7,10 +7,9 @@ import socket
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 from helpers import LiveServer, assert_envelope, metric, post_image, start_server
 from reliability import record
 from tiny_models import TRAP, save_colour_model

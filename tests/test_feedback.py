@@ -7,15 +7,15 @@ import json
 import os
 import shutil
 
+import imagegen as ig
 import pytest
 import requests
+from helpers import assert_envelope, post_image, start_server
 
-import imagegen as ig
 from app import create_app
 from common.config import Config, ConfigError
-from common import feedback as feedback_module
-from common.feedback import REVIEW
-from helpers import assert_envelope, post_image, start_server
+from common.dataplane import feedback as feedback_module
+from common.dataplane.feedback import REVIEW
 
 NAME = "0123456789abcdef.png"  # a name the store could give, but never gave
 

@@ -3,7 +3,6 @@ with the demo model: one click keeps the picture under the right label in FEEDBA
 import os
 
 import pytest
-
 from browsers import By, WebDriverWait, browser, open_page, wait_for_result  # noqa: F401
 from helpers import DEMO, ROOT, start_server
 

@@ -9,15 +9,15 @@ runs many more fresh examples (HYPOTHESIS_PROFILE=long), and `make fuzz` runs at
 import math
 import time
 
+import fuzzing as fz
 import numpy as np
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import fuzzing as fz
 from common.errors import ApiError
-from common.images import DecodeLimits, load_for_model
+from common.inference.images import DecodeLimits, load_for_model
 
 # Pillow warns about the damage it meets (that is the point); keep the output readable.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::RuntimeWarning")
@@ -49,8 +49,9 @@ def test_seeds_decode():
 
 def test_dimension_rewrites_reach_the_header():
     """claim_dimensions really changes what the decoder reads (else those cases test nothing)."""
-    from PIL import Image
     import io
+
+    from PIL import Image
     for key in ("png", "gif", "bmp", "jpeg", "webp", "tiff"):
         with Image.open(io.BytesIO(fz.claim_dimensions(SEEDS[key], 77, 66))) as im:
             assert im.size == (77, 66), key

@@ -10,10 +10,10 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from helpers import ROOT
-from scripts.training import RetrainError, hub, load_module
 from webservers import Recorder, body, redirect
+
+from scripts.training import RetrainError, hub, load_module
 
 MODULE = os.path.join(ROOT, "tf_files", "modules", "sketch_features")
 

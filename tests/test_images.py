@@ -1,13 +1,13 @@
 """common/images.py: decoding by content, every format, limits, orientation, transparency."""
 
+import imagegen as ig
 import numpy as np
 import pytest
 from PIL import Image
 
-import imagegen as ig
 from common.errors import ImageTooLarge, UndecodableImage, UnsupportedMediaType
-from common.images import DecodeLimits, decode_image, load_for_model
-from common.preprocessing import to_model_input
+from common.inference.images import DecodeLimits, decode_image, load_for_model
+from common.inference.preprocessing import to_model_input
 
 
 @pytest.mark.parametrize("name", sorted(ig.ALL_FORMATS))

@@ -6,12 +6,12 @@ import statistics
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 from helpers import DEMO, LiveServer, start_server
 from reliability import record
+
 from scripts.loadgen import drive, photo_jpeg
 
 pytestmark = [pytest.mark.long, pytest.mark.server]

@@ -3,12 +3,11 @@ import json
 import re
 import time
 
+import imagegen as ig
 import pytest
 import requests
-from PIL import PngImagePlugin
-
-import imagegen as ig
 from helpers import metric
+from PIL import PngImagePlugin
 
 pytestmark = pytest.mark.server
 

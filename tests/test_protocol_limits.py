@@ -12,10 +12,9 @@ import base64
 import json
 import os
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 from helpers import PeakMemory, start_server
 from tiny_models import save_colour_model
 

@@ -10,14 +10,14 @@ import base64
 import json
 import shutil
 
+import imagegen as ig
 import numpy as np
 import pytest
 import requests
-
-import imagegen as ig
-from common.images import load_for_model
 from helpers import start_server
 from tiny_models import save_colour_model
+
+from common.inference.images import load_for_model
 
 #: Mixed colours, so every label gets a score well above zero (the colour model softmaxes the
 #: mean of each channel): the comparisons below are not all "1.0 vs 1.0".

@@ -6,20 +6,20 @@ import shutil
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
-from common.config import Config
-from common.errors import ModelNotFound
-from common.images import DecodeLimits
-from common.registry import Registry, Route, load_version
-from common.classifier import load_classifier
-from common.repository import (Repository, RepositoryConfigError, VersionPolicy,
-                               parse_settings)
 from helpers import post_image, start_server
 from reliability import record
 from tiny_models import save_colour_model
+
+from common.config import Config
+from common.errors import ModelNotFound
+from common.inference.images import DecodeLimits
+from common.inference.loader import load_classifier
+from common.versions.manager import Registry, Route, load_version
+from common.versions.settings import RepositoryConfigError, VersionPolicy, parse_settings
+from common.versions.source import Repository
 
 
 @pytest.fixture(scope="module")

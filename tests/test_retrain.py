@@ -7,17 +7,16 @@ import json
 import os
 import shutil
 
+import imagegen as ig
 import numpy as np
 import pytest
-
-import imagegen as ig
-
-from common.classifier import load_classifier
-from common.images import load_for_model
-from common.modelfolder import ModelFolder
 from helpers import DEMO
-from scripts import label_image, make_demo_data, make_feature_module, retrain, training
 from tiny_models import save_colour_frozen_graph
+
+from common.inference.images import load_for_model
+from common.inference.loader import load_classifier
+from common.inference.modelfolder import ModelFolder
+from scripts import label_image, make_demo_data, make_feature_module, retrain, training
 
 SHAPES = ("circle", "cross", "square")
 COLOURS = {"blue": ig.BLUE, "green": ig.GREEN, "red": ig.RED}

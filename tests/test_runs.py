@@ -7,10 +7,9 @@ import json
 import os
 import shutil
 
+import imagegen as ig
 import numpy as np
 import pytest
-
-import imagegen as ig
 
 from scripts import compare_runs, make_feature_module, retrain, training
 

@@ -4,10 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from common.classifier import Classifier
 from common.config import Config
 from common.errors import ModelFailed, ModelNotReady, ModelTimeout, ServiceUnavailable
-from common.served import ServedModel, State
+from common.inference.classifier import Classifier
+from common.versions.served import ServedModel, State
 
 CONFIG = Config.from_mapping({"batch_max_size": 2, "request_timeout": 0.5,
                               "model_hang_timeout": 1.0})

@@ -4,10 +4,9 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 import webservers as ws
 from helpers import ROOT, LiveServer, assert_envelope, post_image, start_server
 

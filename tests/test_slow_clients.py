@@ -5,10 +5,9 @@ import socket
 import threading
 import time
 
+import imagegen as ig
 import pytest
 import requests
-
-import imagegen as ig
 from helpers import start_server
 from reliability import record
 

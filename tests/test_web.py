@@ -3,11 +3,9 @@ against the real gunicorn server serving the demo model."""
 import html
 import os
 
-import pytest
-
-from browsers import (By, WebDriverWait, browser, draw, open_page,  # noqa: F401
-                      shape_points, wait_for_result)
 import imagegen as ig
+import pytest
+from browsers import By, WebDriverWait, browser, draw, open_page, shape_points, wait_for_result  # noqa: F401
 from helpers import ROOT, post_image
 from webservers import Recorder, body
 

@@ -12,10 +12,10 @@ from html.parser import HTMLParser
 
 import pytest
 import requests
+from helpers import DEMO, ROOT, assert_envelope, post_image, start_server
 from PIL import Image
 
-from common.web_security import HostAllowlist, is_cross_site
-from helpers import DEMO, ROOT, assert_envelope, post_image, start_server
+from common.web.security import HostAllowlist, is_cross_site
 
 pytestmark = pytest.mark.server
 

@@ -9,7 +9,7 @@ One SavedModel, three more places to run it:
 
 :func:`export` converts in memory, runs the export and TensorFlow on the model's own test
 images (or generated ones), and writes the file and its record into model.json only when the
-export is within its tolerance (``common.exports.TOLERANCES``); otherwise it raises
+export is within its tolerance (``common.inference.exports.TOLERANCES``); otherwise it raises
 ExportError and writes nothing. The record holds the verification and TensorFlow's reference
 outputs, which the loaders check again at every load.
 """
@@ -23,13 +23,26 @@ from importlib import metadata
 
 import numpy as np
 
-from common.exports import (QUANTIZED_REPLAY, TOLERANCES, Tolerance, reference_inputs,
-                            reference_record)
-from common.images import FILE_EXTENSIONS
-from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError
+from common.inference.exports import (
+    QUANTIZED_REPLAY,
+    TOLERANCES,
+    Tolerance,
+    reference_inputs,
+    reference_record,
+)
+from common.inference.images import FILE_EXTENSIONS
+from common.inference.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError
 
-from .converters import (DEFAULT_OPSET, OPSETS, QUANTIZATIONS, ExportError, missing_packages,
-                         quiet_converters, to_onnx, to_tflite)
+from .converters import (
+    DEFAULT_OPSET,
+    OPSETS,
+    QUANTIZATIONS,
+    ExportError,
+    missing_packages,
+    quiet_converters,
+    to_onnx,
+    to_tflite,
+)
 from .verify import batched, generated_images, image_files, verify
 
 __all__ = ["DEFAULT_OPSET", "FORMATS", "OPSETS", "QUANTIZATIONS", "ExportError",
@@ -145,7 +158,7 @@ def export(model: str | ModelFolder, params: ExportParams = ExportParams(),
            progress: bool = True) -> dict:
     """Convert, verify and (only when verified) write one export; returns its record as
     written into model.json. Raises ExportError with the reason (nothing written)."""
-    from common.classifier import load_classifier
+    from common.inference.loader import load_classifier
 
     folder = model if isinstance(model, ModelFolder) else resolve_model(model)
     key = params.key
@@ -239,7 +252,7 @@ def export_default(model: str | ModelFolder, images: tuple[str, ...] = (),
 
 
 def _onnx_graph(data: bytes):
-    from common import onnxrt
+    from common.inference.runtimes import onnxrt
     try:
         return onnxrt.load_graph(data)
     except ModelLoadError as exc:
@@ -247,7 +260,7 @@ def _onnx_graph(data: bytes):
 
 
 def _tflite_graph(data: bytes):
-    from common import litert
+    from common.inference.runtimes import litert
     try:
         return litert.load_graph(content=data)
     except ModelLoadError as exc:

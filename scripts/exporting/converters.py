@@ -121,8 +121,7 @@ def to_tflite(saved_model_dir: str, size: tuple[int, int], quantize: str = "fp32
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {', '.join(QUANTIZATIONS)}")
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     serve, spec, loaded = _serving_function(saved_model_dir, size)
     frozen = convert_variables_to_constants_v2(serve.get_concrete_function(spec))

@@ -7,9 +7,9 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from common.exports import Tolerance, compare, within
-from common.images import load_image_file
-from common.preprocessing import to_model_input
+from common.inference.exports import Tolerance, compare, within
+from common.inference.images import load_image_file
+from common.inference.preprocessing import to_model_input
 
 Predict = Callable[[np.ndarray], np.ndarray]
 

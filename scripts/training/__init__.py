@@ -12,7 +12,7 @@ Modules, in pipeline order:
   model.json, a ``runs.jsonl`` and TensorBoard's HParams.
 
 :func:`retrain` runs them all and publishes the model folder through
-:class:`common.modelfolder.ModelFolder`.
+:class:`common.inference.modelfolder.ModelFolder`.
 """
 from __future__ import annotations
 
@@ -22,17 +22,33 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
-from common.repository import publish_version, version_staging
+from common.inference.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
+from common.versions.source import publish_version, version_staging
 
 from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set
 from .evaluate import evaluate_image_folder, evaluate_test_split, per_class_metrics
 from .export import export_frozen_graph, export_saved_model
-from .features import (DEFAULT_MODULE, KNOWN_INPUT_SIZES, FeatureStats, compute_features,
-                       feature_cache_dir, load_module, module_input_size, module_key)
+from .features import (
+    DEFAULT_MODULE,
+    KNOWN_INPUT_SIZES,
+    FeatureStats,
+    compute_features,
+    feature_cache_dir,
+    load_module,
+    module_input_size,
+    module_key,
+)
 from .report import build_model_json, build_report, draw_confusion_matrix
-from .runs import (RUNS_LOG, append_run, build_run_record, data_record, default_runs_log,
-                   log_hparams, new_run_id, read_runs)
+from .runs import (
+    RUNS_LOG,
+    append_run,
+    build_run_record,
+    data_record,
+    default_runs_log,
+    log_hparams,
+    new_run_id,
+    read_runs,
+)
 from .train import TrainParams, distort, train_head
 
 __all__ = [

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from common.images import FILE_EXTENSIONS
+from common.inference.images import FILE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 

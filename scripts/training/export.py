@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from common.modelfolder import LegacyGraph
+from common.inference.modelfolder import LegacyGraph
 
 
 def export_saved_model(module, weights, biases, size: tuple[int, int], folder: str) -> None:
@@ -42,8 +42,7 @@ def export_frozen_graph(module, weights, biases, size: tuple[int, int], path: st
     default mean 0 and std 255 on 0..255 pixels) and its output is the probabilities.
     """
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2)
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     names = LegacyGraph()
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from common.errors import ApiError
-from common.images import load_image_file
-from common.tfruntime import static_size
+from common.inference.images import load_image_file
+from common.inference.runtimes.tfruntime import static_size
 
 from . import hub
 from .data import ImageLists, RetrainError

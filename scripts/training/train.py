@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.images import load_image_file
+from common.inference.images import load_image_file
 
 from .data import ImageLists, RetrainError
 

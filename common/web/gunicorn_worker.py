@@ -43,8 +43,9 @@ from gunicorn import http, util
 from gunicorn.http import errors as http_errors
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from . import errors
-from .config import Config
+from common import errors
+from common.config import Config
+from common.web import error_handlers
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers a connection may send
 LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to close its side
@@ -180,7 +181,7 @@ class JsonErrorWorker(ThreadWorker):
             if isinstance(exc, classes):
                 self.log.warning("invalid request from %s: %s", (addr or ("",))[0], exc)
                 try:
-                    util.write(client, errors.wire_response(error_class()))
+                    util.write(client, error_handlers.wire_response(error_class()))
                 except OSError:
                     self.log.debug("failed to send error response")
                 return
@@ -254,7 +255,7 @@ class JsonErrorWorker(ThreadWorker):
         self.log.warning("request head refused from %s (%d bytes): %s",
                          (conn.client or ("",))[0], received, error.message)
         try:
-            conn.sock.send(errors.wire_response(error), socket.MSG_DONTWAIT)
+            conn.sock.send(error_handlers.wire_response(error), socket.MSG_DONTWAIT)
         except OSError:
             pass
         self._linger(conn)

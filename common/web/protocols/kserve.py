@@ -32,13 +32,24 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from .. import errors
-from ..errors import InvalidParameter, TooManyImages
-from .base import (MAX_OUTPUTS, MAX_RANK, Limits, body_bytes, decode_b64, float_tensor,
-                   limits_for, note, read_json, route, service)
+from common.errors import InvalidParameter, TooManyImages
+from common.web import error_handlers
+from common.web.protocols.base import (
+    MAX_OUTPUTS,
+    MAX_RANK,
+    Limits,
+    body_bytes,
+    decode_b64,
+    float_tensor,
+    limits_for,
+    note,
+    read_json,
+    route,
+    service,
+)
 
 bp = Blueprint("kserve", __name__, url_prefix="/v2")
-errors.install_handler(bp, "message")
+error_handlers.install_handler(bp, "message")
 
 SERVER_NAME = "image-classifier"
 SERVER_VERSION = "2"

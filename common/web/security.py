@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, request
 from werkzeug.routing import RequestRedirect
 
-from .config import Config
-from .errors import CrossSiteRequest, HostNotAllowed, NotFound
+from common.config import Config
+from common.errors import CrossSiteRequest, HostNotAllowed, NotFound
 
 #: The page: everything from this origin only; onnxruntime-web compiles its .wasm
 #: ('wasm-unsafe-eval'), the preview shows the picked file as an object URL (blob:).

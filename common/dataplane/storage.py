@@ -17,14 +17,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
 import re
-import itertools
 import stat
 import threading
 
-from .errors import StorageUnavailable
+from common.errors import StorageUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from .batching import Batcher, Ticket, bucket_sizes, efficient_batch_size
-from .classifier import Classifier
-from .config import Config
-from .errors import ModelNotReady, ModelTimeout, ServiceUnavailable
+from common.config import Config
+from common.errors import ModelNotReady, ModelTimeout, ServiceUnavailable
+from common.inference.batcher import Batcher, Ticket, bucket_sizes, efficient_batch_size
+from common.inference.classifier import Classifier
 
 log = logging.getLogger(__name__)
 

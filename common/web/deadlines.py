@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 
-from .errors import RequestTimeout
+from common.errors import RequestTimeout
 
 log = logging.getLogger(__name__)
 

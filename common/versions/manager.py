@@ -1,7 +1,7 @@
 """Which model versions this worker serves, kept in step with the repository on disk.
 
 No web framework here. The registry maps a model name, and a version number or label, to one
-:class:`~common.served.ServedModel` (classifier + batcher + hang watchdog + metrics, built,
+:class:`~common.versions.served.ServedModel` (classifier + batcher + hang watchdog + metrics, built,
 warmed up and closed together). A poller thread (``MODEL_POLL_SECONDS``; each gunicorn worker
 runs its own) re-reads the repository and the settings file and moves the table towards what
 they say:
@@ -28,12 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .classifier import Classifier
-from .config import Config
-from .errors import ModelNotFound, ModelNotReady
-from .modelfolder import LegacyGraph, ModelFolder, ModelLoadError
-from .repository import Repository, SettingsFile, VersionFolder, routable, without_paths
-from .served import Admission, Health, ServedModel, State
+from common.config import Config
+from common.errors import ModelNotFound, ModelNotReady
+from common.inference.classifier import Classifier
+from common.inference.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
+from common.versions.served import Admission, Health, ServedModel, State
+from common.versions.settings import SettingsFile
+from common.versions.source import Repository, VersionFolder, routable, without_paths
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from flask import current_app, g
 
-from ..errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
-from ..registry import Route
-from ..served import ServedModel
-from ..service import Service
-from ..views import body_bytes
+from common.dataplane.pipeline import Service
+from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
+from common.versions.manager import Route
+from common.versions.served import ServedModel
+from common.web.routes import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 

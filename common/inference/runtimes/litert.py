@@ -2,7 +2,7 @@
 ``label_image.py --tflite`` and the exporter's checks. No TensorFlow and no web framework here:
 the ``ai-edge-litert`` package (requirements-export.txt) brings its own interpreter.
 
-``load_graph`` gives the :class:`~common.tfruntime.RuntimeGraph` the other loaders give:
+``load_graph`` gives the :class:`~common.inference.runtimes.tfruntime.RuntimeGraph` the other loaders give:
 float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> float32 ``[n, outputs]`` (serialised by a lock: one
 interpreter is not thread-safe).
 """
@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from .modelfolder import ModelLoadError
-from .tfruntime import RuntimeGraph
+from common.inference.modelfolder import ModelLoadError
+from common.inference.runtimes.tfruntime import RuntimeGraph
 
 
 def interpreter(path: str | None = None, content: bytes | None = None, threads: int | None = None):

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .config import DEFAULT_MAX_IMAGE_PIXELS, MIB
-from .errors import ImageTooLarge, Overloaded, UndecodableImage, UnsupportedMediaType
-from .preprocessing import to_model_input
+from common.config import DEFAULT_MAX_IMAGE_PIXELS, MIB
+from common.errors import ImageTooLarge, Overloaded, UndecodableImage, UnsupportedMediaType
+from common.inference.preprocessing import to_model_input
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,23 @@ import re
 import time
 import uuid
 
-from flask import (Blueprint, Request, Response, current_app, g, jsonify, render_template,
-                   request, send_file)
+from flask import (
+    Blueprint,
+    Request,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    render_template,
+    request,
+    send_file,
+)
 
-from . import errors
-from .errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
-from .modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
-from .registry import Route
-from .service import Service, digest_b64
+from common import errors
+from common.dataplane.pipeline import Service, digest_b64
+from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
+from common.inference.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
+from common.versions.manager import Route
 
 log = logging.getLogger("classifier.access")
 bp = Blueprint("api", __name__)

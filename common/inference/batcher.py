@@ -36,7 +36,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
+from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -50,11 +50,19 @@ import time
 
 import numpy as np
 
-from .classifier import Options
-from .errors import (FeedbackDisabled, FeedbackFull, ImageNotFound, InvalidFilename,
-                     InvalidLabel, InvalidParameter, Overloaded, StorageUnavailable,
-                     UnknownLabel)
-from .storage import ImageStore
+from common.dataplane.storage import ImageStore
+from common.errors import (
+    FeedbackDisabled,
+    FeedbackFull,
+    ImageNotFound,
+    InvalidFilename,
+    InvalidLabel,
+    InvalidParameter,
+    Overloaded,
+    StorageUnavailable,
+    UnknownLabel,
+)
+from common.inference.classifier import Options
 
 log = logging.getLogger(__name__)
 

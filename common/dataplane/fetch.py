@@ -34,8 +34,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 from urllib3.util.connection import allowed_gai_family
 
-from .errors import (ForbiddenUrl, InvalidUrl, PayloadTooLarge, UpstreamError,
-                     UpstreamTimeout)
+from common.errors import ForbiddenUrl, InvalidUrl, PayloadTooLarge, UpstreamError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,23 @@ import threading
 import time
 from typing import Callable, Mapping
 
-from .classifier import Options
-from .config import Config
-from .errors import (ApiError, EmptyImage, InvalidParameter, NotFound, Overloaded,
-                     TooManyImages)
-from .feedback import Feedback
-from .fetch import UrlFetcher
-from .images import DecodeBudget, DecodeLimits
-from .modelfolder import ONNX
-from .registry import Registry, Route
-from .served import Admission, ServedModel
-from .storage import ImageStore
+from common.config import Config
+from common.dataplane.feedback import Feedback
+from common.dataplane.fetch import UrlFetcher
+from common.dataplane.storage import ImageStore
+from common.errors import (
+    ApiError,
+    EmptyImage,
+    InvalidParameter,
+    NotFound,
+    Overloaded,
+    TooManyImages,
+)
+from common.inference.classifier import Options
+from common.inference.images import DecodeBudget, DecodeLimits
+from common.inference.modelfolder import ONNX
+from common.versions.manager import Registry, Route
+from common.versions.served import Admission, ServedModel
 
 
 def parse_options(args: Mapping[str, str], default_top_k: int | None = None) -> Options:
@@ -256,7 +262,7 @@ class Service:
         """``POST /feedback``: ``read_fields()`` reads the body (in a ``BODIES_IN_FLIGHT``
         slot) into ``filename``, ``label`` and optionally ``model``, ``version`` (default: the
         default model), ``predicted`` and ``score``. Returns (answer, created); see
-        :meth:`common.feedback.Feedback.record`."""
+        :meth:`common.dataplane.feedback.Feedback.record`."""
         self.feedback.require()  # 403 when off, before the body is read or the model looked at
         with self.bodies:
             fields = read_fields()

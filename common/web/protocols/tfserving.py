@@ -27,15 +27,27 @@ import numpy as np
 from flask import Blueprint, jsonify
 from werkzeug.routing import BaseConverter
 
-from .. import errors
-from ..errors import InvalidParameter, ModelNotFound
-from ..served import State
-from .base import (MAX_FEATURES, Limits, body_bytes, check_image_count, decode_b64,
-                   float_tensor, is_b64, limits_for, note, read_json, route, service,
-                   version_number)
+from common.errors import InvalidParameter, ModelNotFound
+from common.versions.served import State
+from common.web import error_handlers
+from common.web.protocols.base import (
+    MAX_FEATURES,
+    Limits,
+    body_bytes,
+    check_image_count,
+    decode_b64,
+    float_tensor,
+    is_b64,
+    limits_for,
+    note,
+    read_json,
+    route,
+    service,
+    version_number,
+)
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
-errors.install_handler(bp, "message")
+error_handlers.install_handler(bp, "message")
 
 
 class Segment(BaseConverter):

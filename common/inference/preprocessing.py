@@ -16,7 +16,7 @@ def to_model_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """Resize an RGB PIL image to ``size`` and scale it for the model.
 
     Args:
-        image: a PIL image in mode ``RGB`` (``common.images.decode_image`` returns one).
+        image: a PIL image in mode ``RGB`` (``common.inference.images.decode_image`` returns one).
         size: ``(height, width)`` of the model input.
 
     Returns:
