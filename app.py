@@ -15,14 +15,14 @@ from flask import Flask
 
 from common.config import Config
 from common.dataplane.fetch import UrlFetcher
-from common.dataplane.pipeline import Service
+from common.dataplane.pipeline import DataPlane
 from common.dataplane.storage import ImageStore
 from common.inference.classifier import Classifier
 from common.inference.loader import RuntimeOptions, load_classifier
 from common.inference.modelfolder import ModelFolder
 from common.logs import configure_logging
 from common.metrics import Metrics
-from common.versions.manager import Registry, load_version
+from common.versions.manager import Manager, load_version
 from common.web import error_handlers
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
@@ -73,13 +73,13 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     own_model = classifier is None
     single = own_model and not config.model_repository
     load = _loader(config)
-    registry = Registry(
+    manager = Manager(
         config, lambda folder: load_version(folder, config, load), metrics=metrics,
         on_failure=_exit_on_failure(config) if single else None,
         on_hung=_exit_when_hung(config) if own_model else None,
         classifier=classifier).start()
 
-    Service(config, registry, store, fetcher, metrics).attach(app)
+    DataPlane(config, manager, store, fetcher, metrics).attach(app)
     error_handlers.init_app(app)
     app.register_blueprint(bp)
     app.register_blueprint(tfserving.bp)  # TF Serving's REST API, /v1

@@ -9,7 +9,7 @@ variable (development server, tests in one process) each ``Metrics`` has its own
 
 No web framework here: the views call ``request_started`` and ``request_done``; each served
 version gets a :class:`VersionMetrics` (``Metrics.for_version``) whose hooks its batcher
-(``queue_changed``, ``batch_done``, ``rejected_request``) and its ServedModel (``model_ready``,
+(``queue_changed``, ``batch_done``, ``rejected_request``) and its ServedVersion (``model_ready``,
 ``model_unloaded``) call, so the model-side series carry ``model`` and ``version`` labels.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Metrics:
 
 
 class VersionMetrics:
-    """One served version's hooks (batcher and ServedModel), bound to its labels."""
+    """One served version's hooks (batcher and ServedVersion), bound to its labels."""
 
     def __init__(self, metrics: Metrics, model: str, version: str):
         self.metrics = metrics

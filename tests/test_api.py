@@ -8,7 +8,7 @@ import pytest
 from helpers import DEMO, assert_envelope
 
 from app import create_app
-from common.dataplane.pipeline import Service
+from common.dataplane.pipeline import DataPlane
 from common.inference.loader import load_classifier
 from common.versions.served import State
 
@@ -96,7 +96,7 @@ def test_not_ready_until_loaded(classifier, tmp_path):
     assert client.get("/healthz").status_code == 200
     assert_envelope(client.get("/readyz"), 503, "model_not_ready")
     gate.set()
-    assert Service.of(app).model.wait(60).state is State.READY
+    assert DataPlane.of(app).model.wait(60).state is State.READY
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.get_json()["model"]["name"] == "colours"
 
@@ -117,7 +117,7 @@ def test_classify_while_loading_is_503_with_retry_after(classifier, tmp_path):
 def test_failed_load_is_reported_on_readyz(tmp_path):
     app = create_app({"temp_dir": str(tmp_path), "model_path": str(tmp_path / "none"),
                       "exit_on_load_failure": False})
-    health = Service.of(app).model.wait(60)
+    health = DataPlane.of(app).model.wait(60)
     assert health.state is State.FAILED and "model not found" in health.reason
     error = assert_envelope(app.test_client().get("/readyz"), 503, "model_not_ready")
     assert "failed to load" in error["message"] and "model not found" in error["message"]

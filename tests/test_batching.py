@@ -28,6 +28,12 @@ class Recorder:
         return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
 
 
+def run(batcher: Batcher, array: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    """Admit one image and wait for its scores, as the data plane does."""
+    with batcher.admit(1) as ticket:
+        return ticket.submit(array, timeout)
+
+
 def test_bucket_sizes():
     assert bucket_sizes(1) == (1,)
     assert bucket_sizes(16) == (1, 2, 4, 8, 16)
@@ -39,7 +45,7 @@ def test_lone_request_runs_at_once_in_a_batch_of_one():
     batcher = Batcher(model, max_batch_size=8)
     try:
         for v in (0.1, 0.2, 0.3):
-            assert batcher.predict(image(v))[0] == pytest.approx(v)
+            assert run(batcher, image(v))[0] == pytest.approx(v)
         assert model.shapes == [1, 1, 1] and batcher.stats.sizes == {1: 3}
     finally:
         batcher.close()
@@ -51,7 +57,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_answer():
     values = [i / 100 for i in range(40)]
     try:
         with ThreadPoolExecutor(40) as pool:
-            results = list(pool.map(lambda v: batcher.predict(image(v))[0], values))
+            results = list(pool.map(lambda v: run(batcher, image(v))[0], values))
     finally:
         batcher.close()
     assert results == pytest.approx(values)
@@ -76,9 +82,9 @@ def test_full_queue_sheds_at_once():
     batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60)
     pool = ThreadPoolExecutor(4)
     try:
-        running = [pool.submit(batcher.predict, image(0))]
+        running = [pool.submit(run, batcher, image(0))]
         assert entered.wait(10)  # the first is in the model now; two more fill the queue
-        running += [pool.submit(batcher.predict, image(0)) for _ in range(2)]
+        running += [pool.submit(run, batcher, image(0)) for _ in range(2)]
         for _ in range(200):
             if batcher.queue_depth == 2:
                 break
@@ -86,7 +92,7 @@ def test_full_queue_sheds_at_once():
         assert batcher.queue_depth == 2
         outcome = []
         refused = threading.Thread(target=lambda: outcome.append(
-            pytest.raises(Overloaded, batcher.predict, image(0)).value))
+            pytest.raises(Overloaded, run, batcher, image(0)).value))
         refused.start()
         refused.join(10)
         assert not refused.is_alive() and outcome, "the refused request waited"
@@ -114,9 +120,9 @@ def test_hung_model_hits_the_deadline_and_the_batcher_recovers():
     batcher = Batcher(model, max_batch_size=4, timeout=0.3)
     try:
         with pytest.raises(ModelTimeout):
-            batcher.predict(image(0))
+            run(batcher, image(0))
         gate.set()
-        assert batcher.predict(image(0))[0] == 1.0
+        assert run(batcher, image(0))[0] == 1.0
     finally:
         batcher.close()
 
@@ -129,7 +135,7 @@ def test_model_errors_reach_every_caller():
     batcher = Batcher(broken, max_batch_size=4)
     try:
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(batcher.predict, image(0)) for _ in range(4)]
+            futures = [pool.submit(run, batcher, image(0)) for _ in range(4)]
         for f in futures:
             with pytest.raises(ModelFailed) as info:  # a 503 for every caller, never a 500
                 f.result(5)
@@ -143,13 +149,13 @@ def test_close_drains_the_queue_and_ends_the_thread():
     model = Recorder(delay=0.05)
     batcher = Batcher(model, max_batch_size=2, max_queue=16)
     pool = ThreadPoolExecutor(8)
-    futures = [pool.submit(batcher.predict, image(0.5)) for _ in range(8)]
+    futures = [pool.submit(run, batcher, image(0.5)) for _ in range(8)]
     time.sleep(0.02)
     batcher.close()
     assert all(f.result(5)[0] == pytest.approx(0.5) for f in futures)
     pool.shutdown()
     with pytest.raises(ServiceUnavailable):
-        batcher.predict(image(0))
+        run(batcher, image(0))
     assert not batcher._thread.is_alive()
     assert threading.active_count() <= before
 
@@ -159,7 +165,7 @@ def test_max_wait_gathers_a_bigger_batch():
     batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200)
     try:
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda v: batcher.predict(image(v)), [0.1, 0.2, 0.3, 0.4]))
+            list(pool.map(lambda v: run(batcher, image(v)), [0.1, 0.2, 0.3, 0.4]))
     finally:
         batcher.close()
     assert max(batcher.stats.sizes) >= 2
@@ -173,7 +179,7 @@ def test_clients_coming_straight_back_find_room():
 
     def client(i):
         for _ in range(15):
-            batcher.predict(image(i / 10))
+            run(batcher, image(i / 10))
 
     try:
         with ThreadPoolExecutor(4) as pool:
@@ -225,7 +231,7 @@ def test_a_ticket_gives_back_unused_room_and_answers_what_it_used():
     try:
         with batcher.admit(3) as ticket:
             assert batcher.queue_depth == 3
-            assert ticket.predict(image(0.25))[0] == pytest.approx(0.25)
+            assert ticket.submit(image(0.25))[0] == pytest.approx(0.25)
             assert batcher.queue_depth == 2  # one went to the model
         assert batcher.queue_depth == 0
     finally:
@@ -246,7 +252,7 @@ def test_a_call_running_past_its_estimate_sheds_new_work():
                       batch_seconds={1: 0.001, 2: 0.001})
     pool = ThreadPoolExecutor(1)
     try:
-        running = pool.submit(batcher.predict, image(0))
+        running = pool.submit(run, batcher, image(0))
         assert entered.wait(10)
         assert batcher.admit(1) is not None  # just started: within the budget
         for _ in range(600):

@@ -1,5 +1,5 @@
 """The model repository: layout, settings file, version policy, and hot reload in the engine
-(in-process, common/registry.py) and on the real server under load."""
+(in-process, common/manager.py) and on the real server under load."""
 import json
 import os
 import shutil
@@ -17,7 +17,7 @@ from common.config import Config
 from common.errors import ModelNotFound
 from common.inference.images import DecodeLimits
 from common.inference.loader import load_classifier
-from common.versions.manager import Registry, Route, load_version
+from common.versions.manager import Manager, Route, load_version
 from common.versions.settings import RepositoryConfigError, VersionPolicy, parse_settings
 from common.versions.source import Repository
 
@@ -104,40 +104,40 @@ def test_yaml_settings(tmp_path):
     assert settings.model("flowers").policy == VersionPolicy("latest", count=2)
 
 
-# -- the registry in-process ------------------------------------------------------------------
+# -- the manager in-process ------------------------------------------------------------------
 def _registry(repo, settings_path=None, **overrides):
     config = Config.from_mapping({"model_repository": str(repo), "model_config": settings_path,
                                   "model_poll_seconds": 0, "temp_dir": str(repo / ".t"),
                                   **overrides})
-    registry = Registry(config, lambda folder: load_version(folder, config, load_classifier))
-    registry.repository.settle_seconds = 0
-    return registry.start()
+    manager = Manager(config, lambda folder: load_version(folder, config, load_classifier))
+    manager.repository.settle_seconds = 0
+    return manager.start()
 
 
-def _wait(registry, name, version, state="ready", timeout=60):
+def _wait(manager, name, version, state="ready", timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        registry.poll()
-        for model in registry.status():
+        manager.poll()
+        for model in manager.status():
             for v in model["versions"]:
                 if model["name"] == name and v["version"] == version and v["state"] == state:
                     return v
         time.sleep(0.05)
-    raise AssertionError(registry.status())
+    raise AssertionError(manager.status())
 
 
-def _wait_gone(registry, name, version, timeout=60):
+def _wait_gone(manager, name, version, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        registry.poll()
-        if version not in _versions(registry, name):
+        manager.poll()
+        if version not in _versions(manager, name):
             return
         time.sleep(0.05)
-    raise AssertionError(registry.status())
+    raise AssertionError(manager.status())
 
 
-def _versions(registry, name):
-    return {v["version"]: v["state"] for m in registry.status() if m["name"] == name
+def _versions(manager, name):
+    return {v["version"]: v["state"] for m in manager.status() if m["name"] == name
             for v in m["versions"]}
 
 
@@ -145,39 +145,39 @@ def _red(clf):
     return clf.preprocess(ig.png(ig.RED), DecodeLimits(10**6))[0]
 
 
-def _classify(registry, route=Route()):
-    with registry.admit(route) as admission:
-        clf = admission.classifier
-        scores = admission.infer(_red(clf))
+def _classify(manager, route=Route()):
+    with manager.lease(route) as lease:
+        clf = lease.classifier
+        scores = lease.ticket.submit(_red(clf))
         return clf.describe(), clf.labels[int(scores.argmax())]
 
 
 def test_new_version_replaces_the_old_only_once_ready(tmp_path, colour_versions):
     repo = tmp_path / "repo"
     publish(repo, "colours", 1, colour_versions["v1"])
-    registry = _registry(repo)
+    manager = _registry(repo)
     try:
-        assert registry.wait_initial(60)
-        assert _classify(registry) == ({"name": "colours", "version": "1"}, "red")
+        assert manager.wait_initial(60)
+        assert _classify(manager) == ({"name": "colours", "version": "1"}, "red")
         publish(repo, "colours", 2, colour_versions["v2"])
-        _wait(registry, "colours", 2)
-        _wait_gone(registry, "colours", 1)  # replaced, then unloaded
-        assert _versions(registry, "colours") == {2: "ready"}
-        assert _classify(registry) == ({"name": "colours", "version": "2"}, "red2")
+        _wait(manager, "colours", 2)
+        _wait_gone(manager, "colours", 1)  # replaced, then unloaded
+        assert _versions(manager, "colours") == {2: "ready"}
+        assert _classify(manager) == ({"name": "colours", "version": "2"}, "red2")
         # a corrupt version 3 is reported with its error; version 2 keeps serving
         publish(repo, "colours", 3, colour_versions["bad"])
-        failed = _wait(registry, "colours", 3, "failed")
+        failed = _wait(manager, "colours", 3, "failed")
         assert failed["error"]
-        registry.poll()
-        assert _versions(registry, "colours") == {3: "failed", 2: "ready"}
-        assert _classify(registry)[1] == "red2"
+        manager.poll()
+        assert _versions(manager, "colours") == {3: "failed", 2: "ready"}
+        assert _classify(manager)[1] == "red2"
         # a fixed version 3 (its files change) is tried again
         shutil.rmtree(repo / "colours" / "3")
         publish(repo, "colours", 3, colour_versions["v1"])
-        _wait(registry, "colours", 3)
-        assert _classify(registry) == ({"name": "colours", "version": "3"}, "red")
+        _wait(manager, "colours", 3)
+        assert _classify(manager) == ({"name": "colours", "version": "3"}, "red")
     finally:
-        registry.close()
+        manager.close()
 
 
 def test_labels_policy_and_unknown_names(tmp_path, colour_versions):
@@ -187,28 +187,28 @@ def test_labels_policy_and_unknown_names(tmp_path, colour_versions):
     settings = tmp_path / "models.json"
     settings.write_text(json.dumps({"models": {"colours": {
         "version_policy": "all", "labels": {"stable": 1, "canary": 2}}}}))
-    registry = _registry(repo, str(settings))
+    manager = _registry(repo, str(settings))
     try:
-        assert registry.wait_initial(60)
-        assert _classify(registry, Route("colours", label="stable"))[1] == "red"
-        assert _classify(registry, Route("colours", label="canary"))[1] == "red2"
-        assert _classify(registry, Route("colours", version=1))[1] == "red"
-        assert _classify(registry)[0]["version"] == "2"  # no version asked: the newest
+        assert manager.wait_initial(60)
+        assert _classify(manager, Route("colours", label="stable"))[1] == "red"
+        assert _classify(manager, Route("colours", label="canary"))[1] == "red2"
+        assert _classify(manager, Route("colours", version=1))[1] == "red"
+        assert _classify(manager)[0]["version"] == "2"  # no version asked: the newest
         for route in (Route("nope"), Route("colours", version=9), Route("colours", label="x")):
             with pytest.raises(ModelNotFound):
-                registry.admit(route)
+                manager.lease(route)
         # the settings file changes: only version 1 now
         settings.write_text(json.dumps({"models": {"colours": {
             "version_policy": {"specific": [1]}}}}))
-        _wait_gone(registry, "colours", 2)
-        assert _versions(registry, "colours") == {1: "ready"}
+        _wait_gone(manager, "colours", 2)
+        assert _versions(manager, "colours") == {1: "ready"}
         # a broken settings file keeps the previous settings and says why
         settings.write_text("{not json")
-        registry.poll()
-        assert "cannot parse" in registry.settings_error()
-        assert _versions(registry, "colours") == {1: "ready"}
+        manager.poll()
+        assert "cannot parse" in manager.settings_error()
+        assert _versions(manager, "colours") == {1: "ready"}
     finally:
-        registry.close()
+        manager.close()
 
 
 @pytest.mark.parametrize("meta, served_as", [
@@ -229,17 +229,17 @@ def test_model_path_is_routed_and_answered_as_one_name_and_version(tmp_path, col
         meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **meta}))
     config = Config.from_mapping({"model_path": str(folder), "model_poll_seconds": 0,
                                   "temp_dir": str(tmp_path / "t")})
-    registry = Registry(config, lambda f: load_version(f, config, load_classifier)).start()
+    manager = Manager(config, lambda f: load_version(f, config, load_classifier)).start()
     try:
-        assert registry.wait_initial(60)
+        assert manager.wait_initial(60)
         name, version = served_as
-        assert [(m["name"], [v["version"] for v in m["versions"]]) for m in registry.status()] \
+        assert [(m["name"], [v["version"] for v in m["versions"]]) for m in manager.status()] \
             == [(name, [version])]
         answer = {"name": name, "version": str(version)}
-        assert _classify(registry) == (answer, "red")
-        assert _classify(registry, Route(name=name, version=version)) == (answer, "red")
+        assert _classify(manager) == (answer, "red")
+        assert _classify(manager, Route(name=name, version=version)) == (answer, "red")
     finally:
-        registry.close()
+        manager.close()
 
 
 def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versions):
@@ -247,20 +247,20 @@ def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versi
     the unload waits for the request."""
     repo = tmp_path / "repo"
     publish(repo, "colours", 1, colour_versions["v1"])
-    registry = _registry(repo)
+    manager = _registry(repo)
     try:
-        assert registry.wait_initial(60)
-        admission = registry.admit(Route())
+        assert manager.wait_initial(60)
+        lease = manager.lease(Route())
         publish(repo, "colours", 2, colour_versions["v2"])
-        _wait(registry, "colours", 2)
-        registry.poll()
-        assert 1 not in _versions(registry, "colours")  # gone from the table...
-        with admission:  # ...but still serves the request that holds it
-            clf = admission.classifier
-            scores = admission.infer(_red(clf))
+        _wait(manager, "colours", 2)
+        manager.poll()
+        assert 1 not in _versions(manager, "colours")  # gone from the table...
+        with lease:  # ...but still serves the request that holds it
+            clf = lease.classifier
+            scores = lease.ticket.submit(_red(clf))
             assert clf.version == "1" and clf.labels[int(scores.argmax())] == "red"
     finally:
-        registry.close()
+        manager.close()
 
 
 # -- the real server ----------------------------------------------------------------------------

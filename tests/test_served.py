@@ -1,4 +1,4 @@
-"""common/served.py: one served version's life cycle and its one health value."""
+"""common/versions/served.py: one served version's life cycle and its one health value."""
 import threading
 
 import numpy as np
@@ -7,10 +7,16 @@ import pytest
 from common.config import Config
 from common.errors import ModelFailed, ModelNotReady, ModelTimeout, ServiceUnavailable
 from common.inference.classifier import Classifier
-from common.versions.served import ServedModel, State
+from common.versions.served import ServedVersion, State
 
 CONFIG = Config.from_mapping({"batch_max_size": 2, "request_timeout": 0.5,
                               "model_hang_timeout": 1.0})
+
+
+def classify(version: ServedVersion, array: np.ndarray) -> np.ndarray:
+    """One image through a version's batcher, as a request's lease does."""
+    with version.running().batcher.admit(1) as ticket:
+        return ticket.submit(array)
 
 
 def tiny(predict_fn=None) -> Classifier:
@@ -24,15 +30,15 @@ def image() -> np.ndarray:
 
 def test_loading_then_ready_in_the_background():
     gate = threading.Event()
-    model = ServedModel(lambda: (gate.wait(30), tiny())[1], CONFIG).start()
+    model = ServedVersion(lambda: (gate.wait(30), tiny())[1], CONFIG).start()
     try:
         assert model.health().state is State.LOADING
         with pytest.raises(ModelNotReady):
-            model.infer(image())
+            classify(model, image())
         assert model.describe() is None
         gate.set()
         assert model.wait(30).state is State.READY
-        assert model.infer(image()).tolist() == [0.5, 0.5]
+        assert classify(model, image()).tolist() == [0.5, 0.5]
         assert model.classifier.warmed_up and model.describe() == {"name": "model",
                                                                    "version": "1"}
     finally:
@@ -46,7 +52,7 @@ def test_a_failed_load_is_failed_with_its_reason_and_reported():
     def broken():
         raise FileNotFoundError("no model here")
 
-    model = ServedModel(broken, CONFIG, on_failure=failures.append).start()
+    model = ServedVersion(broken, CONFIG, on_failure=failures.append).start()
     health = model.wait(30)
     assert health.state is State.FAILED and "no model here" in health.reason
     assert isinstance(failures[0], FileNotFoundError)
@@ -56,7 +62,7 @@ def test_a_failed_load_is_failed_with_its_reason_and_reported():
 
 def test_a_warm_up_failure_is_a_failed_load():
     bad = tiny(lambda x: np.ones((len(x), 3)))  # three scores, two labels
-    health = ServedModel(bad, CONFIG).start().wait(30)
+    health = ServedVersion(bad, CONFIG).start().wait(30)
     assert health.state is State.FAILED and "3 scores" in health.reason
 
 
@@ -70,9 +76,9 @@ def test_hung_while_one_call_runs_past_request_timeout_then_ready_again():
         return np.ones((len(x), 2)) / 2
 
     slow.armed = False
-    model = ServedModel(tiny(slow), CONFIG).start(background=False)
+    model = ServedVersion(tiny(slow), CONFIG).start(background=False)
     slow.armed = True
-    caller = threading.Thread(target=lambda: pytest.raises(ModelTimeout, model.infer, image()))
+    caller = threading.Thread(target=lambda: pytest.raises(ModelTimeout, classify, model, image()))
     caller.start()
     try:
         assert entered.wait(30)
@@ -104,10 +110,10 @@ def test_the_watchdog_reports_a_call_past_model_hang_timeout():
         return np.ones((len(x), 2)) / 2
 
     spin.armed = False
-    model = ServedModel(tiny(spin), CONFIG,
+    model = ServedVersion(tiny(spin), CONFIG,
                         on_hung=lambda s: (hung_for.append(s), fired.set())).start(False)
     spin.armed = True
-    threading.Thread(target=lambda: pytest.raises(ModelTimeout, model.infer, image()),
+    threading.Thread(target=lambda: pytest.raises(ModelTimeout, classify, model, image()),
                      daemon=True).start()
     try:
         assert fired.wait(30)
@@ -124,18 +130,18 @@ def test_model_errors_are_503_not_500():
         return np.ones((len(x), 2)) / 2
 
     broken.armed = False
-    model = ServedModel(tiny(broken), CONFIG).start(False)
+    model = ServedVersion(tiny(broken), CONFIG).start(False)
     broken.armed = True
     with pytest.raises(ModelFailed) as info:
-        model.infer(image())
+        classify(model, image())
     assert info.value.status == 503 and "kaput" not in info.value.message
     model.close()
 
 
 def test_stopped_after_close():
-    model = ServedModel(tiny(), CONFIG).start(False)
+    model = ServedVersion(tiny(), CONFIG).start(False)
     model.close()
     assert model.health().state is State.STOPPED
     assert isinstance(model.health().error(), ServiceUnavailable)
     with pytest.raises(ServiceUnavailable):
-        model.infer(image())
+        classify(model, image())

@@ -141,7 +141,7 @@ class Feedback:
             raise FeedbackDisabled("feedback is switched off on this server (FEEDBACK_DIR=off)")
 
     @contextlib.contextmanager
-    def admit(self):
+    def writing(self):
         """Hold one of the worker's ``IN_FLIGHT`` feedback slots; Overloaded (503, Retry-After)
         when none frees up within ``SLOT_WAIT_SECONDS``: a flood of feedback holds a bounded
         number of threads and file copies."""

@@ -1,7 +1,7 @@
 """The data plane: one plain method per route, bytes or a URL in, the response dict out.
 
 No web framework here (KServe's ``dataplane.py`` in spirit): the views parse HTTP and call one
-method of :class:`Service`; so do the protocol adapters. A request's
+method of :class:`DataPlane`; so do the protocol adapters. A request's
 path, top to bottom:
 
 1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad);
@@ -14,7 +14,7 @@ path, top to bottom:
 5. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes),
    the decode's memory estimated from the header and reserved from ``DECODE_MEMORY_MB``;
 6. the bytes are stored in temp/ under their content hash (``storage.py``);
-7. ``admission.infer``: through the batcher, always (503 when timed out);
+7. ``lease.ticket.submit``: through the batcher, always (503 when timed out);
 8. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ from common.errors import (
 from common.inference.classifier import Options
 from common.inference.images import DecodeBudget, DecodeLimits
 from common.inference.modelfolder import ONNX
-from common.versions.manager import Registry, Route
-from common.versions.served import Admission, ServedModel
+from common.versions.manager import Lease, Manager, Route
+from common.versions.served import ServedVersion
 
 
 def parse_options(args: Mapping[str, str], default_top_k: int | None = None) -> Options:
@@ -88,21 +88,21 @@ def digest_b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
-class Service:
-    """What every route needs: settings, the image store, the URL fetcher, the registry of
+class DataPlane:
+    """What every route needs: settings, the image store, the URL fetcher, the manager of
     served model versions.
 
-    ``Service.of(app)`` is the one way to reach it from an app (views, protocol adapters,
+    ``DataPlane.of(app)`` is the one way to reach it from an app (views, protocol adapters,
     gunicorn's hooks, tests). Every classification method takes a :class:`Route` (which model,
     version or label; the default model when omitted).
     """
 
     _KEY = "classifier_service"  # its key in the app's ``extensions``
 
-    def __init__(self, config: Config, registry: Registry, store: ImageStore,
+    def __init__(self, config: Config, manager: Manager, store: ImageStore,
                  fetcher: UrlFetcher, metrics):
         self.config = config
-        self.registry = registry
+        self.manager = manager
         self.store = store
         self.fetcher = fetcher
         self.metrics = metrics
@@ -112,18 +112,18 @@ class Service:
         self.bodies = Slots(config.body_slots, "request bodies are being received",
                             "BODIES_IN_FLIGHT")
 
-    def attach(self, app) -> "Service":
+    def attach(self, app) -> "DataPlane":
         app.extensions[self._KEY] = self
         return self
 
     @classmethod
-    def of(cls, app) -> "Service":
+    def of(cls, app) -> "DataPlane":
         return app.extensions[cls._KEY]
 
     @property
-    def model(self) -> ServedModel:
+    def model(self) -> ServedVersion:
         """The default model's served version (the page, ``/model``)."""
-        return self.registry.default()
+        return self.manager.default()
 
     # -- classification -------------------------------------------------------------------------
     def classify_upload(self, read_body: Callable[[], bytes], args: Mapping[str, str],
@@ -132,16 +132,16 @@ class Service:
         ``read_body`` is called)."""
         options = parse_options(args, self.config.top_k)
         data = self._receive(route, read_body)
-        with self.registry.admit(route, 1) as admission:
-            return self._classify(admission, data, options, started)
+        with self.manager.lease(route, 1) as lease:
+            return self._classify(lease, data, options, started)
 
     def classify_url(self, url: str, args: Mapping[str, str],
                      started: float | None = None, route: Route = Route()) -> dict:
         """An image URL, downloaded like an upload's body is read -> the answer."""
         options = parse_options(args, self.config.top_k)
         data = self._receive(route, lambda: self.fetcher.fetch(url))
-        with self.registry.admit(route, 1) as admission:
-            return self._classify(admission, data, options, started)
+        with self.manager.lease(route, 1) as lease:
+            return self._classify(lease, data, options, started)
 
     def classify_many(self, read_images: Callable[[], list[bytes]], args: Mapping[str, str],
                       started: float | None = None, route: Route = Route()) -> dict:
@@ -157,11 +157,11 @@ class Service:
         options = parse_options(args, self.config.top_k)
         images = self._receive(route, read_images)
         if len(images) == 1:  # one image: the single-image answer
-            with self.registry.admit(route, 1) as admission:
-                return self._classify(admission, images[0], options, started)
+            with self.manager.lease(route, 1) as lease:
+                return self._classify(lease, images[0], options, started)
         self._check_count(len(images))
-        with self.registry.admit(route, len(images)) as admission:
-            classifier = admission.classifier
+        with self.manager.lease(route, len(images)) as lease:
+            classifier = lease.classifier
             results: list[dict] = []
             arrays = []
             for data in images:
@@ -171,7 +171,7 @@ class Service:
                     arrays.append(array)
                 except ApiError as err:
                     results.append({"error": err.to_dict()["error"]})
-            scores = iter(admission.infer_many(arrays))
+            scores = iter(lease.ticket.submit_many(arrays))
             for result in results:
                 if "error" not in result:
                     image_scores = next(scores)
@@ -201,8 +201,8 @@ class Service:
         if len(inputs) == 0:
             raise InvalidParameter("no images in the request")
         self._check_count(len(inputs))
-        with self.registry.admit(route, len(inputs)) as admission:
-            classifier = admission.classifier
+        with self.manager.lease(route, len(inputs)) as lease:
+            classifier = lease.classifier
             if isinstance(inputs, list):
                 arrays = [self._prepare(classifier, data)[0] for data in inputs]
             else:
@@ -212,7 +212,7 @@ class Service:
                     raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
                                            f"{expected[1]}, 3], got shape {list(batch.shape)}")
                 arrays = list(batch)
-            return classifier, np.stack(admission.infer_many(arrays))
+            return classifier, np.stack(lease.ticket.submit_many(arrays))
 
     def _receive(self, route: Route, read: Callable):
         """``read()`` the request's body (or download its URL), the way every classification
@@ -223,7 +223,7 @@ class Service:
         then read in one of ``BODIES_IN_FLIGHT`` slots (503 when all are taken), holding no
         room in the model's queue: a slow upload or download delays only itself. The caller
         is admitted once the body has arrived."""
-        self.registry.check(route)
+        self.manager.precheck(route)
         with self.bodies:
             return read()
 
@@ -241,12 +241,12 @@ class Service:
         array, decoded = classifier.preprocess(data, self.decode_limits)
         return array, self.store.save(data, decoded.extension)
 
-    def _classify(self, admission: Admission, data: bytes, options: Options,
+    def _classify(self, lease: Lease, data: bytes, options: Options,
                   started: float | None) -> dict:
         started = time.perf_counter() if started is None else started
-        classifier = admission.classifier
+        classifier = lease.classifier
         array, filename = self._prepare(classifier, data)
-        scores = admission.infer(array)
+        scores = lease.ticket.submit(array)
         predictions = classifier.postprocess(scores, options)
         self.feedback.review(filename, classifier, scores)
         return {
@@ -274,8 +274,8 @@ class Service:
             if not isinstance(text, str) or not text.isdecimal() or int(text) < 1:
                 raise InvalidParameter(f"version must be an integer >= 1, got {text!r:.40}")
             version = int(text)
-        classifier = self.registry.find(Route(name or None, version)).classifier
-        with self.feedback.admit():  # a few at once per worker (503 beyond)
+        classifier = self.manager.find(Route(name or None, version)).classifier
+        with self.feedback.writing():  # a few at once per worker (503 beyond)
             return self.feedback.record(fields.get("filename"), fields.get("label"),
                                         classifier.describe(), classifier.labels,
                                         fields.get("predicted"), fields.get("score"))
@@ -283,13 +283,13 @@ class Service:
     # -- models ---------------------------------------------------------------------------------
     def models(self) -> dict:
         """``GET /models``: every model, its versions (state, error), labels and policy."""
-        return {"default_model": self.registry.default_name, "models": self.registry.status(),
-                "config_error": self.registry.settings_error()}
+        return {"default_model": self.manager.default_name, "models": self.manager.status(),
+                "config_error": self.manager.settings_error()}
 
     # -- the model ------------------------------------------------------------------------------
     def readiness(self) -> dict:
         """``/readyz``'s answer when the default model is ready; its 503 error otherwise."""
-        health = self.registry.ready()
+        health = self.manager.ready()
         if not health.ready:
             raise health.error()
         clf = self.model.classifier
@@ -332,4 +332,4 @@ class Service:
         return path
 
     def close(self) -> None:
-        self.registry.close()
+        self.manager.close()

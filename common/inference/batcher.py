@@ -15,7 +15,7 @@ resend a 503 at once would otherwise keep the request threads refusing them as f
 CPU allows, and under the GIL that work starves the model thread and the admitted requests
 (measured in docs/BENCHMARKS.md); paced, they cost a bounded share of one core.
 
-Admitted requests decode their image and call :meth:`Ticket.predict`; one model thread takes
+Admitted requests decode their image and call :meth:`Ticket.submit`; one model thread takes
 whatever has queued up (up to ``max_batch_size``) and runs it as one batch. Nothing waits on
 purpose when the queue is empty (``batch_wait_ms`` = 0), so a lone request goes straight to the
 model. Each request has a deadline; one that passes it gets 503 and its image is dropped from
@@ -111,14 +111,14 @@ class Pacer:
 class Ticket:
     """Room for ``images`` images in a batcher's queue, reserved before any work.
 
-    Use it as a context manager: room not used by :meth:`predict` is given back on exit.
+    Use it as a context manager: room not used by :meth:`submit` is given back on exit.
     """
 
     def __init__(self, batcher: "Batcher", images: int):
         self._batcher = batcher
         self.left = images
 
-    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    def submit(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """Scores of one admitted image (float32 ``[h, w, 3]`` in [0, 1]) -> ``[labels]``.
 
         Raises ModelTimeout (503) after the deadline, ModelFailed (503) when the model call
@@ -127,15 +127,15 @@ class Ticket:
         if self.left < 1:
             raise RuntimeError("this ticket has no room left")
         self.left -= 1
-        return self._batcher._submit(image, timeout)
+        return self._batcher._enqueue([image], timeout)[0]
 
-    def predict_many(self, images: list[np.ndarray],
+    def submit_many(self, images: list[np.ndarray],
                      timeout: float | None = None) -> list[np.ndarray]:
         """Scores of several admitted images, queued at once so they can share batches."""
         if len(images) > self.left:
             raise RuntimeError("this ticket has no room for that many images")
         self.left -= len(images)
-        return self._batcher._submit_many(images, timeout)
+        return self._batcher._enqueue(images, timeout)
 
     def release(self) -> None:
         """Give back the room not used."""
@@ -209,7 +209,7 @@ class Batcher:
         self._reserve(images)
         return Ticket(self, images)
 
-    def check(self, images: int = 1) -> None:
+    def check_room(self, images: int = 1) -> None:
         """Refuse now, as :meth:`admit` would, without reserving anything: for a request that
         reads its body before it is admitted (a refused one then reads nothing)."""
         with self._lock:
@@ -280,15 +280,7 @@ class Batcher:
         self._event("queue_changed", -images)
 
     # -- request threads ----------------------------------------------------------------------
-    def predict(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        """Admit and predict one image in one call (:meth:`admit`, then :meth:`Ticket.predict`)."""
-        with self.admit(1) as ticket:
-            return ticket.predict(image, timeout)
-
-    def _submit(self, image: np.ndarray, timeout: float | None) -> np.ndarray:
-        return self._submit_many([image], timeout)[0]
-
-    def _submit_many(self, images: list[np.ndarray], timeout: float | None) -> list[np.ndarray]:
+    def _enqueue(self, images: list[np.ndarray], timeout: float | None) -> list[np.ndarray]:
         if not images:
             return []
         timeout = self.timeout if timeout is None else timeout
@@ -317,10 +309,6 @@ class Batcher:
     def queue_depth(self) -> int:
         """Admitted images whose batch has not started."""
         return self._waiting
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def busy_seconds(self) -> float:

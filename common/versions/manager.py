@@ -1,7 +1,7 @@
 """Which model versions this worker serves, kept in step with the repository on disk.
 
-No web framework here. The registry maps a model name, and a version number or label, to one
-:class:`~common.versions.served.ServedModel` (classifier + batcher + hang watchdog + metrics, built,
+No web framework here. The manager maps a model name, and a version number or label, to one
+:class:`~common.versions.served.ServedVersion` (classifier + batcher + hang watchdog + metrics, built,
 warmed up and closed together). A poller thread (``MODEL_POLL_SECONDS``; each gunicorn worker
 runs its own) re-reads the repository and the settings file and moves the table towards what
 they say:
@@ -11,11 +11,11 @@ they say:
 * a version the policy no longer wants, or whose folder is gone, is unloaded once every version
   the policy wants has settled and one of them is ready (a model whose folder is gone goes at
   once). It leaves the routing table first and is closed only after the requests that hold it
-  have been answered (``ServedModel.retire``), so no request sees a half-unloaded version;
+  have been answered (``ServedVersion.retire``), so no request sees a half-unloaded version;
 * a version that fails to load stays in the status with its error, the others keep serving,
   and it is tried again when its files change.
 
-A request finds its version with :meth:`Registry.admit`, which looks it up and counts it as
+A request finds its version with :meth:`Manager.lease`, which looks it up and counts it as
 held under one lock, so a version is never unloaded under a request that has found it.
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ from common.config import Config
 from common.errors import ModelNotFound, ModelNotReady
 from common.inference.classifier import Classifier
 from common.inference.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
-from common.versions.served import Admission, Health, ServedModel, State
+from common.inference.batcher import Ticket
+from common.versions.served import Health, ServedVersion, State
 from common.versions.settings import SettingsFile
 from common.versions.source import Repository, VersionFolder, routable, without_paths
 
@@ -50,13 +51,31 @@ class Route:
 
 
 @dataclass
+class Lease:
+    """A request's hold on one served version: the classifier that serves it from start to
+    finish and its room in that version's queue. A context manager: the room not used is given
+    back on exit, and only then may the version be unloaded (:meth:`ServedVersion.retire`)."""
+
+    classifier: Classifier
+    ticket: Ticket
+    version: ServedVersion
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.ticket.release()
+        self.version.unhold()
+
+
+@dataclass
 class _Version:
     folder: VersionFolder | None  # None for a model given in memory (tests)
-    served: ServedModel
+    served: ServedVersion
     loaded_at: float
 
 
-class Registry:
+class Manager:
     """The served versions of every model, by name and version.
 
     Args:
@@ -64,7 +83,7 @@ class Registry:
             ``MODEL_POLL_SECONDS`` and the batching settings of every version.
         load: loads the classifier of one version folder (run in a background thread).
         metrics: ``common.metrics.Metrics`` (or None).
-        on_hung: passed to every ServedModel (the worker's exit when a call hangs).
+        on_hung: passed to every ServedVersion (the worker's exit when a call hangs).
         on_failure: called when a version found at start-up fails to load (the worker's exit
             when there is nothing else to serve); later failures are only reported.
         classifier: serve this in-memory classifier (or zero-argument loader) as the only
@@ -89,10 +108,10 @@ class Registry:
         self._lock = threading.Lock()  # the table
         self._poll_lock = threading.Lock()  # one poll at a time
         self._closed = threading.Event()
-        self._initial: list[ServedModel] = []
+        self._initial: list[ServedVersion] = []
 
     # -- life cycle -----------------------------------------------------------------------------
-    def start(self) -> "Registry":
+    def start(self) -> "Manager":
         """First poll (loads start in the background), then the poller thread if asked.
         Call it from the thread that should own the model threads (not a request thread)."""
         if self._given is not None:
@@ -138,7 +157,7 @@ class Registry:
             self.settings_file.refresh()
             settings = self.settings_file.settings
             found = self.repository.scan(confirm_after=1.0 if initial else 0.0)
-            to_retire: list[ServedModel] = []
+            to_retire: list[ServedVersion] = []
             with self._lock:
                 table = {name: dict(versions) for name, versions in self._versions.items()}
             for name in sorted(set(found) | set(table)):
@@ -208,12 +227,12 @@ class Registry:
             return {os.path.dirname(os.path.abspath(self.config.model_path)): ""}
         return {}
 
-    def _retire(self, served: ServedModel) -> None:
+    def _retire(self, served: ServedVersion) -> None:
         served.retire(self.config.request_timeout + 5.0)
         gc.collect()  # the graph's memory goes back only once nothing refers to it
 
-    def _served(self, source, identity, initial: bool = False) -> ServedModel:
-        return ServedModel(source, self.config, metrics=self.metrics, on_hung=self.on_hung,
+    def _served(self, source, identity, initial: bool = False) -> ServedVersion:
+        return ServedVersion(source, self.config, metrics=self.metrics, on_hung=self.on_hung,
                            on_failure=self.on_failure if initial else None, identity=identity)
 
     # -- requests ---------------------------------------------------------------------------------
@@ -228,26 +247,33 @@ class Registry:
             return names[0]
         return "demo" if "demo" in names else (sorted(names)[0] if names else None)
 
-    def admit(self, route: Route, images: int = 1) -> Admission:
-        """Find the version ``route`` asks for and admit ``images`` images to it (before the
-        request does any work). 404 for an unknown model, version or label; the version's 503
-        when it is not ready or overloaded."""
+    def lease(self, route: Route, images: int = 1) -> Lease:
+        """Find the version ``route`` asks for and reserve room for ``images`` images in its
+        queue (the request has read its body, before it decodes). 404 for an unknown model,
+        version or label; the version's 503 when it is not ready or overloaded. The version is
+        looked up and held under one lock, so it is never unloaded under a request that found
+        it."""
         with self._lock:
             served = self._find(route)
             served.hold()
-        return served.admit(images, held=True)
+        try:
+            running = served.running()
+            return Lease(running.classifier, running.batcher.admit(images), served)
+        except BaseException:
+            served.unhold()
+            raise
 
-    def check(self, route: Route, images: int = 1) -> None:
-        """Refuse now what :meth:`admit` would refuse (404, or the version's 503), taking no
-        room: a request checks before it reads its body and is admitted once it has it."""
-        self.find(route).check(images)
+    def precheck(self, route: Route, images: int = 1) -> None:
+        """Refuse now what :meth:`lease` would refuse (404, or the version's 503), taking no
+        room: a request prechecks before it reads its body and leases once it has it."""
+        self.find(route).running().batcher.check_room(images)
 
-    def find(self, route: Route) -> ServedModel:
-        """The version ``route`` asks for (for metadata and status; requests use admit)."""
+    def find(self, route: Route) -> ServedVersion:
+        """The version ``route`` asks for (for metadata and status; requests lease)."""
         with self._lock:
             return self._find(route)
 
-    def _find(self, route: Route) -> ServedModel:
+    def _find(self, route: Route) -> ServedVersion:
         name = route.name or self.default_name
         versions = self._versions.get(name) if name else None
         if not versions:
@@ -268,7 +294,7 @@ class Registry:
             return versions[max(ready)].served
         return versions[max(versions)].served  # its 503 (loading, failed) says why
 
-    def default(self) -> ServedModel:
+    def default(self) -> ServedVersion:
         return self.find(Route())
 
     # -- status -----------------------------------------------------------------------------------
@@ -336,5 +362,5 @@ def load_version(folder: VersionFolder, config: Config, load: Callable[[ModelFol
     return load(ModelFolder.in_directory(folder.path, legacy=model_folder(config).legacy))
 
 
-__all__ = ["Registry", "Route", "model_folder", "single_model_identity", "load_version",
+__all__ = ["Manager", "Route", "model_folder", "single_model_identity", "load_version",
            "ModelNotReady"]

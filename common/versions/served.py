@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 
 from common.config import Config
 from common.errors import ModelNotReady, ModelTimeout, ServiceUnavailable
-from common.inference.batcher import Batcher, Ticket, bucket_sizes, efficient_batch_size
+from common.inference.batcher import Batcher, bucket_sizes, efficient_batch_size
 from common.inference.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -59,42 +58,15 @@ class Health:
         return ModelNotReady()
 
 
-@dataclass
-class Admission:
-    """An admitted request: the classifier that serves it and its room in the batcher's queue.
-    A context manager: room not used is given back on exit, and the version it holds may then
-    be unloaded (:meth:`ServedModel.retire`)."""
-
-    classifier: Classifier
-    ticket: Ticket
-    served: "ServedModel"
-
-    def infer(self, image: np.ndarray) -> np.ndarray:
-        """One preprocessed image -> its scores, through the batcher (503 on timeout)."""
-        return self.ticket.predict(image)
-
-    def infer_many(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Several preprocessed images of this request, queued together so they can share
-        batches -> their scores, in order."""
-        return self.ticket.predict_many(images)
-
-    def __enter__(self) -> "Admission":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.ticket.release()
-        self.served.unhold()
-
-
 @dataclass(frozen=True)
-class _Running:
+class Running:
     """What a ready version holds; set in one assignment, so readers never see half of it."""
 
     classifier: Classifier
     batcher: Batcher
 
 
-class ServedModel:
+class ServedVersion:
     """Loads a classifier (in the background when given a loader), warms it up, batches it.
 
     Args:
@@ -118,7 +90,7 @@ class ServedModel:
         self._source = source
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
-        self._holds = 0  # admissions (and lookups about to admit) not yet finished
+        self._holds = 0  # leases (and lookups about to lease) not yet finished
         self._holds_lock = threading.Lock()
         self.config = config
         self.metrics = metrics
@@ -126,13 +98,13 @@ class ServedModel:
         self.on_hung = on_hung
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
-        self._running: _Running | None = None
+        self._running: Running | None = None
         self._error: str | None = None
         self._stopped = False
         self._settled = threading.Event()  # set once loading ended, either way
 
     # -- life cycle -----------------------------------------------------------------------------
-    def start(self, background: bool = True) -> "ServedModel":
+    def start(self, background: bool = True) -> "ServedVersion":
         """Load (unless given a classifier), warm up, start batching; in a thread if asked."""
         if background and not isinstance(self._source, Classifier):
             threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -161,7 +133,7 @@ class ServedModel:
             if self._stopped:  # retired while it loaded
                 batcher.close()
                 return
-            self._running = _Running(clf, batcher)
+            self._running = Running(clf, batcher)
             if self.version_metrics is not None:
                 self.version_metrics.model_ready(self.load_seconds, self.warmup_seconds)
             log.info("model %s v%s ready: loaded in %.2f s, warmed up in %.2f s; batches of up "
@@ -202,7 +174,8 @@ class ServedModel:
 
     def hold(self) -> None:
         """Count one request that has found this version and is about to be admitted (the
-        registry calls it under its lock, so :meth:`retire` never misses one)."""
+        manager calls it under its lock, so :meth:`retire` never misses one; the request's
+        :class:`~common.versions.manager.Lease` calls :meth:`unhold`)."""
         with self._holds_lock:
             self._holds += 1
 
@@ -260,38 +233,13 @@ class ServedModel:
         running = self._running
         return running.classifier.describe() if running else None
 
-    def admit(self, images: int = 1, held: bool = False) -> "Admission":
-        """Room for ``images`` images of one request, before the request does any work.
-
-        Raises the 503 of a version that is not ready, or Overloaded when the expected wait
-        passes ``QUEUE_MAX_WAIT_MS``. The admission holds the classifier that will serve it:
-        one request is served by one version from start to finish. ``held``: the caller has
-        already called :meth:`hold` (the hold passes to the admission, or is given back).
-        """
-        if not held:
-            self.hold()
-        try:
-            running = self._running
-            if running is None or self._stopped:
-                raise self.health().error() or ModelNotReady()
-            return Admission(running.classifier, running.batcher.admit(images), self)
-        except BaseException:
-            self.unhold()
-            raise
-
-    def check(self, images: int = 1) -> None:
-        """Refuse now, as :meth:`admit` would, without taking room: the 503 of a version that
-        is not ready, or Overloaded."""
+    def running(self) -> Running:
+        """The classifier and batcher a request is served with; the 503 of a version that is
+        not ready (loading, failed, stopped)."""
         running = self._running
         if running is None or self._stopped:
             raise self.health().error() or ModelNotReady()
-        running.batcher.check(images)
-
-    def infer(self, image: np.ndarray) -> np.ndarray:
-        """Admit and classify one preprocessed image (float32 ``[h, w, 3]`` in ``[0, 1]``) ->
-        ``[labels]`` scores, through the batcher."""
-        with self.admit(1) as admission:
-            return admission.infer(image)
+        return running
 
     @property
     def batcher(self) -> Batcher | None:

@@ -21,7 +21,7 @@ from flask import (
 )
 
 from common import errors
-from common.dataplane.pipeline import Service, digest_b64
+from common.dataplane.pipeline import DataPlane, digest_b64
 from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
 from common.inference.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from common.versions.manager import Route
@@ -42,8 +42,8 @@ class InMemoryUploadRequest(Request):
         return io.BytesIO()
 
 
-def _service() -> Service:
-    return Service.of(current_app)
+def _service() -> DataPlane:
+    return DataPlane.of(current_app)
 
 
 def body_bytes(limit: int | None = None) -> bytes:
@@ -99,7 +99,7 @@ def _finish_request(response):
 def classify_upload(**route):
     """Multipart field ``image`` (several ``image`` parts: one result per image), or the raw
     image as the body with an image/* Content-Type; the default model, or the model, version
-    or label in the path. The body is read only once the Service has admitted the request."""
+    or label in the path. The body is read only once the DataPlane has admitted the request."""
     g.source = "upload"
     mimetype = request.mimetype or ""
     service = _service()
@@ -147,7 +147,7 @@ def feedback():
 
     At most ``FEEDBACK_BODY_LIMIT`` bytes of the body are taken, whatever its transfer
     encoding (413 past them: :func:`body_bytes`), read like every body in one of the
-    Service's ``BODIES_IN_FLIGHT`` slots."""
+    DataPlane's ``BODIES_IN_FLIGHT`` slots."""
     answer, created = _service().record_feedback(_feedback_fields)
     g.model = answer["model"]
     return jsonify(answer), 201 if created else 200

@@ -1,7 +1,7 @@
 """What both protocol adapters need: the model a URL names, a version's number, the bounds a
 body is checked against before it is parsed, base64 and JSON-number tensors checked into numpy,
 and the request and response plumbing. Names and versions from a URL are looked up in the
-registry, never used as paths."""
+manager, never used as paths."""
 from __future__ import annotations
 
 import base64
@@ -13,17 +13,17 @@ from dataclasses import dataclass
 import numpy as np
 from flask import current_app, g
 
-from common.dataplane.pipeline import Service
+from common.dataplane.pipeline import DataPlane
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
-from common.versions.served import ServedModel
+from common.versions.served import ServedVersion
 from common.web.routes import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 
 
-def service() -> Service:
-    return Service.of(current_app)
+def service() -> DataPlane:
+    return DataPlane.of(current_app)
 
 
 def route(name: str, version: str | None = None, label: str | None = None) -> Route:
@@ -35,8 +35,8 @@ def route(name: str, version: str | None = None, label: str | None = None) -> Ro
     return Route(name, int(version), label)
 
 
-def version_number(served: ServedModel) -> int:
-    """The number a served version has in the registry: a repository's version folder, the
+def version_number(served: ServedVersion) -> int:
+    """The number a served version has in the manager: a repository's version folder, the
     version ``MODEL_PATH``'s model is served as, or 1 for a model given in memory."""
     return int(served.identity[1]) if served.identity else 1
 
@@ -90,7 +90,7 @@ def limits_for(target: Route) -> Limits:
     """The limits of a request to ``target``: the settings, and the model's input size."""
     config = service().config
     return Limits(config.max_images_per_request,
-                  tuple(service().registry.find(target).classifier.input_size),
+                  tuple(service().manager.find(target).classifier.input_size),
                   config.max_upload_bytes)
 
 

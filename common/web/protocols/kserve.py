@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor data and
-classification extensions, over the Service.
+classification extensions, over the DataPlane.
 
 * ``GET /v2/health/live`` ``{"live": true}``; ``GET /v2/health/ready`` ``{"ready": bool}``
   (every model has a ready version; 503 otherwise); ``GET /v2`` the server's metadata.
@@ -68,7 +68,7 @@ def live():
 @bp.get("/health/ready")
 def ready():
     """Ready when every model has a version that is ready (503 otherwise, for probes)."""
-    models = service().registry.status()
+    models = service().manager.status()
     ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
     return jsonify({"ready": ok}), 200 if ok else 503
 
@@ -81,9 +81,9 @@ def server_metadata():
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name, version=None):
-    served = service().registry.find(route(name, version))
+    served = service().manager.find(route(name, version))
     clf = served.classifier  # 503 while it is not ready
-    versions = [str(v["version"]) for v in service().registry.status(name)[0]["versions"]
+    versions = [str(v["version"]) for v in service().manager.status(name)[0]["versions"]
                 if v["state"] == "ready"]
     h, w = clf.input_size
     return jsonify({"name": name, "versions": versions, "platform": PLATFORM,
@@ -96,7 +96,7 @@ def model_metadata(name, version=None):
 @bp.get("/models/<name>/versions/<version>/ready")
 def model_ready(name, version=None):
     """``{"name", "ready"}``: 200 when ready, 503 while loading or failed (404 unknown)."""
-    ok = service().registry.find(route(name, version)).health().ready
+    ok = service().manager.find(route(name, version)).health().ready
     return jsonify({"name": name, "ready": ok}), 200 if ok else 503
 
 

@@ -1,4 +1,4 @@
-"""TensorFlow Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``), over the Service.
+"""TensorFlow Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``), over the DataPlane.
 
 Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model name:
 
@@ -77,7 +77,7 @@ _STATES = {State.LOADING: ("LOADING", "OK"), State.READY: ("AVAILABLE", "OK"),
 @bp.get("/<segment:name>/labels/<segment:label>")
 def model_status(name, version=None, label=None):
     """GetModelStatusResponse: every version (or the one asked for), its state and error."""
-    model = service().registry.status(name)[0]
+    model = service().manager.status(name)[0]
     versions = model["versions"]
     if label is not None:
         if label not in model["labels"]:
@@ -99,7 +99,7 @@ def model_status(name, version=None, label=None):
 @bp.get("/<segment:name>/labels/<segment:label>/metadata")
 def model_metadata(name, version=None, label=None):
     """GetModelMetadataResponse: the model spec and its serving signature."""
-    served = service().registry.find(route(name, version, label))
+    served = service().manager.find(route(name, version, label))
     clf = served.classifier  # 503 while it is not ready
     h, w = clf.input_size
     return jsonify({
