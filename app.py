@@ -14,14 +14,14 @@ from typing import Any, Callable, Mapping
 from flask import Flask
 
 from common.config import Config
-from common.dataplane.fetch import UrlFetcher
-from common.dataplane.pipeline import DataPlane
-from common.dataplane.storage import ImageStore
+from common.dataplane import DataPlane
+from common.fetch import UrlFetcher
 from common.inference.classifier import Classifier
 from common.inference.loader import RuntimeOptions, load_classifier
-from common.inference.modelfolder import ModelFolder
 from common.logs import configure_logging
 from common.metrics import Metrics
+from common.modelfolder import ModelFolder
+from common.storage import ImageStore
 from common.versions.manager import Manager, load_version
 from common.web import error_handlers
 from common.web import security as web_security

@@ -79,7 +79,7 @@ def post_worker_init(worker):
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     """
-    from common.dataplane.pipeline import DataPlane
+    from common.dataplane import DataPlane
 
     manager = DataPlane.of(worker.wsgi).manager
     while not manager.wait_initial(1.0):
@@ -107,7 +107,7 @@ def pre_request(worker, req):
 
 def worker_exit(server, worker):
     """On a graceful stop, answer what is still queued before the worker goes."""
-    from common.dataplane.pipeline import DataPlane
+    from common.dataplane import DataPlane
 
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):

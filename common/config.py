@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from common.inference.modelfolder import LegacyGraph
+from common.modelfolder import LegacyGraph
 
 MIB = 1024 * 1024
 #: Decompression-bomb limit: images whose header states more pixels are refused undecoded.

@@ -25,7 +25,7 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.inference.modelfolder import ModelFolder  # noqa: E402
+from common.modelfolder import ModelFolder  # noqa: E402
 from scripts import cli, make_demo_data, make_feature_module, training  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.inference.modelfolder import ModelFolder, ModelLoadError  # noqa: E402
+from common.modelfolder import ModelFolder, ModelLoadError  # noqa: E402
 from scripts import cli  # noqa: E402
 from scripts.training.runs import RUNS_LOG, read_runs  # noqa: E402
 

@@ -24,7 +24,7 @@ from common.errors import ApiError  # noqa: E402
 from common.inference.classifier import Classifier, Options  # noqa: E402
 from common.inference.images import FILE_EXTENSIONS, load_image_file  # noqa: E402
 from common.inference.loader import RuntimeOptions, load_classifier  # noqa: E402
-from common.inference.modelfolder import TFLITE, LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
+from common.modelfolder import TFLITE, LegacyGraph, ModelFolder, ModelLoadError  # noqa: E402
 from scripts import cli  # noqa: E402
 
 

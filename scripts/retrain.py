@@ -24,7 +24,7 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common.inference.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
+from common.modelfolder import CONFUSION_MATRIX, REPORT_JSON, LegacyGraph  # noqa: E402
 from common.versions.source import next_version  # noqa: E402
 from scripts import cli  # noqa: E402
 from scripts.training import (  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 from helpers import DEMO, assert_envelope
 
 from app import create_app
-from common.dataplane.pipeline import DataPlane
+from common.dataplane import DataPlane
 from common.inference.loader import load_classifier
 from common.versions.served import State
 

@@ -13,7 +13,7 @@ from helpers import DEMO, ROOT
 from PIL import Image
 
 from common.inference.loader import load_classifier
-from common.inference.modelfolder import ModelFolder
+from common.modelfolder import ModelFolder
 from scripts import make_canvas_drawings, make_demo_data, training
 
 CANVAS = os.path.join(ROOT, "tf_files", "canvas_drawings")

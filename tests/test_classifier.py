@@ -12,7 +12,7 @@ from tiny_models import COLOUR_LABELS, save_colour_frozen_graph, save_colour_mod
 from common.inference.classifier import Classifier, Options
 from common.inference.images import DecodeLimits
 from common.inference.loader import load_classifier
-from common.inference.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
+from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError, parse_labels
 
 
 def batch(*colours, size=(32, 32)):
@@ -169,8 +169,8 @@ def test_logits_are_softmaxed():
 
 def test_engine_imports_no_web_framework():
     code = ("import sys; import common.inference.classifier, common.inference.batcher, common.inference.images, "
-            "common.dataplane.fetch, common.dataplane.storage, common.dataplane.pipeline, common.inference.preprocessing, common.config, "
-            "common.metrics, common.web.deadlines, common.inference.modelfolder, common.versions.served, "
+            "common.fetch, common.storage, common.dataplane, common.inference.preprocessing, common.config, "
+            "common.metrics, common.web.deadlines, common.modelfolder, common.versions.served, "
             "common.inference.runtimes.tfruntime, common.errors; "
             "bad = [m for m in ('flask', 'werkzeug') if m in sys.modules]; "
             "assert not bad, bad")

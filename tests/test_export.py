@@ -19,7 +19,7 @@ from tiny_models import save_colour_model
 from common.config import Config
 from common.inference import exports
 from common.inference.loader import RuntimeOptions, load_classifier
-from common.inference.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
+from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
 from scripts import export as export_cli
 from scripts import exporting, label_image
 from scripts.exporting import ExportError, ExportParams, converters

@@ -13,9 +13,9 @@ import requests
 from helpers import assert_envelope, post_image, start_server
 
 from app import create_app
+from common import feedback as feedback_module
 from common.config import Config, ConfigError
-from common.dataplane import feedback as feedback_module
-from common.dataplane.feedback import REVIEW
+from common.feedback import REVIEW
 
 NAME = "0123456789abcdef.png"  # a name the store could give, but never gave
 

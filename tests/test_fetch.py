@@ -7,8 +7,8 @@ import imagegen as ig
 import pytest
 import webservers as ws
 
-from common.dataplane.fetch import AddressPolicy, UrlFetcher, is_forbidden_address
 from common.errors import ForbiddenUrl, InvalidUrl, PayloadTooLarge, UpstreamError, UpstreamTimeout
+from common.fetch import AddressPolicy, UrlFetcher, is_forbidden_address
 
 FORBIDDEN = [
     "127.0.0.1", "127.255.255.254", "0.0.0.0", "10.0.0.1", "172.16.5.4", "192.168.1.1",

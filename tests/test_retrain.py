@@ -15,7 +15,7 @@ from tiny_models import save_colour_frozen_graph
 
 from common.inference.images import load_for_model
 from common.inference.loader import load_classifier
-from common.inference.modelfolder import ModelFolder
+from common.modelfolder import ModelFolder
 from scripts import label_image, make_demo_data, make_feature_module, retrain, training
 
 SHAPES = ("circle", "cross", "square")

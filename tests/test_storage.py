@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from common.dataplane.storage import ImageStore
 from common.errors import StorageUnavailable
+from common.storage import ImageStore
 
 
 def test_names_are_content_addressed(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from common.inference.modelfolder import LegacyGraph, ModelFolder
+from common.modelfolder import LegacyGraph, ModelFolder
 
 COLOUR_LABELS = ["red", "green", "blue"]
 TRAP = (255, 0, 255)  # the colour that makes a hang_seconds model spin

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from common.inference.images import DecodedImage, DecodeLimits, load_for_model
-from common.inference.modelfolder import ModelFolder
+from common.modelfolder import ModelFolder
 
 #: Decimal places of the scores in every answer.
 SCORE_DIGITS = 6

@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from common.inference.modelfolder import ModelLoadError
+from common.modelfolder import ModelLoadError
 
 #: Inputs and seed of the reference outputs recorded with every export.
 REFERENCE_SEED = 0

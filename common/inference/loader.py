@@ -2,7 +2,7 @@
 pass before it is served. No web framework here.
 
 ``load_classifier`` builds a :class:`~common.inference.classifier.Classifier` from a
-:class:`~common.inference.modelfolder.ModelFolder` (files and checks) and a runtime from
+:class:`~common.modelfolder.ModelFolder` (files and checks) and a runtime from
 ``runtimes/``: TensorFlow (the SavedModel), ONNX Runtime (``model.onnx``) or LiteRT
 (``.tflite``). A new runtime is a new file there plus one branch in ``_exported_graph``.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from common.inference.classifier import Classifier
 from common.inference.exports import check_reference
-from common.inference.modelfolder import EXPORT_FILES, TFLITE, ModelFolder, ModelLoadError
+from common.modelfolder import EXPORT_FILES, TFLITE, ModelFolder, ModelLoadError
 
 
 @dataclass(frozen=True)

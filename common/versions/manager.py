@@ -30,9 +30,9 @@ from typing import Callable
 
 from common.config import Config
 from common.errors import ModelNotFound, ModelNotReady
-from common.inference.classifier import Classifier
-from common.inference.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
 from common.inference.batcher import Ticket
+from common.inference.classifier import Classifier
+from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
 from common.versions.served import Health, ServedVersion, State
 from common.versions.settings import SettingsFile
 from common.versions.source import Repository, VersionFolder, routable, without_paths

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-
 from common.config import Config
 from common.errors import ModelNotReady, ModelTimeout, ServiceUnavailable
 from common.inference.batcher import Batcher, bucket_sizes, efficient_batch_size

@@ -35,7 +35,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from common.inference.modelfolder import ModelFolder
+from common.modelfolder import ModelFolder
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from flask import (
 )
 
 from common import errors
-from common.dataplane.pipeline import DataPlane, digest_b64
+from common.dataplane import DataPlane, digest_b64
 from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
-from common.inference.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
+from common.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from common.versions.manager import Route
 
 log = logging.getLogger("classifier.access")
@@ -193,7 +193,7 @@ def metrics():
 @bp.get("/openapi.json")
 def openapi():
     """The OpenAPI 3 document of this API (common/openapi.json)."""
-    return send_file(os.path.join(os.path.dirname(__file__), "openapi.json"),
+    return send_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "openapi.json"),
                      mimetype="application/json", max_age=300)
 
 

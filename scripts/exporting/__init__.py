@@ -31,7 +31,7 @@ from common.inference.exports import (
     reference_record,
 )
 from common.inference.images import FILE_EXTENSIONS
-from common.inference.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError
+from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError
 
 from .converters import (
     DEFAULT_OPSET,

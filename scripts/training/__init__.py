@@ -12,7 +12,7 @@ Modules, in pipeline order:
   model.json, a ``runs.jsonl`` and TensorBoard's HParams.
 
 :func:`retrain` runs them all and publishes the model folder through
-:class:`common.inference.modelfolder.ModelFolder`.
+:class:`common.modelfolder.ModelFolder`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from common.inference.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
+from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
 from common.versions.source import publish_version, version_staging
 
 from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set

@@ -8,7 +8,7 @@ import numpy as np
 from common.inference.classifier import Classifier
 from common.inference.images import load_image_file
 from common.inference.loader import load_classifier
-from common.inference.modelfolder import ModelFolder
+from common.modelfolder import ModelFolder
 
 from .data import SPLITS, ImageLists, RetrainError, _image_files
 

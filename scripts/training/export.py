@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from common.inference.modelfolder import LegacyGraph
+from common.modelfolder import LegacyGraph
 
 
 def export_saved_model(module, weights, biases, size: tuple[int, int], folder: str) -> None:

@@ -12,8 +12,8 @@ import threading
 
 import numpy as np
 
-from common.inference.modelfolder import ModelLoadError
 from common.inference.runtimes.tfruntime import RuntimeGraph
+from common.modelfolder import ModelLoadError
 
 
 def interpreter(path: str | None = None, content: bytes | None = None, threads: int | None = None):

@@ -13,8 +13,8 @@ import logging
 
 import numpy as np
 
-from common.inference.modelfolder import ModelLoadError
 from common.inference.runtimes.tfruntime import RuntimeGraph
+from common.modelfolder import ModelLoadError
 
 log = logging.getLogger(__name__)
 

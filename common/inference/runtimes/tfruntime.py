@@ -1,7 +1,7 @@
 """TensorFlow: the runtime's settings and the two graph loaders. The only server module that
 imports TensorFlow (lazily, so importing it costs nothing until a model is loaded).
 
-``load_graph(folder)`` turns a :class:`~common.inference.modelfolder.ModelFolder` into a
+``load_graph(folder)`` turns a :class:`~common.modelfolder.ModelFolder` into a
 :class:`RuntimeGraph`: a thread-safe ``predict_fn`` (float32 ``[n, h, w, 3]`` in ``[0, 1]`` ->
 float32 ``[n, outputs]``) plus what the graph declares about its shapes. Which files to read and
 how to check them is the model folder's business; how to run them is this module's.
@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common.inference.modelfolder import SAVED_MODEL, ModelFolder, ModelLoadError
+from common.modelfolder import SAVED_MODEL, ModelFolder, ModelLoadError
 
 log = logging.getLogger(__name__)
 

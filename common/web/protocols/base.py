@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from flask import current_app, g
 
-from common.dataplane.pipeline import DataPlane
+from common.dataplane import DataPlane
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
 from common.versions.served import ServedVersion

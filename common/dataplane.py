@@ -26,9 +26,6 @@ import time
 from typing import Callable, Mapping
 
 from common.config import Config
-from common.dataplane.feedback import Feedback
-from common.dataplane.fetch import UrlFetcher
-from common.dataplane.storage import ImageStore
 from common.errors import (
     ApiError,
     EmptyImage,
@@ -37,9 +34,12 @@ from common.errors import (
     Overloaded,
     TooManyImages,
 )
+from common.feedback import Feedback
+from common.fetch import UrlFetcher
 from common.inference.classifier import Options
 from common.inference.images import DecodeBudget, DecodeLimits
-from common.inference.modelfolder import ONNX
+from common.modelfolder import ONNX
+from common.storage import ImageStore
 from common.versions.manager import Lease, Manager, Route
 from common.versions.served import ServedVersion
 
@@ -262,7 +262,7 @@ class DataPlane:
         """``POST /feedback``: ``read_fields()`` reads the body (in a ``BODIES_IN_FLIGHT``
         slot) into ``filename``, ``label`` and optionally ``model``, ``version`` (default: the
         default model), ``predicted`` and ``score``. Returns (answer, created); see
-        :meth:`common.dataplane.feedback.Feedback.record`."""
+        :meth:`common.feedback.Feedback.record`."""
         self.feedback.require()  # 403 when off, before the body is read or the model looked at
         with self.bodies:
             fields = read_fields()

@@ -50,7 +50,6 @@ import time
 
 import numpy as np
 
-from common.dataplane.storage import ImageStore
 from common.errors import (
     FeedbackDisabled,
     FeedbackFull,
@@ -63,6 +62,7 @@ from common.errors import (
     UnknownLabel,
 )
 from common.inference.classifier import Options
+from common.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
