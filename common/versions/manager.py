@@ -1,10 +1,12 @@
-"""Which model versions this worker serves, kept in step with the repository on disk.
+"""Which model versions this worker serves, kept in step with the source. No web framework here.
 
-No web framework here. The manager maps a model name, and a version number or label, to one
-:class:`~common.versions.served.ServedVersion` (classifier + batcher + hang watchdog + metrics, built,
-warmed up and closed together). A poller thread (``MODEL_POLL_SECONDS``; each gunicorn worker
-runs its own) re-reads the repository and the settings file and moves the table towards what
-they say:
+TF Serving's three roles, each in its own module: the *source* (:mod:`.source`) scans what
+versions exist and which have settled; the *policy* (:mod:`.policy`) turns that, the settings
+file's version policy (:mod:`.settings`) and what is served into the aspired versions and one
+next action per model; the *manager* (this module) applies the actions and maps a model name,
+and a version number or label, to one :class:`~common.versions.served.ServedVersion`
+(classifier + batcher + hang watchdog + metrics, built, warmed up and closed together). A poller
+thread (``MODEL_POLL_SECONDS``; each gunicorn worker runs its own) repeats the round:
 
 * a new settled version is loaded and warmed up in the background; it takes traffic only once
   ready, and the version it replaces keeps serving until then;
@@ -33,8 +35,9 @@ from common.errors import ModelNotFound, ModelNotReady
 from common.inference.batcher import Ticket
 from common.inference.classifier import Classifier
 from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
+from common.versions.policy import Kind, Serving, next_action
 from common.versions.served import Health, ServedVersion, State
-from common.versions.settings import SettingsFile
+from common.versions.settings import SettingsFile, VersionPolicy
 from common.versions.source import Repository, VersionFolder, routable, without_paths
 
 log = logging.getLogger(__name__)
@@ -70,9 +73,11 @@ class Lease:
 
 @dataclass
 class _Version:
-    folder: VersionFolder | None  # None for a model given in memory (tests)
+    """One entry of the manager's table: the version and the folder it was loaded from (None
+    for a classifier given in memory)."""
+
+    folder: VersionFolder | None
     served: ServedVersion
-    loaded_at: float
 
 
 class Manager:
@@ -117,7 +122,7 @@ class Manager:
         if self._given is not None:
             name = self.config.default_model or "default"
             served = self._served(self._given, identity=None).start()
-            self._versions[name] = {1: _Version(None, served, time.monotonic())}
+            self._versions[name] = {1: _Version(None, served)}
             self._initial = [served]
             return self
         self.poll(initial=True)
@@ -152,7 +157,8 @@ class Manager:
 
     # -- keeping in step with the disk ------------------------------------------------------------
     def poll(self, initial: bool = False) -> None:
-        """Scan once and move the table towards what the repository and settings say."""
+        """Scan once, then apply the policy's next action for each model until there is none
+        (:func:`~common.versions.policy.next_action`)."""
         with self._poll_lock:
             self.settings_file.refresh()
             settings = self.settings_file.settings
@@ -161,43 +167,10 @@ class Manager:
             with self._lock:
                 table = {name: dict(versions) for name, versions in self._versions.items()}
             for name in sorted(set(found) | set(table)):
-                on_disk = found.get(name, {})
+                offered = found.get(name, {})
                 have = table.setdefault(name, {})
-                wanted = settings.model(name).policy.choose(list(on_disk))
-                for version in sorted(wanted):
-                    folder = on_disk[version]
-                    current = have.get(version)
-                    if current is not None and current.folder.fingerprint == folder.fingerprint:
-                        continue
-                    if current is not None and current.served.health().ready:
-                        continue  # a served version's files changed: publish a new number
-                    if current is not None:  # failed or loading: try the new files
-                        to_retire.append(current.served)
-                    # answers say the name and version that route to them
-                    served = self._served(lambda f=folder: self._load_quoted(f),
-                                          identity=(name, str(version)), initial=initial)
-                    have[version] = _Version(folder, served.start(), time.monotonic())
-                    if initial:
-                        self._initial.append(served)
-                    log.info("loading model %s version %d from %s", name, version, folder.path)
-                healths = {v: have[v].served.health() for v in wanted if v in have}
-                settled = all(h.state is not State.LOADING for h in healths.values())
-                some_ready = any(h.ready for h in healths.values())
-                # while no wanted version is ready, the newest ready one of the others serves
-                fallback = None if settled and some_ready else max(
-                    (v for v in have if v not in wanted and have[v].served.health().ready),
-                    default=None)
-                for version in sorted(have):
-                    if version in wanted:
-                        continue
-                    # a version no longer wanted (or whose folder is gone: it is in memory)
-                    # serves until what replaces it has settled and one of them is ready, or
-                    # while it is the fallback; a model removed altogether goes at once
-                    if (settled and some_ready) or not on_disk or (
-                            fallback is not None and version != fallback):
-                        log.info("unloading model %s version %d (%s)", name, version,
-                                 "replaced" if version in on_disk else "folder removed")
-                        to_retire.append(have.pop(version).served)
+                to_retire += self._apply(name, offered, settings.model(name).policy, have,
+                                         initial)
                 if not have:
                     table.pop(name)
             with self._lock:
@@ -205,6 +178,35 @@ class Manager:
         for served in to_retire:
             threading.Thread(target=self._retire, args=(served,), name="model-unloader",
                              daemon=True).start()
+
+    def _apply(self, name: str, offered: dict[int, VersionFolder], policy: VersionPolicy,
+               have: dict[int, _Version], initial: bool) -> list[ServedVersion]:
+        """Move ``have`` (one model's entries) towards what ``policy`` aspires to, one action
+        at a time; returns the versions taken out of it, to retire."""
+        prints = {version: folder.fingerprint for version, folder in offered.items()}
+        retired = []
+        while True:
+            serving = {version: Serving(entry.folder.fingerprint if entry.folder else None,
+                                        entry.served.health().state)
+                       for version, entry in have.items()}
+            action = next_action(prints, policy, serving)
+            if action is None:
+                return retired
+            if action.kind is Kind.UNLOAD:
+                log.info("unloading model %s version %d (%s)", name, action.version,
+                         action.reason)
+                retired.append(have.pop(action.version).served)
+                continue
+            folder = offered[action.version]
+            if action.version in have:  # failed or loading: the new files replace it
+                retired.append(have.pop(action.version).served)
+            served = self._served(lambda f=folder: self._load_quoted(f),
+                                  identity=(name, str(action.version)), initial=initial)
+            have[action.version] = _Version(folder, served.start())
+            if initial:
+                self._initial.append(served)
+            log.info("loading model %s version %d from %s (%s)", name, action.version,
+                     folder.path, action.reason)
 
     def _load_quoted(self, folder: VersionFolder) -> Classifier:
         """Load ``folder``; a failure's message, which becomes the version's error in every
