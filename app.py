@@ -22,7 +22,7 @@ from common.logs import configure_logging
 from common.metrics import Metrics
 from common.modelfolder import ModelFolder
 from common.storage import ImageStore
-from common.versions.manager import Manager, load_version
+from common.versions.manager import Manager
 from common.web import error_handlers
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
@@ -71,11 +71,9 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          allow_hosts=config.url_allow_hosts)
     metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
     own_model = classifier is None
-    single = own_model and not config.model_repository
-    load = _loader(config)
     manager = Manager(
-        config, lambda folder: load_version(folder, config, load), metrics=metrics,
-        on_failure=_exit_on_failure(config) if single else None,
+        config, _loader(config), metrics=metrics,
+        on_failure=_exit_on_failure(config) if own_model else None,
         on_hung=_exit_when_hung(config) if own_model else None,
         classifier=classifier).start()
 

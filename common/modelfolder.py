@@ -262,12 +262,15 @@ class ModelFolder:
         return data
 
     # -- identity -----------------------------------------------------------------------------
-    def identity(self, meta: dict) -> tuple[str, str]:
+    def identity(self, meta: dict) -> tuple[str, int]:
         """(name, version): model.json's, else the folder's name (a frozen graph: the folder
-        holding it) and 1."""
+        holding it); the version is model.json's when it is a whole number >= 1, else 1."""
         where = os.path.dirname(os.path.abspath(self.path)) if self.is_frozen_graph else self.path
         default = os.path.basename(os.path.normpath(where)) or "model"
-        return str(meta.get("name") or default), str(meta.get("version", "1"))
+        version = str(meta.get("version", "1"))
+        return (str(meta.get("name") or default),
+                int(version) if version.isascii() and version.isdigit() and int(version) > 0
+                else 1)
 
     def input_size(self, meta: dict, static_shape: tuple | None) -> tuple[int, int]:
         """The one input-size rule: the configured size (legacy graphs), else model.json's

@@ -78,14 +78,15 @@ class ServedVersion:
         on_failure: called with the exception when loading fails.
         on_hung: called with the seconds of a model call that ran past ``MODEL_HANG_TIMEOUT``
             (None: no watchdog).
-        identity: ``(name, version)`` the version is served as (a repository's folder name and
-            version number); None keeps the classifier's own (model.json).
+        identity: ``(name, version)`` the version is served as (the source's model name and
+            version number); None keeps the classifier's own, and the version is number 1 (a
+            classifier given in memory).
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
                  on_hung: Callable[[float], None] | None = None,
-                 identity: tuple[str, str] | None = None):
+                 identity: tuple[str, int] | None = None):
         self._source = source
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
@@ -219,6 +220,11 @@ class ServedVersion:
         return self.health()
 
     # -- serving --------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        """The number this version is served and routed as."""
+        return self.identity[1] if self.identity else 1
+
     @property
     def classifier(self) -> Classifier:
         """The loaded classifier; ModelNotReady (503) while loading or after a failure."""
