@@ -287,20 +287,29 @@ class ModelFolder:
                                  f"{MODEL_JSON}")
         return infer_size(size)
 
-    # -- writing a whole folder -----------------------------------------------------------------
-    def publish(self, staging: str) -> None:
-        """Move a finished folder built at ``staging`` into this path in one rename.
 
-        An existing folder at this path is moved aside first and removed only after the new one
-        is in place.
-        """
-        target = os.path.normpath(self.path)
+def publish(staging: str, target: str, *, replace: bool = False) -> str:
+    """The one publish rule: a finished model folder built at ``staging`` appears at ``target``
+    in one rename, so a reader (a polling server) sees the whole folder or nothing, and a
+    folder already at ``target`` is never written into.
+
+    A folder already there is refused (FileExistsError): a repository's version may be live,
+    so a new one gets a new number. ``replace`` (a plain output folder, not a repository
+    version) moves it aside whole first and removes it once the new one is in place. Returns
+    ``target``.
+    """
+    target = os.path.normpath(target)
+    if os.path.exists(target):
+        if not replace:
+            raise FileExistsError(f"{target} exists; a published version is never overwritten")
         old = target + ".old"
         shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(target):
-            os.replace(target, old)
+        os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+    return target
 
 
 def infer_size(size) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from helpers import post_image, start_server
 from reliability import record
 from tiny_models import save_colour_model
 
+from common import modelfolder
 from common.config import Config
 from common.errors import ModelNotFound
 from common.inference.images import DecodeLimits
@@ -41,9 +42,27 @@ def publish(repo, name: str, version: int, source: str) -> str:
     os.makedirs(os.path.join(repo, name), exist_ok=True)
     staging = os.path.join(repo, f".incoming-{name}-{version}")
     shutil.copytree(source, staging)
-    final = os.path.join(repo, name, str(version))
-    os.rename(staging, final)
-    return final
+    return modelfolder.publish(staging, os.path.join(repo, name, str(version)))
+
+
+def test_the_publish_rule_never_writes_into_a_published_folder(tmp_path):
+    """A repository version is never overwritten; a plain output folder is replaced whole."""
+    def built(text):
+        staging = tmp_path / f".incoming-{text}"
+        staging.mkdir()
+        (staging / "labels.txt").write_text(text)
+        return str(staging)
+
+    target = str(tmp_path / "m" / "1")
+    os.makedirs(os.path.dirname(target))
+    assert modelfolder.publish(built("one"), target) == target
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        modelfolder.publish(built("two"), target)
+    assert open(os.path.join(target, "labels.txt")).read() == "one"
+    modelfolder.publish(str(tmp_path / ".incoming-two"), target, replace=True)
+    assert open(os.path.join(target, "labels.txt")).read() == "two"
+    assert sorted(os.listdir(tmp_path / "m")) == ["1"]  # nothing moved aside is left
+    assert not os.path.exists(tmp_path / ".incoming-two")
 
 
 # -- layout and settings ---------------------------------------------------------------------

@@ -113,20 +113,10 @@ def next_version(model_dir: str) -> int:
 
 
 def version_staging(model_dir: str, version: int) -> str:
-    """Where a new version is built before it is published: a hidden folder beside the
-    versions, never read by a scan."""
+    """Where a new version is built before it is published
+    (:func:`common.modelfolder.publish`): a hidden folder beside the versions, never read by
+    a scan."""
     return os.path.join(model_dir, f".incoming-{version}-{os.getpid()}")
-
-
-def publish_version(staging: str, model_dir: str, version: int) -> str:
-    """Move the finished folder ``staging`` to ``model_dir/<version>`` in one rename, so a
-    running server sees the whole version or nothing. Never replaces a folder that may be live:
-    FileExistsError when the version exists."""
-    target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} exists; a published version is never overwritten")
-    os.rename(staging, target)
-    return target
 
 
 class Source(Protocol):
