@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from common.config import Config
-from common.errors import ModelNotFound, ModelNotReady
+from common.errors import ModelNotFound
 from common.inference.batcher import Ticket
 from common.inference.classifier import Classifier
 from common.modelfolder import ModelFolder, ModelLoadError
@@ -323,4 +323,4 @@ class Manager:
             return Health(State.LOADING, "no model found yet")
 
 
-__all__ = ["Manager", "Route", "Lease", "ModelNotReady"]
+__all__ = ["Manager", "Route", "Lease"]

@@ -245,8 +245,3 @@ class ServedVersion:
         if running is None or self._stopped:
             raise self.health().error() or ModelNotReady()
         return running
-
-    @property
-    def batcher(self) -> Batcher | None:
-        running = self._running
-        return running.batcher if running else None
