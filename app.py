@@ -96,6 +96,9 @@ def _loader(config: Config) -> Callable[[ModelFolder], Classifier]:
 
 
 def _exit_on_failure(config: Config):
+    """The manager's on_failure for an essential source (``MODEL_PATH``): with
+    ``EXIT_ON_LOAD_FAILURE`` the worker exits with the boot-error status, which stops gunicorn
+    with the load error in the log."""
     def on_failure(exc: BaseException) -> None:
         if config.exit_on_load_failure:
             logging.getLogger(__name__).critical(
@@ -106,6 +109,7 @@ def _exit_on_failure(config: Config):
 
 
 def _exit_when_hung(config: Config):
+    """Every served version's on_hung: the worker exits so that gunicorn replaces it."""
     def on_hung_model(seconds: float) -> None:
         logging.getLogger(__name__).critical(
             "one model call has run %.0f s (MODEL_HANG_TIMEOUT=%g s); exiting so that gunicorn "

@@ -153,7 +153,7 @@ class Manager:
             except Exception:  # noqa: BLE001 - the poller must outlive one bad scan
                 log.exception("model repository poll failed")
 
-    # -- keeping in step with the disk ------------------------------------------------------------
+    # -- keeping in step with the source ----------------------------------------------------------
     def poll(self, initial: bool = False) -> None:
         """Scan once, then apply the policy's next action for each model until there is none
         (:func:`~common.versions.policy.next_action`)."""
