@@ -22,7 +22,7 @@ from common.logs import configure_logging
 from common.metrics import Metrics
 from common.modelfolder import ModelFolder
 from common.storage import ImageStore
-from common.versions.manager import Manager, load_version
+from common.versions.manager import Manager
 from common.web import error_handlers
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
@@ -71,11 +71,9 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          allow_hosts=config.url_allow_hosts)
     metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
     own_model = classifier is None
-    single = own_model and not config.model_repository
-    load = _loader(config)
     manager = Manager(
-        config, lambda folder: load_version(folder, config, load), metrics=metrics,
-        on_failure=_exit_on_failure(config) if single else None,
+        config, _loader(config), metrics=metrics,
+        on_failure=_exit_on_failure(config) if own_model else None,
         on_hung=_exit_when_hung(config) if own_model else None,
         classifier=classifier).start()
 
@@ -98,6 +96,9 @@ def _loader(config: Config) -> Callable[[ModelFolder], Classifier]:
 
 
 def _exit_on_failure(config: Config):
+    """The manager's on_failure for an essential source (``MODEL_PATH``): with
+    ``EXIT_ON_LOAD_FAILURE`` the worker exits with the boot-error status, which stops gunicorn
+    with the load error in the log."""
     def on_failure(exc: BaseException) -> None:
         if config.exit_on_load_failure:
             logging.getLogger(__name__).critical(
@@ -108,6 +109,7 @@ def _exit_on_failure(config: Config):
 
 
 def _exit_when_hung(config: Config):
+    """Every served version's on_hung: the worker exits so that gunicorn replaces it."""
     def on_hung_model(seconds: float) -> None:
         logging.getLogger(__name__).critical(
             "one model call has run %.0f s (MODEL_HANG_TIMEOUT=%g s); exiting so that gunicorn "

@@ -210,6 +210,14 @@ class Config:
     def feedback_max_bytes(self) -> int:
         return int(self.feedback_max_mb * MIB)
 
+    @property
+    def legacy_graph(self) -> LegacyGraph:
+        """How to call a frozen graph: ``INPUT_LAYER``, ``OUTPUT_LAYER``, ``INPUT_MEAN``,
+        ``INPUT_STD``, ``INPUT_SIZE``."""
+        return LegacyGraph(input_layer=self.input_layer, output_layer=self.output_layer,
+                           input_mean=self.input_mean, input_std=self.input_std,
+                           input_size=self.input_size)
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Config":
         """Read every field's variable from ``environ``; unset or empty means the default."""
@@ -233,9 +241,6 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**dict(overrides))
-
-    def replace(self, **changes) -> "Config":
-        return dataclasses.replace(self, **changes)
 
 
 def documented_variables() -> dict[str, Any]:

@@ -262,12 +262,15 @@ class ModelFolder:
         return data
 
     # -- identity -----------------------------------------------------------------------------
-    def identity(self, meta: dict) -> tuple[str, str]:
+    def identity(self, meta: dict) -> tuple[str, int]:
         """(name, version): model.json's, else the folder's name (a frozen graph: the folder
-        holding it) and 1."""
+        holding it); the version is model.json's when it is a whole number >= 1, else 1."""
         where = os.path.dirname(os.path.abspath(self.path)) if self.is_frozen_graph else self.path
         default = os.path.basename(os.path.normpath(where)) or "model"
-        return str(meta.get("name") or default), str(meta.get("version", "1"))
+        version = str(meta.get("version", "1"))
+        return (str(meta.get("name") or default),
+                int(version) if version.isascii() and version.isdigit() and int(version) > 0
+                else 1)
 
     def input_size(self, meta: dict, static_shape: tuple | None) -> tuple[int, int]:
         """The one input-size rule: the configured size (legacy graphs), else model.json's
@@ -284,20 +287,29 @@ class ModelFolder:
                                  f"{MODEL_JSON}")
         return infer_size(size)
 
-    # -- writing a whole folder -----------------------------------------------------------------
-    def publish(self, staging: str) -> None:
-        """Move a finished folder built at ``staging`` into this path in one rename.
 
-        An existing folder at this path is moved aside first and removed only after the new one
-        is in place.
-        """
-        target = os.path.normpath(self.path)
+def publish(staging: str, target: str, *, replace: bool = False) -> str:
+    """The one publish rule: a finished model folder built at ``staging`` appears at ``target``
+    in one rename, so a reader (a polling server) sees the whole folder or nothing, and a
+    folder already at ``target`` is never written into.
+
+    A folder already there is refused (FileExistsError): a repository's version may be live,
+    so a new one gets a new number. ``replace`` (a plain output folder, not a repository
+    version) moves it aside whole first and removes it once the new one is in place. Returns
+    ``target``.
+    """
+    target = os.path.normpath(target)
+    if os.path.exists(target):
+        if not replace:
+            raise FileExistsError(f"{target} exists; a published version is never overwritten")
         old = target + ".old"
         shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(target):
-            os.replace(target, old)
+        os.replace(target, old)
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+    return target
 
 
 def infer_size(size) -> tuple[int, int]:

@@ -13,13 +13,14 @@ from helpers import post_image, start_server
 from reliability import record
 from tiny_models import save_colour_model
 
+from common import modelfolder
 from common.config import Config
 from common.errors import ModelNotFound
 from common.inference.images import DecodeLimits
 from common.inference.loader import load_classifier
-from common.versions.manager import Manager, Route, load_version
+from common.versions.manager import Manager, Route
 from common.versions.settings import RepositoryConfigError, VersionPolicy, parse_settings
-from common.versions.source import Repository
+from common.versions.source import RepositorySource
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,27 @@ def publish(repo, name: str, version: int, source: str) -> str:
     os.makedirs(os.path.join(repo, name), exist_ok=True)
     staging = os.path.join(repo, f".incoming-{name}-{version}")
     shutil.copytree(source, staging)
-    final = os.path.join(repo, name, str(version))
-    os.rename(staging, final)
-    return final
+    return modelfolder.publish(staging, os.path.join(repo, name, str(version)))
+
+
+def test_the_publish_rule_never_writes_into_a_published_folder(tmp_path):
+    """A repository version is never overwritten; a plain output folder is replaced whole."""
+    def built(text):
+        staging = tmp_path / f".incoming-{text}"
+        staging.mkdir()
+        (staging / "labels.txt").write_text(text)
+        return str(staging)
+
+    target = str(tmp_path / "m" / "1")
+    os.makedirs(os.path.dirname(target))
+    assert modelfolder.publish(built("one"), target) == target
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        modelfolder.publish(built("two"), target)
+    assert open(os.path.join(target, "labels.txt")).read() == "one"
+    modelfolder.publish(str(tmp_path / ".incoming-two"), target, replace=True)
+    assert open(os.path.join(target, "labels.txt")).read() == "two"
+    assert sorted(os.listdir(tmp_path / "m")) == ["1"]  # nothing moved aside is left
+    assert not os.path.exists(tmp_path / ".incoming-two")
 
 
 # -- layout and settings ---------------------------------------------------------------------
@@ -56,17 +75,17 @@ def test_scan_finds_versions_and_skips_what_is_not_a_model(tmp_path, colour_vers
     (repo / "features" / "module.json").write_text("{}")
     (repo / ".incoming-x").mkdir()  # hidden: never read
     (repo / "flowers" / "notes").mkdir()  # not a number: not a version
-    found = Repository(str(repo), settle_seconds=0).scan()
+    found = RepositorySource(str(repo), settle_seconds=0).scan()
     assert {n: sorted(v) for n, v in found.items()} == {"flowers": [1, 3], "demo": [1]}
     assert found["demo"][1].path == str(repo / "demo")
     assert sum("features" in r.message and "skipping" in r.message for r in caplog.records) == 1
-    Repository(str(repo), settle_seconds=0).scan()
+    RepositorySource(str(repo), settle_seconds=0).scan()
 
 
 def test_a_version_still_being_written_is_not_settled(tmp_path, colour_versions):
     repo = tmp_path / "repo"
     folder = publish(repo, "m", 1, colour_versions["v1"])
-    scanner = Repository(str(repo), settle_seconds=3600)  # only "unchanged across two scans"
+    scanner = RepositorySource(str(repo), settle_seconds=3600)  # only "unchanged across two scans"
     assert scanner.scan() == {}  # first sight: not settled yet
     with open(os.path.join(folder, "labels.txt"), "a") as fh:
         fh.write("")  # untouched content, but...
@@ -109,8 +128,8 @@ def _registry(repo, settings_path=None, **overrides):
     config = Config.from_mapping({"model_repository": str(repo), "model_config": settings_path,
                                   "model_poll_seconds": 0, "temp_dir": str(repo / ".t"),
                                   **overrides})
-    manager = Manager(config, lambda folder: load_version(folder, config, load_classifier))
-    manager.repository.settle_seconds = 0
+    manager = Manager(config, load_classifier)
+    manager.source.settle_seconds = 0
     return manager.start()
 
 
@@ -229,7 +248,7 @@ def test_model_path_is_routed_and_answered_as_one_name_and_version(tmp_path, col
         meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), **meta}))
     config = Config.from_mapping({"model_path": str(folder), "model_poll_seconds": 0,
                                   "temp_dir": str(tmp_path / "t")})
-    manager = Manager(config, lambda f: load_version(f, config, load_classifier)).start()
+    manager = Manager(config, load_classifier).start()
     try:
         assert manager.wait_initial(60)
         name, version = served_as
@@ -258,7 +277,7 @@ def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versi
         with lease:  # ...but still serves the request that holds it
             clf = lease.classifier
             scores = lease.ticket.submit(_red(clf))
-            assert clf.version == "1" and clf.labels[int(scores.argmax())] == "red"
+            assert clf.version == 1 and clf.labels[int(scores.argmax())] == "red"
     finally:
         manager.close()
 

@@ -48,6 +48,9 @@ class Classifier:
         labels: one label per output, in output order.
         input_size: ``(height, width)`` the model expects.
         outputs: ``"probabilities"`` (already softmaxed) or ``"logits"`` (softmax applied here).
+        name, version: what answers call it (the manager sets them to the name and number it
+            serves the model as); ``describe`` writes the version as a string, as every answer
+            has it.
         folder: where it was loaded from (None for a model built in memory).
     """
 
@@ -55,7 +58,7 @@ class Classifier:
     labels: list[str]
     input_size: tuple[int, int]
     name: str = "model"
-    version: str = "1"
+    version: int = 1
     outputs: str = "probabilities"
     metadata: dict = field(default_factory=dict)
     folder: ModelFolder | None = None
@@ -74,8 +77,8 @@ class Classifier:
                    limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, DecodedImage]:
         """Image bytes -> (float32 ``[h, w, 3]`` in ``[0, 1]``, the decoded image).
 
-        Raises the 4xx ApiErrors of ``common.inference.images.decode_image`` for bad bytes, and its 503
-        when the decode does not fit in ``limits.budget``.
+        Raises the 4xx ApiErrors of ``common.inference.images.decode_image`` for bad bytes, and
+        its 503 when the decode does not fit in ``limits.budget``.
         """
         return load_for_model(data, self.input_size, limits=limits)
 
@@ -149,7 +152,8 @@ class Classifier:
                 for p in self.rank(scores, options.top_k, options.threshold)]
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version}
+        """``{"name", "version"}`` as answers show the model (the version as a string)."""
+        return {"name": self.name, "version": str(self.version)}
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

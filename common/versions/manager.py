@@ -1,10 +1,12 @@
-"""Which model versions this worker serves, kept in step with the repository on disk.
+"""Which model versions this worker serves, kept in step with the source. No web framework here.
 
-No web framework here. The manager maps a model name, and a version number or label, to one
-:class:`~common.versions.served.ServedVersion` (classifier + batcher + hang watchdog + metrics, built,
-warmed up and closed together). A poller thread (``MODEL_POLL_SECONDS``; each gunicorn worker
-runs its own) re-reads the repository and the settings file and moves the table towards what
-they say:
+TF Serving's three roles, each in its own module: the *source* (:mod:`.source`) scans what
+versions exist and which have settled; the *policy* (:mod:`.policy`) turns that, the settings
+file's version policy (:mod:`.settings`) and what is served into the aspired versions and one
+next action per model; the *manager* (this module) applies the actions and maps a model name,
+and a version number or label, to one :class:`~common.versions.served.ServedVersion`
+(classifier + batcher + hang watchdog + metrics, built, warmed up and closed together). A poller
+thread (``MODEL_POLL_SECONDS``; each gunicorn worker runs its own) repeats the round:
 
 * a new settled version is loaded and warmed up in the background; it takes traffic only once
   ready, and the version it replaces keeps serving until then;
@@ -22,20 +24,20 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from common.config import Config
-from common.errors import ModelNotFound, ModelNotReady
+from common.errors import ModelNotFound
 from common.inference.batcher import Ticket
 from common.inference.classifier import Classifier
-from common.modelfolder import LegacyGraph, ModelFolder, ModelLoadError
+from common.modelfolder import ModelFolder, ModelLoadError
+from common.versions.policy import Kind, Serving, next_action
 from common.versions.served import Health, ServedVersion, State
-from common.versions.settings import SettingsFile
-from common.versions.source import Repository, VersionFolder, routable, without_paths
+from common.versions.settings import SettingsFile, VersionPolicy
+from common.versions.source import VersionFolder, source_for, without_paths
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +60,23 @@ class Lease:
 
     classifier: Classifier
     ticket: Ticket
-    version: ServedVersion
+    served: ServedVersion
 
     def __enter__(self) -> "Lease":
         return self
 
     def __exit__(self, *exc) -> None:
         self.ticket.release()
-        self.version.unhold()
+        self.served.unhold()
 
 
 @dataclass
 class _Version:
-    folder: VersionFolder | None  # None for a model given in memory (tests)
+    """One entry of the manager's table: the version and the folder it was loaded from (None
+    for a classifier given in memory)."""
+
+    folder: VersionFolder | None
     served: ServedVersion
-    loaded_at: float
 
 
 class Manager:
@@ -81,16 +85,18 @@ class Manager:
     Args:
         config: ``MODEL_REPOSITORY`` / ``MODEL_PATH``, ``MODEL_CONFIG``, ``DEFAULT_MODEL``,
             ``MODEL_POLL_SECONDS`` and the batching settings of every version.
-        load: loads the classifier of one version folder (run in a background thread).
+        load: loads the classifier of a model folder on a runtime (run in a background
+            thread); the source (:func:`~common.versions.source.source_for`) says which folder.
         metrics: ``common.metrics.Metrics`` (or None).
         on_hung: passed to every ServedVersion (the worker's exit when a call hangs).
-        on_failure: called when a version found at start-up fails to load (the worker's exit
-            when there is nothing else to serve); later failures are only reported.
+        on_failure: called when a version found at start-up fails to load and the source is
+            essential (the worker's exit: it has nothing else to serve); later failures, and
+            any failure in a repository, are only reported.
         classifier: serve this in-memory classifier (or zero-argument loader) as the only
             model instead of reading any folder (tests).
     """
 
-    def __init__(self, config: Config, load: Callable[[VersionFolder], Classifier], *,
+    def __init__(self, config: Config, load: Callable[[ModelFolder], Classifier], *,
                  metrics=None, on_hung=None, on_failure=None,
                  classifier: Classifier | Callable[[], Classifier] | None = None):
         self.config = config
@@ -99,10 +105,7 @@ class Manager:
         self.on_hung = on_hung
         self.on_failure = on_failure
         self._given = classifier
-        self.repository = Repository(config.model_repository or None,
-                                     single=None if config.model_repository else
-                                     config.model_path,
-                                     single_identity=single_model_identity(config))
+        self.source = source_for(config) if classifier is None else None
         self.settings_file = SettingsFile(config.model_config)
         self._versions: dict[str, dict[int, _Version]] = {}
         self._lock = threading.Lock()  # the table
@@ -117,7 +120,7 @@ class Manager:
         if self._given is not None:
             name = self.config.default_model or "default"
             served = self._served(self._given, identity=None).start()
-            self._versions[name] = {1: _Version(None, served, time.monotonic())}
+            self._versions[name] = {1: _Version(None, served)}
             self._initial = [served]
             return self
         self.poll(initial=True)
@@ -150,54 +153,22 @@ class Manager:
             except Exception:  # noqa: BLE001 - the poller must outlive one bad scan
                 log.exception("model repository poll failed")
 
-    # -- keeping in step with the disk ------------------------------------------------------------
+    # -- keeping in step with the source ----------------------------------------------------------
     def poll(self, initial: bool = False) -> None:
-        """Scan once and move the table towards what the repository and settings say."""
+        """Scan once, then apply the policy's next action for each model until there is none
+        (:func:`~common.versions.policy.next_action`)."""
         with self._poll_lock:
             self.settings_file.refresh()
             settings = self.settings_file.settings
-            found = self.repository.scan(confirm_after=1.0 if initial else 0.0)
+            found = self.source.scan(confirm_after=1.0 if initial else 0.0)
             to_retire: list[ServedVersion] = []
             with self._lock:
                 table = {name: dict(versions) for name, versions in self._versions.items()}
             for name in sorted(set(found) | set(table)):
-                on_disk = found.get(name, {})
+                offered = found.get(name, {})
                 have = table.setdefault(name, {})
-                wanted = settings.model(name).policy.choose(list(on_disk))
-                for version in sorted(wanted):
-                    folder = on_disk[version]
-                    current = have.get(version)
-                    if current is not None and current.folder.fingerprint == folder.fingerprint:
-                        continue
-                    if current is not None and current.served.health().ready:
-                        continue  # a served version's files changed: publish a new number
-                    if current is not None:  # failed or loading: try the new files
-                        to_retire.append(current.served)
-                    # answers say the name and version that route to them
-                    served = self._served(lambda f=folder: self._load_quoted(f),
-                                          identity=(name, str(version)), initial=initial)
-                    have[version] = _Version(folder, served.start(), time.monotonic())
-                    if initial:
-                        self._initial.append(served)
-                    log.info("loading model %s version %d from %s", name, version, folder.path)
-                healths = {v: have[v].served.health() for v in wanted if v in have}
-                settled = all(h.state is not State.LOADING for h in healths.values())
-                some_ready = any(h.ready for h in healths.values())
-                # while no wanted version is ready, the newest ready one of the others serves
-                fallback = None if settled and some_ready else max(
-                    (v for v in have if v not in wanted and have[v].served.health().ready),
-                    default=None)
-                for version in sorted(have):
-                    if version in wanted:
-                        continue
-                    # a version no longer wanted (or whose folder is gone: it is in memory)
-                    # serves until what replaces it has settled and one of them is ready, or
-                    # while it is the fallback; a model removed altogether goes at once
-                    if (settled and some_ready) or not on_disk or (
-                            fallback is not None and version != fallback):
-                        log.info("unloading model %s version %d (%s)", name, version,
-                                 "replaced" if version in on_disk else "folder removed")
-                        to_retire.append(have.pop(version).served)
+                to_retire += self._apply(name, offered, settings.model(name).policy, have,
+                                         initial)
                 if not have:
                     table.pop(name)
             with self._lock:
@@ -206,34 +177,56 @@ class Manager:
             threading.Thread(target=self._retire, args=(served,), name="model-unloader",
                              daemon=True).start()
 
+    def _apply(self, name: str, offered: dict[int, VersionFolder], policy: VersionPolicy,
+               have: dict[int, _Version], initial: bool) -> list[ServedVersion]:
+        """Move ``have`` (one model's entries) towards what ``policy`` aspires to, one action
+        at a time; returns the versions taken out of it, to retire."""
+        prints = {version: folder.fingerprint for version, folder in offered.items()}
+        retired = []
+        while True:
+            serving = {version: Serving(entry.folder.fingerprint if entry.folder else None,
+                                        entry.served.health().state)
+                       for version, entry in have.items()}
+            action = next_action(prints, policy, serving)
+            if action is None:
+                return retired
+            if action.kind is Kind.UNLOAD:
+                log.info("unloading model %s version %d (%s)", name, action.version,
+                         action.reason)
+                retired.append(have.pop(action.version).served)
+                continue
+            folder = offered[action.version]
+            if action.version in have:  # failed or loading: the new files replace it
+                retired.append(have.pop(action.version).served)
+            served = self._served(lambda f=folder: self._load_quoted(f),
+                                  identity=(name, action.version), initial=initial)
+            have[action.version] = _Version(folder, served.start())
+            if initial:
+                self._initial.append(served)
+            log.info("loading model %s version %d from %s (%s)", name, action.version,
+                     folder.path, action.reason)
+
     def _load_quoted(self, folder: VersionFolder) -> Classifier:
         """Load ``folder``; a failure's message, which becomes the version's error in every
-        answer (``/models``, the protocols' status, 503s), names files relative to the
-        repository (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by
-        their server path. The log keeps the full message."""
+        answer (``/models``, the protocols' status, 503s), names files as the source shows them
+        (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by their server
+        path. The log keeps the full message."""
         try:
-            return self._load(folder)
+            return self._load(self.source.open(folder))
         except Exception as exc:
             message = str(exc) or type(exc).__name__
             log.error("model %s version %d failed to load: %s", folder.name, folder.version,
                       message)
-            raise ModelLoadError(without_paths(message, self._shown_roots())) from None
-
-    def _shown_roots(self) -> dict[str, str]:
-        """The server folders an error may name -> how answers show them."""
-        if self.config.model_repository:
-            return {self.config.model_repository: ""}
-        if self.config.model_path:
-            return {os.path.dirname(os.path.abspath(self.config.model_path)): ""}
-        return {}
+            raise ModelLoadError(without_paths(message, self.source.shown_roots)) from None
 
     def _retire(self, served: ServedVersion) -> None:
         served.retire(self.config.request_timeout + 5.0)
         gc.collect()  # the graph's memory goes back only once nothing refers to it
 
-    def _served(self, source, identity, initial: bool = False) -> ServedVersion:
-        return ServedVersion(source, self.config, metrics=self.metrics, on_hung=self.on_hung,
-                           on_failure=self.on_failure if initial else None, identity=identity)
+    def _served(self, classifier, identity, initial: bool = False) -> ServedVersion:
+        return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,
+                             on_failure=self.on_failure if initial and self.source.essential
+                             else None, identity=identity)
 
     # -- requests ---------------------------------------------------------------------------------
     @property
@@ -330,37 +323,4 @@ class Manager:
             return Health(State.LOADING, "no model found yet")
 
 
-def model_folder(config: Config) -> ModelFolder:
-    """The model folder ``MODEL_PATH`` names, with the legacy-graph settings."""
-    return ModelFolder(config.model_path, labels_path=config.labels_path, legacy=LegacyGraph(
-        input_layer=config.input_layer, output_layer=config.output_layer,
-        input_mean=config.input_mean, input_std=config.input_std,
-        input_size=config.input_size))
-
-
-def single_model_identity(config: Config) -> tuple[str, int]:
-    """The name and version ``MODEL_PATH``'s model is served, routed and answered as: its
-    model.json's when they can be routed (a model name as in a repository, a whole version
-    number), else its folder's name (a frozen graph: the folder holding it) and 1."""
-    folder = model_folder(config)
-    fallback, version = folder.identity({})
-    name = fallback
-    try:
-        name, version = folder.identity(folder.read_metadata())
-    except Exception as exc:  # an unreadable model.json fails the load, with its message
-        log.debug("MODEL_PATH is served under its folder's name: %s", exc)
-    if not routable(name):
-        name = fallback if routable(fallback) else "model"
-    return name, int(version) if version.isdigit() and int(version) > 0 else 1
-
-
-def load_version(folder: VersionFolder, config: Config, load: Callable[[ModelFolder],
-                 Classifier]) -> Classifier:
-    """Load the classifier of a version folder with ``load`` (a runtime's loader)."""
-    if folder.path == config.model_path:  # the MODEL_PATH shortcut keeps its labels settings
-        return load(model_folder(config))
-    return load(ModelFolder.in_directory(folder.path, legacy=model_folder(config).legacy))
-
-
-__all__ = ["Manager", "Route", "model_folder", "single_model_identity", "load_version",
-           "ModelNotReady"]
+__all__ = ["Manager", "Route", "Lease"]

@@ -78,14 +78,15 @@ class ServedVersion:
         on_failure: called with the exception when loading fails.
         on_hung: called with the seconds of a model call that ran past ``MODEL_HANG_TIMEOUT``
             (None: no watchdog).
-        identity: ``(name, version)`` the version is served as (a repository's folder name and
-            version number); None keeps the classifier's own (model.json).
+        identity: ``(name, version)`` the version is served as (the source's model name and
+            version number); None keeps the classifier's own, and the version is number 1 (a
+            classifier given in memory).
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
                  on_hung: Callable[[float], None] | None = None,
-                 identity: tuple[str, str] | None = None):
+                 identity: tuple[str, int] | None = None):
         self._source = source
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
@@ -220,6 +221,11 @@ class ServedVersion:
 
     # -- serving --------------------------------------------------------------------------------
     @property
+    def version(self) -> int:
+        """The number this version is served and routed as."""
+        return self.identity[1] if self.identity else 1
+
+    @property
     def classifier(self) -> Classifier:
         """The loaded classifier; ModelNotReady (503) while loading or after a failure."""
         running = self._running
@@ -239,8 +245,3 @@ class ServedVersion:
         if running is None or self._stopped:
             raise self.health().error() or ModelNotReady()
         return running
-
-    @property
-    def batcher(self) -> Batcher | None:
-        running = self._running
-        return running.batcher if running else None

@@ -25,7 +25,6 @@ class RepositoryConfigError(ValueError):
     """The settings file cannot be used (its message says why)."""
 
 
-
 @dataclass(frozen=True)
 class VersionPolicy:
     """Which of a model's versions to serve: ``latest`` (the ``count`` highest), ``all``, or
@@ -77,12 +76,10 @@ class VersionPolicy:
         raise RepositoryConfigError(f"{where}: unknown version_policy {kind!r}")
 
 
-
 @dataclass(frozen=True)
 class ModelSettings:
     policy: VersionPolicy = VersionPolicy()
     labels: dict[str, int] = field(default_factory=dict)
-
 
 
 @dataclass(frozen=True)
@@ -94,7 +91,6 @@ class RepositorySettings:
 
     def model(self, name: str) -> ModelSettings:
         return self.models.get(name, ModelSettings())
-
 
 
 def parse_settings(text: str, path: str) -> RepositorySettings:
@@ -131,7 +127,6 @@ def parse_settings(text: str, path: str) -> RepositorySettings:
     if default is not None and not isinstance(default, str):
         raise RepositoryConfigError(f"{path}: default_model must be a name")
     return RepositorySettings(default, models)
-
 
 
 class SettingsFile:

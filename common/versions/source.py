@@ -34,8 +34,10 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from common.modelfolder import ModelFolder
+from common.config import Config
+from common.modelfolder import LegacyGraph, ModelFolder
 
 log = logging.getLogger(__name__)
 
@@ -111,87 +113,69 @@ def next_version(model_dir: str) -> int:
 
 
 def version_staging(model_dir: str, version: int) -> str:
-    """Where a new version is built before it is published: a hidden folder beside the
-    versions, never read by a scan."""
+    """Where a new version is built before it is published
+    (:func:`common.modelfolder.publish`): a hidden folder beside the versions, never read by
+    a scan."""
     return os.path.join(model_dir, f".incoming-{version}-{os.getpid()}")
 
 
-def publish_version(staging: str, model_dir: str, version: int) -> str:
-    """Move the finished folder ``staging`` to ``model_dir/<version>`` in one rename, so a
-    running server sees the whole version or nothing. Never replaces a folder that may be live:
-    FileExistsError when the version exists."""
-    target = os.path.join(model_dir, str(version))
-    if os.path.exists(target):
-        raise FileExistsError(f"{target} exists; a published version is never overwritten")
-    os.rename(staging, target)
-    return target
+class Source(Protocol):
+    """Where versions come from: :meth:`scan` offers each model's settled versions, and
+    :meth:`open` gives the model folder of one of them. ``essential``: the source's one model
+    is all the worker has to serve, so a failure to load it at start-up stops the worker.
+    ``shown_roots``: the server folders a load error may name -> how answers show them."""
+
+    essential: bool
+    shown_roots: dict[str, str]
+
+    def scan(self, confirm_after: float = 0.0) -> dict[str, dict[int, VersionFolder]]: ...
+
+    def open(self, folder: VersionFolder) -> ModelFolder: ...
 
 
-class Repository:
+def source_for(config: Config) -> Source:
+    """The source the config names: ``MODEL_REPOSITORY``'s models, else the one model folder
+    ``MODEL_PATH`` (with the labels and legacy-graph settings)."""
+    if config.model_repository:
+        return RepositorySource(config.model_repository, legacy=config.legacy_graph)
+    return FolderSource(ModelFolder(config.model_path, labels_path=config.labels_path,
+                                    legacy=config.legacy_graph))
+
+
+class RepositorySource:
     """Scans ``root`` for models and versions, and tells which versions are settled.
 
-    With ``single`` (``MODEL_PATH``, the one-model shortcut) the repository is that one folder,
-    served as the one version of ``single_identity`` (name, version).
+    Args:
+        root: the repository folder (``MODEL_REPOSITORY``).
+        legacy: the tensor names and scaling of the frozen graphs it holds.
+        settle_seconds: a version whose newest file is at least this old is settled.
     """
 
-    def __init__(self, root: str | None, *, single: str | None = None,
-                 single_identity: tuple[str, int] = ("default", 1),
+    essential = False
+
+    def __init__(self, root: str, *, legacy: LegacyGraph | None = None,
                  settle_seconds: float = 2.0):
         self.root = root
-        self.single = single
-        self.single_identity = single_identity
+        self.legacy = legacy
         self.settle_seconds = settle_seconds
+        self.shown_roots = {root: ""}
         self._last: dict[tuple[str, int], tuple] = {}  # fingerprints at the previous scan
         self._skipped: set[str] = set()
 
+    def open(self, folder: VersionFolder) -> ModelFolder:
+        return ModelFolder.in_directory(folder.path, legacy=self.legacy)
+
     def scan(self, confirm_after: float = 0.0) -> dict[str, dict[int, VersionFolder]]:
         """Every model's settled versions now. ``confirm_after`` (the first scan, which has no
-        previous one): look again after that many seconds at versions not yet settled. The
-        one-model shortcut (``single``) is always settled: it names one folder on purpose."""
-        found: dict[str, dict[int, str]] = {}
-        if self.single:
-            name, version = self.single_identity
-            found[name] = {version: self.single}
-        elif self.root:
-            try:
-                names = sorted(os.listdir(self.root))
-            except OSError as exc:
-                log.error("cannot read MODEL_REPOSITORY %s: %s", self.root, exc)
-                names = []
-            for name in names:
-                path = os.path.join(self.root, name)
-                if name.startswith(".") or not os.path.isdir(path):
-                    continue
-                if not routable(name):
-                    self._skip(path, "not a valid model name")
-                    continue
-                if not inside(path, self.root):
-                    self._skip(path, "a symlink to a folder outside the repository")
-                    continue
-                versions = {}
-                for v in os.listdir(path):
-                    version = os.path.join(path, v)
-                    if not (_VERSION.match(v) and os.path.isdir(version)):
-                        continue
-                    if inside(version, self.root):
-                        versions[int(v)] = version
-                    else:
-                        self._skip(version, "a symlink to a folder outside the repository")
-                if versions:
-                    found[name] = versions
-                elif ModelFolder.holds_model(path):
-                    found[name] = {1: path}
-                else:
-                    self._skip(path, "no numbered versions and no model inside")
+        previous one): look again after that many seconds at versions not yet settled."""
         settled: dict[str, dict[int, VersionFolder]] = {}
         seen, unsure = {}, []
-        for name, versions in found.items():
+        for name, versions in self._find().items():
             for version, path in versions.items():
                 prints, newest = fingerprint(path)
                 seen[(name, version)] = prints
                 stable = self._last.get((name, version)) == prints
-                if self.single or (prints and (
-                        stable or time.time() - newest >= self.settle_seconds)):
+                if prints and (stable or time.time() - newest >= self.settle_seconds):
                     settled.setdefault(name, {})[version] = VersionFolder(name, version, path,
                                                                           prints)
                 else:
@@ -206,7 +190,78 @@ class Repository:
         self._last = seen
         return settled
 
+    def _find(self) -> dict[str, dict[int, str]]:
+        """name -> version -> folder, settled or not."""
+        found: dict[str, dict[int, str]] = {}
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as exc:
+            log.error("cannot read MODEL_REPOSITORY %s: %s", self.root, exc)
+            names = []
+        for name in names:
+            path = os.path.join(self.root, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            if not routable(name):
+                self._skip(path, "not a valid model name")
+                continue
+            if not inside(path, self.root):
+                self._skip(path, "a symlink to a folder outside the repository")
+                continue
+            versions = {}
+            for v in os.listdir(path):
+                version = os.path.join(path, v)
+                if not (_VERSION.match(v) and os.path.isdir(version)):
+                    continue
+                if inside(version, self.root):
+                    versions[int(v)] = version
+                else:
+                    self._skip(version, "a symlink to a folder outside the repository")
+            if versions:
+                found[name] = versions
+            elif ModelFolder.holds_model(path):
+                found[name] = {1: path}
+            else:
+                self._skip(path, "no numbered versions and no model inside")
+        return found
+
     def _skip(self, path: str, why: str) -> None:
         if path not in self._skipped:
             self._skipped.add(path)
             log.warning("skipping %s in the model repository: %s", path, why)
+
+
+class FolderSource:
+    """One model folder (``MODEL_PATH``) served as one version of one model: a repository of
+    one entry. Its name and version are model.json's when they can be routed (a model name as
+    in a repository, a whole version number), else the folder's name (a frozen graph: the
+    folder holding it) and 1. Always settled: it names one folder on purpose. Essential: a
+    worker with nothing else to serve stops when it fails to load at start-up."""
+
+    essential = True
+
+    def __init__(self, model: ModelFolder):
+        self.model = model
+        self.name, self.version = _served_as(model)
+        self.shown_roots = {os.path.dirname(os.path.abspath(model.path)): ""}
+
+    def open(self, folder: VersionFolder) -> ModelFolder:
+        return self.model
+
+    def scan(self, confirm_after: float = 0.0) -> dict[str, dict[int, VersionFolder]]:
+        prints, _ = fingerprint(self.model.path)
+        return {self.name: {self.version: VersionFolder(self.name, self.version,
+                                                        self.model.path, prints)}}
+
+
+def _served_as(model: ModelFolder) -> tuple[str, int]:
+    """The (name, version) a lone model folder is served, routed and answered as."""
+    fallback, version = model.identity({})
+    name = fallback
+    try:
+        name, version = model.identity(model.read_metadata())
+    except Exception as exc:  # an unreadable model.json fails the load, with its message
+        log.debug("%s is served under its folder's name: %s", model.path, exc)
+    if not routable(name):
+        name = fallback if routable(fallback) else "model"
+    return name, version

@@ -11,8 +11,8 @@ Modules, in pipeline order:
 * :mod:`.runs`: the run record (flags, module, data fingerprints, splits, duration, metrics) in
   model.json, a ``runs.jsonl`` and TensorBoard's HParams.
 
-:func:`retrain` runs them all and publishes the model folder through
-:class:`common.modelfolder.ModelFolder`.
+:func:`retrain` runs them all, writes the model folder through
+:class:`common.modelfolder.ModelFolder` and publishes it by :func:`common.modelfolder.publish`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 
-from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder
-from common.versions.source import publish_version, version_staging
+from common.modelfolder import CONFUSION_MATRIX, LABELS, ModelFolder, publish
+from common.versions.source import version_staging
 
 from .data import SPLITS, ImageLists, RetrainError, create_image_lists, which_set
 from .evaluate import evaluate_image_folder, evaluate_test_split, per_class_metrics
@@ -107,9 +107,9 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
             extra_image_dirs: list[str] | tuple[str, ...] = ()) -> RetrainResult:
     """The whole pipeline: list and split images, features, train, export, evaluate, publish.
 
-    The folder is built at ``<output_dir>.incoming`` and moved into ``output_dir`` only when
-    complete (and at least ``params.min_test_accuracy`` good); otherwise nothing is written
-    there. Raises RetrainError with what to fix.
+    The folder is built at ``<output_dir>.incoming`` and renamed into ``output_dir`` only when
+    complete (and at least ``params.min_test_accuracy`` good), replacing a folder there whole;
+    otherwise nothing is written there. Raises RetrainError with what to fix.
 
     The run record (:mod:`.runs`) goes into model.json; ``flags`` are the options to record
     (the CLI's; default: ``params`` and the arguments above). It is also appended to
@@ -147,16 +147,12 @@ def retrain(image_dir: str, output_dir: str, module_handle: str = DEFAULT_MODULE
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)
         raise
+    try:
+        publish(staging.path, output_dir, replace=not new_version)
+    except FileExistsError as exc:
+        shutil.rmtree(staging.path, ignore_errors=True)
+        raise RetrainError(str(exc)) from None
     folder = ModelFolder(output_dir)
-    if new_version:
-        try:
-            publish_version(staging.path, os.path.dirname(output_dir),
-                            int(os.path.basename(output_dir)))
-        except FileExistsError as exc:
-            shutil.rmtree(staging.path, ignore_errors=True)
-            raise RetrainError(str(exc)) from None
-    else:
-        folder.publish(staging.path)
     _write_legacy_files(trained, folder, output_graph, output_labels)
     if runs_log:
         append_run(runs_log, model_json["run"])
@@ -222,7 +218,7 @@ def _write_folder(staging: ModelFolder, trained: _Trained, output_dir: str, name
 
 def _write_legacy_files(trained: _Trained, folder: ModelFolder, output_graph: str | None,
                         output_labels: str | None) -> None:
-    """The old script's outputs, when asked for: a frozen graph and a copy of the labels."""
+    """The TF1 retrain.py outputs, when asked for: a frozen graph and a copy of the labels."""
     if output_graph:
         export_frozen_graph(trained.module, trained.weights, trained.biases, trained.size,
                             output_graph)

@@ -1,4 +1,4 @@
-"""What both protocol adapters need: the model a URL names, a version's number, the bounds a
+"""What both protocol adapters need: the model a URL names, the bounds a
 body is checked against before it is parsed, base64 and JSON-number tensors checked into numpy,
 and the request and response plumbing. Names and versions from a URL are looked up in the
 manager, never used as paths."""
@@ -16,7 +16,6 @@ from flask import current_app, g
 from common.dataplane import DataPlane
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
-from common.versions.served import ServedVersion
 from common.web.routes import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
@@ -33,12 +32,6 @@ def route(name: str, version: str | None = None, label: str | None = None) -> Ro
     if not _NUMBER.match(version):
         raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}")
     return Route(name, int(version), label)
-
-
-def version_number(served: ServedVersion) -> int:
-    """The number a served version has in the manager: a repository's version folder, the
-    version ``MODEL_PATH``'s model is served as, or 1 for a model given in memory."""
-    return int(served.identity[1]) if served.identity else 1
 
 
 #: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``).
@@ -180,6 +173,6 @@ def note(classifier, source: str) -> None:
     g.source = source
 
 
-__all__ = ["service", "route", "version_number", "Limits", "limits_for", "check_image_count",
+__all__ = ["service", "route", "Limits", "limits_for", "check_image_count",
            "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note",
            "body_bytes", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]

@@ -115,7 +115,7 @@ def infer(name, version=None):
     classifier, scores = service().infer(inputs, target)
     asked = parsed["request"]
     note(classifier, "kserve")
-    answer = {"model_name": name, "model_version": classifier.version}
+    answer = {"model_name": name, "model_version": str(classifier.version)}
     if asked.id is not None:
         answer["id"] = asked.id
     outputs, chunks = [], []

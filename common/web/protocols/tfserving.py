@@ -43,7 +43,6 @@ from common.web.protocols.base import (
     read_json,
     route,
     service,
-    version_number,
 )
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
@@ -104,7 +103,7 @@ def model_metadata(name, version=None, label=None):
     h, w = clf.input_size
     return jsonify({
         "model_spec": {"name": name, "signature_name": "",
-                       "version": str(version_number(served))},
+                       "version": str(served.version)},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
             "inputs": {INPUT: _tensor_info([-1, h, w, 3], "serving_default_images:0")},
             "outputs": {OUTPUT: _tensor_info([-1, len(clf.labels)],
