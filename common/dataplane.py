@@ -79,7 +79,6 @@ class Slots:
     503 (Overloaded, ``Retry-After: 1``) instead of waiting. Thread-safe."""
 
     def __init__(self, limit: int, what: str, setting: str):
-        self.limit = limit
         self._free = threading.BoundedSemaphore(limit)
         self._message = f"{limit} {what} in this worker already ({setting}); retry"
 

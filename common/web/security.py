@@ -54,8 +54,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 INTEGRITY_SUFFIXES = (".js", ".mjs", ".css")
 
 
-
-
 def init_app(app: Flask, config: Config) -> None:
     """Install the hooks. Call it after the blueprints are registered: its checks then run
     after the views' own request hook, so a refused request is still counted and logged."""

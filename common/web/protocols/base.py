@@ -171,7 +171,7 @@ def float_tensor(data, what: str) -> np.ndarray:
 
 
 def note(classifier, source: str) -> None:
-    """What the access log line says about this request (``routes.Views.finish_request``)."""
+    """What the access log line says about this request (``routes._finish_request``)."""
     g.model = classifier.describe()
     g.source = source
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
-from common.dataplane import DataPlane, Images
+from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, TooManyImages
 from common.web import error_handlers
 from common.web.binding import Views
@@ -110,14 +110,19 @@ def model_ready(dataplane: DataPlane, name, version=None):
 # -- inference -------------------------------------------------------------------------------
 @views.post("/models/<name>/infer")
 @views.post("/models/<name>/versions/<version>/infer")
-def infer(dataplane: DataPlane, name, version=None):
+def model_infer(dataplane: DataPlane, name, version=None):
     """One input of images -> the ``probabilities`` output, as scores or classes, in JSON or
     binary. The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version)
     done = dataplane.infer(lambda: parse_infer(body_bytes(), request.headers.get(HEADER_LENGTH),
                                                limits_for(dataplane, target)), target)
+    note(done.classifier, "kserve")
+    return _response(name, done)
+
+
+def _response(name: str, done: Inference) -> Response:
+    """The answer to an ``infer`` request: JSON, or JSON then the binary outputs."""
     asked, classifier, scores = done.request, done.classifier, done.scores
-    note(classifier, "kserve")
     answer = {"model_name": name, "model_version": classifier.version}
     if asked.id is not None:
         answer["id"] = asked.id

@@ -132,7 +132,7 @@ def _tensor_info(shape: list[int], tensor: str) -> dict:
 @views.post("/<segment:name>:predict")
 @views.post("/<segment:name>/versions/<segment:version>:predict")
 @views.post("/<segment:name>/labels/<segment:label>:predict")
-def predict(dataplane: DataPlane, name, version=None, label=None):
+def model_predict(dataplane: DataPlane, name, version=None, label=None):
     """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output.
     The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version, label)
@@ -145,7 +145,7 @@ def predict(dataplane: DataPlane, name, version=None, label=None):
 @views.post("/<segment:name>:classify")
 @views.post("/<segment:name>/versions/<segment:version>:classify")
 @views.post("/<segment:name>/labels/<segment:label>:classify")
-def classify(dataplane: DataPlane, name, version=None, label=None):
+def model_classify(dataplane: DataPlane, name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
     target = route(name, version, label)
     done = dataplane.infer(lambda: parse_classify(body_bytes(), limits_for(dataplane, target)),
