@@ -1,6 +1,6 @@
 """Errors leaving the service: the one place an ``ApiError`` becomes an HTTP response.
 
-``init_app`` installs the handler every route answers through, writing the envelope of
+``init_app`` installs the app-wide handler, writing the envelope of
 ``common.errors``; a protocol's blueprint installs the same handler with its own envelope
 (``install_handler(bp, "message")``: TF Serving and the Open Inference Protocol answer
 ``{"error": "<message>"}``). werkzeug's own HTTP errors are mapped onto the hierarchy;
@@ -91,7 +91,7 @@ def install_handler(target, envelope: str = "api") -> None:
 
 
 def init_app(app) -> None:
-    """Install the single error handler on a Flask app: every error leaves as the envelope
-    (a blueprint may answer its own routes in a protocol's envelope: ``install_handler``)."""
+    """Install the app-wide error handler: every error leaves as our API's envelope, except on
+    the routes of a blueprint that installs its own (the protocols': ``install_handler``)."""
     install_handler(app, "api")
 
