@@ -23,11 +23,11 @@ from common.metrics import Metrics
 from common.modelfolder import ModelFolder
 from common.storage import ImageStore
 from common.versions.manager import Manager
-from common.web import error_handlers
+from common.web import error_handlers, routes
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
 from common.web.protocols import kserve, tfserving
-from common.web.routes import InMemoryUploadRequest, bp
+from common.web.routes import InMemoryUploadRequest
 
 WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this
 HUNG_MODEL_EXIT = 70  # any other status: gunicorn forks a replacement worker
@@ -77,11 +77,11 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
         on_hung=_exit_when_hung(config) if own_model else None,
         classifier=classifier).start()
 
-    DataPlane(config, manager, store, fetcher, metrics).attach(app)
+    dataplane = DataPlane(config, manager, store, fetcher, metrics).attach(app)
     error_handlers.init_app(app)
-    app.register_blueprint(bp)
-    app.register_blueprint(tfserving.bp)  # TF Serving's REST API, /v1
-    app.register_blueprint(kserve.bp)  # Open Inference Protocol (KServe v2), /v2
+    app.register_blueprint(routes.blueprint(dataplane))
+    app.register_blueprint(tfserving.blueprint(dataplane))  # TF Serving's REST API, /v1
+    app.register_blueprint(kserve.blueprint(dataplane))  # Open Inference Protocol (KServe v2)
     web_security.init_app(app, config)  # after the blueprints: see its docstring
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)

@@ -1,21 +1,26 @@
-"""The data plane: one plain method per route, bytes or a URL in, the response dict out.
+"""The data plane: what every route and protocol adapter asks of the engine, with no web
+framework (KServe's ``dataplane.py`` in spirit).
 
-No web framework here (KServe's ``dataplane.py`` in spirit): the views parse HTTP and call one
-method of :class:`DataPlane`; so do the protocol adapters. A request's
-path, top to bottom:
+Every image that is classified goes through one pipeline, :meth:`DataPlane.infer` (TorchServe's
+``handle()``: preprocess -> inference -> postprocess, composed once). Our own API's upload,
+several-images upload and ``?image_url=`` call it through :meth:`DataPlane.classify`, which
+shapes DESIGN.md's answer; TF Serving's ``:predict`` / ``:classify`` and the Open Inference
+Protocol's ``infer`` call it directly and write its scores in their shapes. A request's path:
 
-1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad);
-2. a check as admission would make it: the served model must be ready and its batcher must
-   expect to start the request within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise),
-   before the body is read or a URL downloaded: a refused request does no work;
-3. the body is read, or the URL downloaded under ``fetch.py``'s rules, in one of
-   ``BODIES_IN_FLIGHT`` slots and holding no room in the model's queue;
-4. admission for the images the body holds (503 + Retry-After when they do not fit);
-5. ``classifier.preprocess``: bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad bytes),
-   the decode's memory estimated from the header and reserved from ``DECODE_MEMORY_MB``;
-6. the bytes are stored in temp/ under their content hash (``storage.py``);
-7. ``lease.ticket.submit``: through the batcher, always (503 when timed out);
-8. ``classifier.postprocess``: ranked ``[{"label", "score"}]``, shaped into DESIGN.md's answer.
+1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad; our API);
+2. the manager's precheck: the served version must be ready and its batcher must expect to
+   start the request within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise), before the
+   body is read or a URL downloaded: a refused request does no work;
+3. the body is read (parsed by the adapter), or the URL downloaded under ``fetch.py``'s rules,
+   in one of ``BODIES_IN_FLIGHT`` slots and holding no room in the model's queue;
+4. the images it holds are counted (``MAX_IMAGES_PER_REQUEST``) and the manager leases room
+   for them in the version's queue (503 + Retry-After when they do not fit);
+5. preprocess: ``classifier.preprocess``, bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad
+   bytes), the decode's memory estimated from the header and taken from ``DECODE_MEMORY_MB``;
+   the bytes are stored in temp/ under their content hash (``storage.py``);
+6. inference: ``lease.ticket.submit_many``, through the batcher, always (503 when timed out);
+7. postprocess (our API): ``classifier.postprocess`` ranks ``[{"label", "score"}]``, and an
+   uncertain answer is kept for review (``feedback.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +28,11 @@ import base64
 import os
 import threading
 import time
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
 
 from common.config import Config
 from common.errors import (
@@ -36,7 +45,7 @@ from common.errors import (
 )
 from common.feedback import Feedback
 from common.fetch import UrlFetcher
-from common.inference.classifier import Options
+from common.inference.classifier import Classifier, Options
 from common.inference.images import DecodeBudget, DecodeLimits
 from common.modelfolder import ONNX
 from common.storage import ImageStore
@@ -70,7 +79,6 @@ class Slots:
     503 (Overloaded, ``Retry-After: 1``) instead of waiting. Thread-safe."""
 
     def __init__(self, limit: int, what: str, setting: str):
-        self.limit = limit
         self._free = threading.BoundedSemaphore(limit)
         self._message = f"{limit} {what} in this worker already ({setting}); retry"
 
@@ -88,13 +96,40 @@ def digest_b64(sha256_hex: str) -> str:
     return base64.b64encode(bytes.fromhex(sha256_hex)).decode()
 
 
-class DataPlane:
-    """What every route needs: settings, the image store, the URL fetcher, the manager of
-    served model versions.
+@dataclass(frozen=True)
+class Images:
+    """A request's images as its adapter read them: encoded images (``list[bytes]``, decoded
+    and stored like uploads) or a float32 ``[n, h, w, 3]`` batch in [0, 1] (the SavedModel's
+    own input). An adapter's parsed request subclasses it to carry what else its body asks."""
 
-    ``DataPlane.of(app)`` is the one way to reach it from an app (views, protocol adapters,
-    gunicorn's hooks, tests). Every classification method takes a :class:`Route` (which model,
+    inputs: list[bytes] | np.ndarray
+
+
+@dataclass(frozen=True)
+class Inference:
+    """One request after the pipeline.
+
+    ``request`` is what the adapter's reader returned; ``classifier`` the version that served
+    every image; ``scores`` float32 ``[n, labels]``, one row per image classified, in order.
+    ``results`` has one dict per encoded image, in order: ``{"filename"}`` (the stored name;
+    with ``"predictions"`` and ``"labels"`` when ranked) or ``{"error": {...}}`` (the error
+    envelope's inner object) for an image that could not be classified; empty for a tensor.
+    """
+
+    request: Images
+    classifier: Classifier
+    scores: np.ndarray
+    results: list[dict]
+
+
+class DataPlane:
+    """What every route needs: settings, the image store, the URL fetcher, feedback and the
+    manager of served model versions. Every classification takes a :class:`Route` (which model,
     version or label; the default model when omitted).
+
+    The web adapters are handed it when they are built; :meth:`attach` also keeps it in the
+    app's ``extensions`` for the code Flask hands only the app (gunicorn's hooks, tests), which
+    finds it with :meth:`of`.
     """
 
     _KEY = "classifier_service"  # its key in the app's ``extensions``
@@ -126,136 +161,109 @@ class DataPlane:
         return self.manager.default()
 
     # -- classification -------------------------------------------------------------------------
-    def classify_upload(self, read_body: Callable[[], bytes], args: Mapping[str, str],
-                        started: float | None = None, route: Route = Route()) -> dict:
-        """An uploaded image -> DESIGN.md's 200 answer (see :meth:`_receive` for when
-        ``read_body`` is called)."""
-        options = parse_options(args, self.config.top_k)
-        data = self._receive(route, read_body)
-        with self.manager.lease(route, 1) as lease:
-            return self._classify(lease, data, options, started)
+    def classify(self, read: Callable[[], list[bytes]], args: Mapping[str, str],
+                 route: Route = Route(), started: float | None = None) -> dict:
+        """Our API: the images ``read()`` returns (an upload's body, its multipart ``image``
+        parts, or a URL's download) -> DESIGN.md's 200 answer, ranked by the ``top_k`` and
+        ``threshold`` in ``args``; ``elapsed_ms`` counts from ``started``.
 
-    def classify_url(self, url: str, args: Mapping[str, str],
-                     started: float | None = None, route: Route = Route()) -> dict:
-        """An image URL, downloaded like an upload's body is read -> the answer."""
-        options = parse_options(args, self.config.top_k)
-        data = self._receive(route, lambda: self.fetcher.fetch(url))
-        with self.manager.lease(route, 1) as lease:
-            return self._classify(lease, data, options, started)
-
-    def classify_many(self, read_images: Callable[[], list[bytes]], args: Mapping[str, str],
-                      started: float | None = None, route: Route = Route()) -> dict:
-        """Uploaded images of one request: one image gets the single-image answer, several get
-        one result per image, in order.
-
-        Admitted for all of them once they are read (``MAX_IMAGES_PER_REQUEST`` at most, 400
-        past it; 503 when they do not fit). Each result is the single-image answer's
-        ``filename``/``predictions``/``labels``, or ``{"error": {...}}`` (the error envelope's
-        inner object) for an image that could not be classified; one version serves them all.
+        One image gets the single-image answer; several get one result per image, in order:
+        the single-image answer's ``filename``/``predictions``/``labels``, or ``{"error":
+        {...}}`` for an image that could not be classified; one version serves them all.
         """
         started = time.perf_counter() if started is None else started
         options = parse_options(args, self.config.top_k)
-        images = self._receive(route, read_images)
-        if len(images) == 1:  # one image: the single-image answer
-            with self.manager.lease(route, 1) as lease:
-                return self._classify(lease, images[0], options, started)
-        self._check_count(len(images))
-        with self.manager.lease(route, len(images)) as lease:
-            classifier = lease.classifier
-            results: list[dict] = []
-            arrays = []
-            for data in images:
-                try:
-                    array, filename = self._prepare(classifier, data)
-                    results.append({"filename": filename})
-                    arrays.append(array)
-                except ApiError as err:
-                    results.append({"error": err.to_dict()["error"]})
-            scores = iter(lease.ticket.submit_many(arrays))
-            for result in results:
-                if "error" not in result:
-                    image_scores = next(scores)
-                    predictions = classifier.postprocess(image_scores, options)
-                    self.feedback.review(result["filename"], classifier, image_scores)
-                    result.update(predictions=predictions,
-                                  labels={p["label"]: p["score"] for p in predictions})
-            return {"model": classifier.describe(), "results": results,
-                    "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1)}
+        done = self.infer(lambda: Images(read()), route, options)
+        model = done.classifier.describe()
+        if len(done.results) > 1:
+            return {"model": model, "results": done.results, "elapsed_ms": _since(started)}
+        (result,) = done.results
+        return {"filename": result["filename"], "model": model,
+                "predictions": result["predictions"], "labels": result["labels"],
+                "elapsed_ms": _since(started)}
 
-    def infer(self, read_inputs: Callable[[], "list[bytes] | np.ndarray"],
-              route: Route = Route()):
-        """A protocol request (TF Serving, Open Inference Protocol) -> ``(classifier,
-        [n, labels] scores)``, through the batcher.
+    def infer(self, read: Callable[[], Images], route: Route = Route(),
+              options: Options | None = None) -> Inference:
+        """The pipeline every classification runs: ``read()`` the request's images when
+        :meth:`_leased` allows, preprocess them, submit them to the batcher, and, with
+        ``options`` (our API), postprocess: rank each image and keep an uncertain one for
+        review.
 
-        ``read_inputs`` reads and parses the body (see :meth:`_receive` for when); the request
-        is then admitted for the images it counted (``MAX_IMAGES_PER_REQUEST`` at most, 400
-        past it; 503 when they do not fit). It returns either encoded images (base64 or binary
-        elements; decoded and stored like uploads) or a float32 ``[n, h, w, 3]`` batch in
-        ``[0, 1]`` (the SavedModel's own input). Unlike :meth:`classify_many`, one bad image
-        fails the request (400/413/415/422, as a tensor call would), and so does a tensor whose
-        shape does not fit the model (400).
+        With ``options``, several images are answered one by one (a bad image gets its error in
+        :attr:`Inference.results`); without (the protocols), one bad image fails the request
+        (400/413/415/422, as a tensor call would), and so does a tensor whose shape does not
+        fit the model (400).
         """
-        import numpy as np
-
-        inputs = self._receive(route, read_inputs)
-        if len(inputs) == 0:
-            raise InvalidParameter("no images in the request")
-        self._check_count(len(inputs))
-        with self.manager.lease(route, len(inputs)) as lease:
+        with self._leased(route, read) as (lease, request):
             classifier = lease.classifier
-            if isinstance(inputs, list):
-                arrays = [self._prepare(classifier, data)[0] for data in inputs]
+            if isinstance(request.inputs, list):
+                one_by_one = options is not None and len(request.inputs) > 1
+                results, arrays = self._preprocess(classifier, request.inputs, one_by_one)
             else:
-                batch = np.asarray(inputs, dtype=np.float32)
-                expected = (*classifier.input_size, 3)
-                if batch.ndim != 4 or batch.shape[1:] != expected:
-                    raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
-                                           f"{expected[1]}, 3], got shape {list(batch.shape)}")
-                arrays = list(batch)
-            return classifier, np.stack(lease.ticket.submit_many(arrays))
+                results, arrays = [], _tensor_rows(classifier, request.inputs)
+            scores = lease.ticket.submit_many(arrays)
+            if options is not None:
+                self._postprocess(classifier, results, scores, options)
+        stacked = (np.stack(scores) if scores
+                   else np.zeros((0, len(classifier.labels)), np.float32))
+        return Inference(request, classifier, stacked, results)
 
-    def _receive(self, route: Route, read: Callable):
-        """``read()`` the request's body (or download its URL), the way every classification
-        request gets its images.
+    @contextmanager
+    def _leased(self, route: Route, read: Callable[[], Images]) -> Iterator[tuple[Lease, Images]]:
+        """Admit -> read -> count -> lease, the way every classification gets its images.
 
-        First the route is checked as admission would check it (404; 503 when the version is
-        not ready or its queue would refuse), so a refused request reads nothing. The body is
-        then read in one of ``BODIES_IN_FLIGHT`` slots (503 when all are taken), holding no
-        room in the model's queue: a slow upload or download delays only itself. The caller
-        is admitted once the body has arrived."""
+        First the route is checked as the lease would check it (404; 503 when the version is
+        not ready or its queue would refuse), so a refused request reads nothing. ``read()``
+        then reads the body (or downloads the URL) in one of ``BODIES_IN_FLIGHT`` slots (503
+        when all are taken), holding no room in the model's queue: a slow upload or download
+        delays only itself. The images it holds are counted (400 for none, or past
+        ``MAX_IMAGES_PER_REQUEST``), and the lease takes room for them (503 when they do not
+        fit) until the context ends.
+        """
         self.manager.precheck(route)
         with self.bodies:
-            return read()
-
-    def _check_count(self, count: int) -> None:
+            request = read()
+        count = len(request.inputs)
+        if count == 0:
+            raise InvalidParameter("no images in the request")
         if count > self.config.max_images_per_request:
             raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
                                 f"request (MAX_IMAGES_PER_REQUEST), got {count}")
+        with self.manager.lease(route, count) as lease:
+            yield lease, request
 
-    def _prepare(self, classifier, data: bytes):
-        """One uploaded or downloaded image -> ``(model input, stored file name)``: decoded and
-        preprocessed for ``classifier`` (float32 ``[h, w, 3]`` in ``[0, 1]``), and stored.
-        400 when empty; 413/415/422 from decoding."""
-        if not data:
-            raise EmptyImage()
-        array, decoded = classifier.preprocess(data, self.decode_limits)
-        return array, self.store.save(data, decoded.extension)
+    def _preprocess(self, classifier: Classifier, inputs: list[bytes],
+                    one_by_one: bool) -> tuple[list[dict], list[np.ndarray]]:
+        """Encoded images -> (``[{"filename"} or {"error"}]`` per image, the model inputs of
+        those that decoded: float32 ``[h, w, 3]`` in [0, 1]). Each is stored under its content
+        hash. 400 when empty, 413/415/422 from decoding: raised, or with ``one_by_one`` kept
+        in that image's result."""
+        results, arrays = [], []
+        for data in inputs:
+            try:
+                if not data:
+                    raise EmptyImage()
+                array, decoded = classifier.preprocess(data, self.decode_limits)
+                results.append({"filename": self.store.save(data, decoded.extension)})
+                arrays.append(array)
+            except ApiError as err:
+                if not one_by_one:
+                    raise
+                results.append({"error": err.to_dict()["error"]})
+        return results, arrays
 
-    def _classify(self, lease: Lease, data: bytes, options: Options,
-                  started: float | None) -> dict:
-        started = time.perf_counter() if started is None else started
-        classifier = lease.classifier
-        array, filename = self._prepare(classifier, data)
-        scores = lease.ticket.submit(array)
-        predictions = classifier.postprocess(scores, options)
-        self.feedback.review(filename, classifier, scores)
-        return {
-            "filename": filename,
-            "model": classifier.describe(),
-            "predictions": predictions,
-            "labels": {p["label"]: p["score"] for p in predictions},
-            "elapsed_ms": round((time.perf_counter() - started) * 1000.0, 1),
-        }
+    def _postprocess(self, classifier: Classifier, results: list[dict],
+                     scores: list[np.ndarray], options: Options) -> None:
+        """Rank each classified image's scores into its result (``predictions``, and
+        ``labels`` in the same order) and keep it for review when its top score is low."""
+        rows = iter(scores)
+        for result in results:
+            if "error" not in result:
+                image_scores = next(rows)
+                predictions = classifier.postprocess(image_scores, options)
+                self.feedback.review(result["filename"], classifier, image_scores)
+                result.update(predictions=predictions,
+                              labels={p["label"]: p["score"] for p in predictions})
 
     # -- feedback -------------------------------------------------------------------------------
     def record_feedback(self, read_fields: Callable[[], Mapping]) -> tuple[dict, bool]:
@@ -333,3 +341,19 @@ class DataPlane:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _tensor_rows(classifier: Classifier, inputs: np.ndarray) -> list[np.ndarray]:
+    """A float ``[n, h, w, 3]`` batch -> its rows, float32; 400 when its shape does not fit
+    ``classifier``'s input size."""
+    batch = np.asarray(inputs, dtype=np.float32)
+    expected = (*classifier.input_size, 3)
+    if batch.ndim != 4 or batch.shape[1:] != expected:
+        raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
+                               f"{expected[1]}, 3], got shape {list(batch.shape)}")
+    return list(batch)
+
+
+def _since(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()``), to 0.1 ms."""
+    return round((time.perf_counter() - started) * 1000.0, 1)

@@ -43,7 +43,7 @@ from tiny_models import TRAP, save_colour_model
 
 from common import errors
 from common.config import Config, documented_variables
-from common.web.routes import bp
+from common.web.routes import blueprint
 
 K8S = os.path.join(ROOT, "deploy", "k8s")
 COMPOSE = os.path.join(ROOT, "deploy", "compose", "docker-compose.yml")
@@ -110,7 +110,7 @@ def named_port(box: dict, name: str) -> int:
 def routes() -> set[str]:
     """The GET paths the service answers without parameters (from the blueprint, not a list)."""
     app = Flask(__name__)
-    app.register_blueprint(bp)
+    app.register_blueprint(blueprint(None))  # the rules only: no request is made
     return {rule.rule for rule in app.url_map.iter_rules()
             if "GET" in rule.methods and not rule.arguments}
 

@@ -17,7 +17,7 @@ has already arrived is read instead and the connection kept: closing would read 
 no new connection each time.
 
 Slow request heads and clients that do not read their answers are the worker's business
-(``common/gunicorn_worker.py``); a buffering reverse proxy in front is still the better answer
+(``common/web/gunicorn_worker.py``); a buffering reverse proxy in front is still the better answer
 for deployments (docs/RELIABILITY.md).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Errors leaving the service: the one place an ``ApiError`` becomes an HTTP response.
 
-``init_app`` installs the handler every route answers through, writing the envelope of
+``init_app`` installs the app-wide handler, writing the envelope of
 ``common.errors``; a protocol's blueprint installs the same handler with its own envelope
 (``install_handler(bp, "message")``: TF Serving and the Open Inference Protocol answer
 ``{"error": "<message>"}``). werkzeug's own HTTP errors are mapped onto the hierarchy;
@@ -27,16 +27,13 @@ def wire_response(err: ApiError) -> bytes:
             ).encode("latin-1") + body
 
 
-
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long",
             417: "Expectation Failed", 431: "Request Header Fields Too Large",
             501: "Not Implemented"}
 
 
-
 # werkzeug's HTTPException codes that map onto our own classes; others keep werkzeug's status.
 _HTTP_EXCEPTION_MAP = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
-
 
 
 def from_http_exception(exc) -> ApiError:
@@ -51,7 +48,6 @@ def from_http_exception(exc) -> ApiError:
     return err
 
 
-
 #: How an ApiError is written on the wire, by protocol: our own API's envelope, and the one of
 #: TensorFlow Serving's REST API and of the Open Inference Protocol (KServe v2), which both
 #: answer ``{"error": "<message>"}``. The status and headers (Retry-After) are the same in all.
@@ -59,7 +55,6 @@ ENVELOPES = {
     "api": ApiError.to_dict,
     "message": lambda err: {"error": err.message},
 }
-
 
 
 def as_api_error(exc: BaseException) -> ApiError:
@@ -75,7 +70,6 @@ def as_api_error(exc: BaseException) -> ApiError:
     from flask import g
     log.exception("unhandled error in request %s", getattr(g, "request_id", "-"))
     return ApiError()
-
 
 
 def install_handler(target, envelope: str = "api") -> None:
@@ -96,9 +90,8 @@ def install_handler(target, envelope: str = "api") -> None:
     target.register_error_handler(Exception, handle)
 
 
-
 def init_app(app) -> None:
-    """Install the single error handler on a Flask app: every error leaves as the envelope
-    (a blueprint may answer its own routes in a protocol's envelope: ``install_handler``)."""
+    """Install the app-wide error handler: every error leaves as our API's envelope, except on
+    the routes of a blueprint that installs its own (the protocols': ``install_handler``)."""
     install_handler(app, "api")
 

@@ -1,6 +1,9 @@
-"""HTTP routes: parse the request, call a plain function, answer JSON. Nothing else lives here."""
+"""Our own HTTP API (DESIGN.md): parse the request, make one call of the DataPlane, answer
+JSON. ``blueprint(dataplane)`` builds the routes and the hooks every request passes around the
+DataPlane it is handed."""
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -12,7 +15,6 @@ from flask import (
     Blueprint,
     Request,
     Response,
-    current_app,
     g,
     jsonify,
     render_template,
@@ -25,9 +27,10 @@ from common.dataplane import DataPlane, digest_b64
 from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
 from common.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from common.versions.manager import Route
+from common.web.binding import Views
 
 log = logging.getLogger("classifier.access")
-bp = Blueprint("api", __name__)
+views = Views()
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 FEEDBACK_BODY_LIMIT = 16 * 1024  # a feedback body is a few short fields
@@ -40,10 +43,6 @@ class InMemoryUploadRequest(Request):
     def _get_file_stream(self, total_content_length, content_type, filename=None,
                          content_length=None):
         return io.BytesIO()
-
-
-def _service() -> DataPlane:
-    return DataPlane.of(current_app)
 
 
 def body_bytes(limit: int | None = None) -> bytes:
@@ -64,23 +63,28 @@ def body_bytes(limit: int | None = None) -> bytes:
     return data
 
 
-@bp.before_app_request
-def _start_request():
+def blueprint(dataplane: DataPlane) -> Blueprint:
+    """Our API's routes, and the hooks every request of the app passes, over ``dataplane``."""
+    bp = Blueprint("api", __name__)
+    bp.before_app_request(functools.partial(_start_request, dataplane))
+    bp.after_app_request(functools.partial(_finish_request, dataplane))
+    return views.bind(bp, dataplane)
+
+
+def _start_request(dataplane: DataPlane) -> None:
     g.started = time.perf_counter()
     incoming = request.headers.get("X-Request-ID", "")
     g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    _service().metrics.request_started()
+    dataplane.metrics.request_started()
 
 
-@bp.after_app_request
-def _finish_request(response):
+def _finish_request(dataplane: DataPlane, response: Response) -> Response:
     """One JSON log line and the metrics of every request (never any image content)."""
-    service = _service()
     seconds = time.perf_counter() - g.get("started", time.perf_counter())
     route = request.url_rule.rule if request.url_rule else "<unmatched>"
     model = g.get("model")
     response.headers["X-Request-ID"] = g.get("request_id", "-")
-    service.metrics.request_done(route, request.method, response.status_code, seconds)
+    dataplane.metrics.request_done(route, request.method, response.status_code, seconds)
     log.info("request", extra={
         "request_id": g.get("request_id", "-"), "method": request.method, "route": route,
         "path": request.path[:100], "status": response.status_code,
@@ -92,29 +96,31 @@ def _finish_request(response):
     return response
 
 
-@bp.post("/classify")
-@bp.post("/models/<name>/classify")
-@bp.post("/models/<name>/versions/<int:version>/classify")
-@bp.post("/models/<name>/labels/<label>/classify")
-def classify_upload(**route):
+@views.post("/classify")
+@views.post("/models/<name>/classify")
+@views.post("/models/<name>/versions/<int:version>/classify")
+@views.post("/models/<name>/labels/<label>/classify")
+def classify_upload(dataplane: DataPlane, **route):
     """Multipart field ``image`` (several ``image`` parts: one result per image), or the raw
     image as the body with an image/* Content-Type; the default model, or the model, version
     or label in the path. The body is read only once the DataPlane has admitted the request."""
     g.source = "upload"
     mimetype = request.mimetype or ""
-    service = _service()
     if mimetype == "multipart/form-data":
-        answer = service.classify_many(_multipart_images, request.args, started=g.started,
-                                       route=Route(**route))
+        read = _multipart_images
     elif mimetype.startswith("image/") or mimetype == "application/octet-stream":
-        answer = service.classify_upload(body_bytes, request.args,
-                                         started=g.started, route=Route(**route))
+        read = _body_image
     else:
         raise UnsupportedMediaType(
             f"send multipart/form-data with an 'image' field, or a raw image/* body "
             f"(got {mimetype or 'no Content-Type'})")
+    answer = dataplane.classify(read, request.args, Route(**route), g.started)
     g.model = answer["model"]
     return jsonify(answer)
+
+
+def _body_image() -> list[bytes]:
+    return [body_bytes()]
 
 
 def _multipart_images() -> list[bytes]:
@@ -124,23 +130,25 @@ def _multipart_images() -> list[bytes]:
     return [upload.read() for upload in uploads]
 
 
-@bp.get("/classify")
-@bp.get("/models/<name>/classify")
-@bp.get("/models/<name>/versions/<int:version>/classify")
-@bp.get("/models/<name>/labels/<label>/classify")
-def classify_url(**route):
-    """``?image_url=`` an http(s) URL that the service downloads under the rules in fetch.py."""
+@views.get("/classify")
+@views.get("/models/<name>/classify")
+@views.get("/models/<name>/versions/<int:version>/classify")
+@views.get("/models/<name>/labels/<label>/classify")
+def classify_url(dataplane: DataPlane, **route):
+    """``?image_url=`` an http(s) URL that the DataPlane's fetcher downloads under the rules in
+    fetch.py."""
     g.source = "url"
     url = request.args.get("image_url")
     if url is None:
         raise InvalidParameter("give image_url=..., or POST the image as the field 'image'")
-    answer = _service().classify_url(url, request.args, started=g.started, route=Route(**route))
+    answer = dataplane.classify(lambda: [dataplane.fetcher.fetch(url)], request.args,
+                                Route(**route), g.started)
     g.model = answer["model"]
     return jsonify(answer)
 
 
-@bp.post("/feedback")
-def feedback():
+@views.post("/feedback")
+def feedback(dataplane: DataPlane):
     """The right label for an answer: a JSON object or a form with ``filename`` (from the
     classify answer) and ``label``, optionally ``model``, ``version``, ``predicted``, ``score``.
     201 when kept, 200 when this image already had this label.
@@ -148,7 +156,7 @@ def feedback():
     At most ``FEEDBACK_BODY_LIMIT`` bytes of the body are taken, whatever its transfer
     encoding (413 past them: :func:`body_bytes`), read like every body in one of the
     DataPlane's ``BODIES_IN_FLIGHT`` slots."""
-    answer, created = _service().record_feedback(_feedback_fields)
+    answer, created = dataplane.record_feedback(_feedback_fields)
     g.model = answer["model"]
     return jsonify(answer), 201 if created else 200
 
@@ -166,63 +174,61 @@ def _feedback_fields() -> dict:
     return fields
 
 
-@bp.get("/models")
-def models():
+@views.get("/models")
+def models(dataplane: DataPlane):
     """Every model: versions with their state and error, labels, version policy."""
-    return jsonify(_service().models())
+    return jsonify(dataplane.models())
 
 
-@bp.get("/healthz")
-def healthz():
+@views.get("/healthz")
+def healthz(dataplane: DataPlane):
     return jsonify({"status": "ok"})
 
 
-@bp.get("/readyz")
-def readyz():
-    return jsonify(_service().readiness())
+@views.get("/readyz")
+def readyz(dataplane: DataPlane):
+    return jsonify(dataplane.readiness())
 
 
-@bp.get("/metrics")
-def metrics():
+@views.get("/metrics")
+def metrics(dataplane: DataPlane):
     """Prometheus text format; under gunicorn the sum over all workers."""
-    service = _service()
-    return Response(service.metrics.render(), mimetype=None,
-                    content_type=service.metrics.content_type)
+    return Response(dataplane.metrics.render(), mimetype=None,
+                    content_type=dataplane.metrics.content_type)
 
 
-@bp.get("/openapi.json")
-def openapi():
+@views.get("/openapi.json")
+def openapi(dataplane: DataPlane):
     """The OpenAPI 3 document of this API (common/openapi.json)."""
     return send_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "openapi.json"),
                      mimetype="application/json", max_age=300)
 
 
-@bp.get("/model")
-def model_info():
+@views.get("/model")
+def model_info(dataplane: DataPlane):
     """The loaded model: name, version, labels, metrics and its evaluation summary if any."""
-    return jsonify(_service().model_summary())
+    return jsonify(dataplane.model_summary())
 
 
-@bp.get("/model/confusion_matrix.png")
-def confusion_matrix():
-    return send_file(_service().model_file(CONFUSION_MATRIX),
+@views.get("/model/confusion_matrix.png")
+def confusion_matrix(dataplane: DataPlane):
+    return send_file(dataplane.model_file(CONFUSION_MATRIX),
                      mimetype=PUBLIC_FILES[CONFUSION_MATRIX], max_age=300)
 
 
-@bp.get("/model/model.onnx")
-def model_onnx():
+@views.get("/model/model.onnx")
+def model_onnx(dataplane: DataPlane):
     """The verified model.onnx for onnxruntime-web (the page's in-browser mode): cached, with
     its SHA-256 as ETag and Repr-Digest (the page checks it as Subresource Integrity)."""
-    path, sha256 = _service().onnx_file()
+    path, sha256 = dataplane.onnx_file()
     response = send_file(path, mimetype=PUBLIC_FILES[ONNX], max_age=86400, etag=sha256)
     response.headers["Repr-Digest"] = f"sha-256=:{digest_b64(sha256)}:"
     return response
 
 
-@bp.get("/")
-def index():
-    service = _service()
-    return render_template("index.html", model=service.model.describe(),
-                           feedback=service.feedback.enabled,
-                           max_upload_mb=service.config.max_upload_mb,
+@views.get("/")
+def index(dataplane: DataPlane):
+    return render_template("index.html", model=dataplane.model.describe(),
+                           feedback=dataplane.feedback.enabled,
+                           max_upload_mb=dataplane.config.max_upload_mb,
                            error_messages=errors.catalogue())

@@ -54,11 +54,10 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 INTEGRITY_SUFFIXES = (".js", ".mjs", ".css")
 
 
-
-
 def init_app(app: Flask, config: Config) -> None:
     """Install the hooks. Call it after the blueprints are registered: its checks then run
-    after the views' own request hook, so a refused request is still counted and logged."""
+    after the routes' request hook (``routes._start_request``), so a refused request is still
+    counted and logged."""
     app.url_map.merge_slashes = False  # its 308 would name the client's Host
     hosts = HostAllowlist(config.allowed_hosts, loopback_only=is_loopback(config.host))
     scripts = static_integrity(app.static_folder)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from flask import current_app, g
+from flask import g
 
 from common.dataplane import DataPlane
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
@@ -19,10 +19,6 @@ from common.versions.manager import Route
 from common.web.routes import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
-
-
-def service() -> DataPlane:
-    return DataPlane.of(current_app)
 
 
 def route(name: str, version: str | None = None, label: str | None = None) -> Route:
@@ -79,11 +75,11 @@ class Limits:
         return self.max_images * 2 * _PER_IMAGE + _SLACK
 
 
-def limits_for(target: Route) -> Limits:
+def limits_for(dataplane: DataPlane, target: Route) -> Limits:
     """The limits of a request to ``target``: the settings, and the model's input size."""
-    config = service().config
+    config = dataplane.config
     return Limits(config.max_images_per_request,
-                  tuple(service().manager.find(target).classifier.input_size),
+                  tuple(dataplane.manager.find(target).classifier.input_size),
                   config.max_upload_bytes)
 
 
@@ -168,11 +164,11 @@ def float_tensor(data, what: str) -> np.ndarray:
 
 
 def note(classifier, source: str) -> None:
-    """What the access log line says about this request (views._finish_request)."""
+    """What the access log line says about this request (``routes._finish_request``)."""
     g.model = classifier.describe()
     g.source = source
 
 
-__all__ = ["service", "route", "Limits", "limits_for", "check_image_count",
+__all__ = ["route", "Limits", "limits_for", "check_image_count",
            "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note",
            "body_bytes", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]

@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2) REST API, with Triton's binary tensor data and
-classification extensions, over the DataPlane.
+classification extensions, over the DataPlane that ``blueprint(dataplane)`` is handed.
 
 * ``GET /v2/health/live`` ``{"live": true}``; ``GET /v2/health/ready`` ``{"ready": bool}``
   (every model has a ready version; 503 otherwise); ``GET /v2`` the server's metadata.
@@ -32,8 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
+from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, TooManyImages
 from common.web import error_handlers
+from common.web.binding import Views
 from common.web.protocols.base import (
     MAX_OUTPUTS,
     MAX_RANK,
@@ -45,11 +47,7 @@ from common.web.protocols.base import (
     note,
     read_json,
     route,
-    service,
 )
-
-bp = Blueprint("kserve", __name__, url_prefix="/v2")
-error_handlers.install_handler(bp, "message")
 
 SERVER_NAME = "image-classifier"
 SERVER_VERSION = "2"
@@ -58,32 +56,41 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 INPUT, OUTPUT = "images", "probabilities"
 PLATFORM = "tensorflow_savedmodel"
 
+views = Views()
+
+
+def blueprint(dataplane: DataPlane) -> Blueprint:
+    """The ``/v2`` routes over ``dataplane``, answering errors in the protocol's shape."""
+    bp = Blueprint("kserve", __name__, url_prefix="/v2")
+    error_handlers.install_handler(bp, "message")
+    return views.bind(bp, dataplane)
+
 
 # -- health and metadata ---------------------------------------------------------------------
-@bp.get("/health/live")
-def live():
+@views.get("/health/live")
+def live(dataplane: DataPlane):
     return jsonify({"live": True})
 
 
-@bp.get("/health/ready")
-def ready():
+@views.get("/health/ready")
+def ready(dataplane: DataPlane):
     """Ready when every model has a version that is ready (503 otherwise, for probes)."""
-    models = service().manager.status()
+    models = dataplane.manager.status()
     ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
     return jsonify({"ready": ok}), 200 if ok else 503
 
 
-@bp.get("")
-def server_metadata():
+@views.get("")
+def server_metadata(dataplane: DataPlane):
     return jsonify({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
 
 
-@bp.get("/models/<name>")
-@bp.get("/models/<name>/versions/<version>")
-def model_metadata(name, version=None):
-    served = service().manager.find(route(name, version))
+@views.get("/models/<name>")
+@views.get("/models/<name>/versions/<version>")
+def model_metadata(dataplane: DataPlane, name, version=None):
+    served = dataplane.manager.find(route(name, version))
     clf = served.classifier  # 503 while it is not ready
-    versions = [str(v["version"]) for v in service().manager.status(name)[0]["versions"]
+    versions = [str(v["version"]) for v in dataplane.manager.status(name)[0]["versions"]
                 if v["state"] == "ready"]
     h, w = clf.input_size
     return jsonify({"name": name, "versions": versions, "platform": PLATFORM,
@@ -92,29 +99,30 @@ def model_metadata(name, version=None):
                                  "shape": [-1, len(clf.labels)]}]})
 
 
-@bp.get("/models/<name>/ready")
-@bp.get("/models/<name>/versions/<version>/ready")
-def model_ready(name, version=None):
+@views.get("/models/<name>/ready")
+@views.get("/models/<name>/versions/<version>/ready")
+def model_ready(dataplane: DataPlane, name, version=None):
     """``{"name", "ready"}``: 200 when ready, 503 while loading or failed (404 unknown)."""
-    ok = service().manager.find(route(name, version)).health().ready
+    ok = dataplane.manager.find(route(name, version)).health().ready
     return jsonify({"name": name, "ready": ok}), 200 if ok else 503
 
 
 # -- inference -------------------------------------------------------------------------------
-@bp.post("/models/<name>/infer")
-@bp.post("/models/<name>/versions/<version>/infer")
-def infer(name, version=None):
+@views.post("/models/<name>/infer")
+@views.post("/models/<name>/versions/<version>/infer")
+def model_infer(dataplane: DataPlane, name, version=None):
+    """One input of images -> the ``probabilities`` output, as scores or classes, in JSON or
+    binary. The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version)
-    parsed = {}
+    done = dataplane.infer(lambda: parse_infer(body_bytes(), request.headers.get(HEADER_LENGTH),
+                                               limits_for(dataplane, target)), target)
+    note(done.classifier, "kserve")
+    return _response(name, done)
 
-    def inputs():
-        parsed["request"] = parse_infer(body_bytes(), request.headers.get(HEADER_LENGTH),
-                                        limits_for(target))
-        return parsed["request"].inputs
 
-    classifier, scores = service().infer(inputs, target)
-    asked = parsed["request"]
-    note(classifier, "kserve")
+def _response(name: str, done: Inference) -> Response:
+    """The answer to an ``infer`` request: JSON, or JSON then the binary outputs."""
+    asked, classifier, scores = done.request, done.classifier, done.scores
     answer = {"model_name": name, "model_version": str(classifier.version)}
     if asked.id is not None:
         answer["id"] = asked.id
@@ -135,11 +143,10 @@ def infer(name, version=None):
 
 
 @dataclass(frozen=True)
-class InferRequest:
-    """A parsed ``infer`` body: its one input (float32 ``[N, h, w, 3]`` or encoded images), the
-    outputs asked for (see :func:`_outputs`) and the request's ``id``."""
+class InferRequest(Images):
+    """A parsed ``infer`` body: its one input (``inputs``: float32 ``[N, h, w, 3]`` or encoded
+    images), the outputs asked for (see :func:`_outputs`) and the request's ``id``."""
 
-    inputs: np.ndarray | list[bytes]
     outputs: list[dict]
     id: str | None = None
 

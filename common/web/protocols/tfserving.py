@@ -1,4 +1,5 @@
-"""TensorFlow Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``), over the DataPlane.
+"""TensorFlow Serving's REST API (``tensorflow_serving/g3doc/api_rest.md``), over the DataPlane
+that ``blueprint(dataplane)`` is handed.
 
 Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model name:
 
@@ -23,13 +24,16 @@ Errors are TF Serving's ``{"error": "message"}`` with our statuses (400, 404, 41
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+
 from flask import Blueprint, jsonify
 from werkzeug.routing import BaseConverter
 
+from common.dataplane import DataPlane, Images
 from common.errors import InvalidParameter, ModelNotFound
 from common.versions.served import State
 from common.web import error_handlers
+from common.web.binding import Views
 from common.web.protocols.base import (
     MAX_FEATURES,
     Limits,
@@ -42,11 +46,7 @@ from common.web.protocols.base import (
     note,
     read_json,
     route,
-    service,
 )
-
-bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
-error_handlers.install_handler(bp, "message")
 
 
 class Segment(BaseConverter):
@@ -56,8 +56,6 @@ class Segment(BaseConverter):
 
     regex = "[^/:]+"
 
-
-bp.record_once(lambda state: state.app.url_map.converters.setdefault("segment", Segment))
 
 SIGNATURE = "serving_default"
 INPUT, OUTPUT = "images", "probabilities"
@@ -70,13 +68,24 @@ _STATES = {State.LOADING: ("LOADING", "OK"), State.READY: ("AVAILABLE", "OK"),
            State.STOPPED: ("END", "OK")}
 
 
+views = Views()
+
+
+def blueprint(dataplane: DataPlane) -> Blueprint:
+    """The ``/v1/models`` routes over ``dataplane``, answering errors in TF Serving's shape."""
+    bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
+    error_handlers.install_handler(bp, "message")
+    bp.record_once(lambda state: state.app.url_map.converters.setdefault("segment", Segment))
+    return views.bind(bp, dataplane)
+
+
 # -- status and metadata ---------------------------------------------------------------------
-@bp.get("/<segment:name>")
-@bp.get("/<segment:name>/versions/<segment:version>")
-@bp.get("/<segment:name>/labels/<segment:label>")
-def model_status(name, version=None, label=None):
+@views.get("/<segment:name>")
+@views.get("/<segment:name>/versions/<segment:version>")
+@views.get("/<segment:name>/labels/<segment:label>")
+def model_status(dataplane: DataPlane, name, version=None, label=None):
     """GetModelStatusResponse: every version (or the one asked for), its state and error."""
-    model = service().manager.status(name)[0]
+    model = dataplane.manager.status(name)[0]
     versions = model["versions"]
     if label is not None:
         if label not in model["labels"]:
@@ -93,12 +102,12 @@ def model_status(name, version=None, label=None):
                     "error_message": v["error"] or ""}} for v in versions]})
 
 
-@bp.get("/<segment:name>/metadata")
-@bp.get("/<segment:name>/versions/<segment:version>/metadata")
-@bp.get("/<segment:name>/labels/<segment:label>/metadata")
-def model_metadata(name, version=None, label=None):
+@views.get("/<segment:name>/metadata")
+@views.get("/<segment:name>/versions/<segment:version>/metadata")
+@views.get("/<segment:name>/labels/<segment:label>/metadata")
+def model_metadata(dataplane: DataPlane, name, version=None, label=None):
     """GetModelMetadataResponse: the model spec and its serving signature."""
-    served = service().manager.find(route(name, version, label))
+    served = dataplane.manager.find(route(name, version, label))
     clf = served.classifier  # 503 while it is not ready
     h, w = clf.input_size
     return jsonify({
@@ -119,41 +128,43 @@ def _tensor_info(shape: list[int], tensor: str) -> dict:
 
 
 # -- predict and classify --------------------------------------------------------------------
-@bp.post("/<segment:name>:predict")
-@bp.post("/<segment:name>/versions/<segment:version>:predict")
-@bp.post("/<segment:name>/labels/<segment:label>:predict")
-def predict(name, version=None, label=None):
+@views.post("/<segment:name>:predict")
+@views.post("/<segment:name>/versions/<segment:version>:predict")
+@views.post("/<segment:name>/labels/<segment:label>:predict")
+def model_predict(dataplane: DataPlane, name, version=None, label=None):
     """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output.
     The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version, label)
-    parsed = {}
-
-    def inputs():
-        parsed["key"], rows = parse_predict(body_bytes(), limits_for(target))
-        return rows
-
-    classifier, scores = service().infer(inputs, target)
-    note(classifier, "tfserving")
-    return jsonify({parsed["key"]: scores.tolist()})
+    done = dataplane.infer(lambda: parse_predict(body_bytes(), limits_for(dataplane, target)),
+                           target)
+    note(done.classifier, "tfserving")
+    return jsonify({done.request.key: done.scores.tolist()})
 
 
-@bp.post("/<segment:name>:classify")
-@bp.post("/<segment:name>/versions/<segment:version>:classify")
-@bp.post("/<segment:name>/labels/<segment:label>:classify")
-def classify(name, version=None, label=None):
+@views.post("/<segment:name>:classify")
+@views.post("/<segment:name>/versions/<segment:version>:classify")
+@views.post("/<segment:name>/labels/<segment:label>:classify")
+def model_classify(dataplane: DataPlane, name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
     target = route(name, version, label)
-    classifier, scores = service().infer(
-        lambda: parse_classify(body_bytes(), limits_for(target)), target)
-    note(classifier, "tfserving")
-    return jsonify({"results": [[[p.label, p.score] for p in classifier.rank(row)]
-                                for row in scores]})
+    done = dataplane.infer(lambda: parse_classify(body_bytes(), limits_for(dataplane, target)),
+                           target)
+    note(done.classifier, "tfserving")
+    return jsonify({"results": [[[p.label, p.score] for p in done.classifier.rank(row)]
+                                for row in done.scores]})
 
 
-def parse_predict(raw: bytes, limits: Limits) -> tuple[str, list[bytes] | np.ndarray]:
-    """A ``:predict`` body -> (the answer's key, ``predictions`` or ``outputs``; the encoded
-    images or the float tensor), or 400/413. The rows are counted against ``limits`` before
-    anything is built per row."""
+@dataclass(frozen=True)
+class PredictRequest(Images):
+    """A parsed ``:predict`` body: its images, and the answer's key (``predictions`` for a row
+    request, ``outputs`` for a columnar one)."""
+
+    key: str
+
+
+def parse_predict(raw: bytes, limits: Limits) -> PredictRequest:
+    """A ``:predict`` body -> its encoded images or float tensor and the answer's key, or
+    400/413. The rows are counted against ``limits`` before anything is built per row."""
     body = read_json(raw, limits)
     _check_signature(body)
     if "instances" in body and "inputs" in body:
@@ -164,18 +175,18 @@ def parse_predict(raw: bytes, limits: Limits) -> tuple[str, list[bytes] | np.nda
             raise InvalidParameter("'instances' must be a non-empty list")
         check_image_count(len(rows), limits, "instances")
         rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
-        return "predictions", _rows(rows, "predictions", limits)
+        return PredictRequest(_rows(rows, "predictions", limits), "predictions")
     if "inputs" in body:
         rows = _unname(body["inputs"], "inputs")
         rows = [rows] if is_b64(rows) else rows
         if not isinstance(rows, list) or not rows:
             raise InvalidParameter("'inputs' must be a non-empty list, or one {\"b64\": ...}")
         check_image_count(len(rows), limits, "inputs")
-        return "outputs", _rows(rows, "outputs", limits)
+        return PredictRequest(_rows(rows, "outputs", limits), "outputs")
     raise InvalidParameter("Missing 'inputs' or 'instances' key")
 
 
-def parse_classify(raw: bytes, limits: Limits) -> list[bytes]:
+def parse_classify(raw: bytes, limits: Limits) -> Images:
     """A ``:classify`` body -> the encoded image of each example, or 400/413. The examples are
     counted, and the features of ``context`` and of each example bounded (``MAX_FEATURES``),
     before any example is looked at: the work grows with the examples, never with
@@ -187,7 +198,8 @@ def parse_classify(raw: bytes, limits: Limits) -> list[bytes]:
         raise InvalidParameter("'examples' must be a non-empty list of objects")
     check_image_count(len(examples), limits, "examples")
     _check_features(context, "'context'")
-    return [_example_image(example, context, i, limits) for i, example in enumerate(examples)]
+    return Images([_example_image(example, context, i, limits)
+                   for i, example in enumerate(examples)])
 
 
 def _check_signature(body: dict, *also: str) -> None:
