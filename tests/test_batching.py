@@ -1,4 +1,4 @@
-"""common/batching.py: batches form under concurrency, results go to the right caller, the queue
+"""common/inference/batcher.py: batches form under concurrency, results go to the right caller, the queue
 sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left behind."""
 import threading
 import time
@@ -171,22 +171,92 @@ def test_max_wait_gathers_a_bigger_batch():
     assert max(batcher.stats.sizes) >= 2
 
 
+class GatedModel:
+    """A 'model' whose calls each wait for the test's go-ahead (scores: the image's mean value).
+
+    ``calls`` holds the size of each batch it was given; :meth:`entered` waits until call
+    ``n`` has begun, :meth:`finish` lets calls up to ``n`` return.
+    """
+
+    def __init__(self):
+        self.calls: list[int] = []
+        self._allowed = 0
+        self._cond = threading.Condition()
+
+    def __call__(self, x):
+        with self._cond:
+            self.calls.append(len(x))
+            number = len(self.calls)
+            self._cond.notify_all()
+            assert self._cond.wait_for(lambda: self._allowed >= number, 30), "never let go"
+        return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
+
+    def entered(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= n, 30), f"no call {n}"
+
+    def finish(self, n: int) -> None:
+        with self._cond:
+            self._allowed = n
+            self._cond.notify_all()
+
+
+def wait_queued(batcher: Batcher, images: int) -> None:
+    """Block until ``images`` submitted images wait in the batcher's queue for the model thread.
+
+    Admission alone does not put an image there (a request admitted is still decoding); its
+    ``submit`` does. Waits on the queue's own condition, which every put notifies; call it only
+    while the model thread is inside a model call, so that no other thread waits on it.
+    """
+    jobs = batcher._queue
+    with jobs.not_empty:
+        assert jobs.not_empty.wait_for(lambda: jobs._qsize() >= images, 30), (
+            f"{jobs._qsize()} of {images} images queued")
+
+
 def test_clients_coming_straight_back_find_room():
-    """Clients that resubmit at once are not shed while the queue holds all but one of them (the
-    model thread takes the next batch off the queue before it answers the last one, so answered
-    clients that come straight back find room)."""
-    batcher = Batcher(Recorder(delay=0.02), max_batch_size=2, max_queue=3)
+    """Answered clients that resubmit at once find room although the queue, while the batch ran,
+    had no room for them: the model thread takes the next batch off the queue before it answers
+    the last one.
+
+    Four clients loop over one image each; batches of two, room for three. The test holds each
+    model call until every client not in it has submitted (so the queue is as full as these
+    clients can make it), checks that two more images would be refused at that moment, and
+    lets the call end; the two clients answered come straight back. No request may be shed.
+    """
+    model = GatedModel()
+    batcher = Batcher(model, max_batch_size=2, max_queue=3)
+    clients, calls = 4, 12
+    stop = threading.Event()
 
     def client(i):
-        for _ in range(15):
-            run(batcher, image(i / 10))
+        while not stop.is_set():
+            assert run(batcher, image(i / 10))[0] == pytest.approx(i / 10)
 
+    pool = ThreadPoolExecutor(clients)
     try:
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(client, range(4)))  # raises Overloaded if any request was shed
+        running = [pool.submit(client, 0)]
+        model.entered(1)  # the first client's image alone: the others start behind it
+        running += [pool.submit(client, i) for i in range(1, clients)]
+        for n in range(1, calls + 1):
+            model.entered(n)
+            wait_queued(batcher, clients - model.calls[n - 1])
+            if n > 1:  # a full batch ran; its two clients will not fit beside the two queued
+                with pytest.raises(Overloaded):
+                    batcher.check_room(2)
+            if n == calls:
+                stop.set()
+            model.finish(n)
+        model.finish(10 ** 6)
+        for future in running:
+            future.result(30)  # raises Overloaded if a client coming back was shed
     finally:
+        stop.set()
+        model.finish(10 ** 6)
         batcher.close()
-    assert batcher.stats.shed == 0 and batcher.stats.images == 60
+        pool.shutdown()
+    assert model.calls[:calls] == [1] + [2] * (calls - 1)
+    assert batcher.stats.shed == calls - 1  # the check_room probes, no request
 
 
 def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100) -> Batcher:
