@@ -1,5 +1,6 @@
-"""common/inference/batcher.py: batches form under concurrency, results go to the right caller, the queue
-sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left behind."""
+"""common/inference/batcher.py: batches form under concurrency, results go to the right caller,
+the queue sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left
+behind."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
