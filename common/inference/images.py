@@ -124,10 +124,10 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if nbytes >= TRIM_BYTES:  # returned to the system before the room is given back
+                release_free_memory()
             with self._lock:
                 self.used -= nbytes
-            if nbytes >= TRIM_BYTES:
-                release_free_memory()
 
 
 @dataclass(frozen=True)
