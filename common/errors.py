@@ -205,7 +205,7 @@ class ModelFailed(ServiceUnavailable):
     plain = "The model failed on this image. Try again, or try another image."
 
 
-# Errors gunicorn answers before the app sees a request (common/gunicorn_worker.py).
+# Errors gunicorn answers before the app sees a request (common/web/gunicorn_worker.py).
 class UriTooLong(ApiError):
     status, code, message = 414, "uri_too_long", "the request line (URL) is too long"
     plain = "That address is too long."

@@ -2,8 +2,9 @@
 
 A stored file is named ``<first 16 hex of sha256(bytes)>.<ext>`` where ``ext`` comes from the
 format Pillow detected, so the client's file name never becomes a path, two clients sending the
-same name never collide, and the same bytes are stored once (a second save of the same bytes only touches the file). Writes go to
-a hidden temporary file in the same folder and are renamed into place.
+same name never collide, and the same bytes are stored once (a second save of the same bytes
+only touches the file). Writes go to a hidden temporary file in the same folder and are renamed
+into place.
 
 The folder is kept within its file-count and byte caps, oldest first. Scanning it costs a stat
 per file, so a save does not scan every time: each scan leaves a room (the caps less what the

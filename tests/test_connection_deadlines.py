@@ -1,4 +1,4 @@
-"""Slow clients cannot starve others (common/gunicorn_worker.py): request heads are read in the
+"""Slow clients cannot starve others (common/web/gunicorn_worker.py): request heads are read in the
 worker's main loop and must be complete within HEADER_TIMEOUT, answers left unread are dropped
 after SEND_TIMEOUT (at most half the threads wait on such clients), and closing connections
 never wait on the client. Real one-worker servers, raw sockets."""

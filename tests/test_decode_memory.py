@@ -66,7 +66,8 @@ def test_one_request_peaks_under_twice_the_largest_rgb_image(server, bombs, kind
     assert response.status_code in (200, 413), response.text
     if response.status_code == 413:
         assert_envelope(response, 413, "image_too_large")
-    assert rise <= 2 * RGB_MB, f"{kind} ({len(bombs[kind])} bytes) raised the peak by {rise:.0f} MiB"
+    assert rise <= 2 * RGB_MB, (
+        f"{kind} ({len(bombs[kind])} bytes) raised the peak by {rise:.0f} MiB")
 
 
 def test_a_webp_bomb_is_refused_from_its_header(server, bombs):

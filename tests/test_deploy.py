@@ -4,7 +4,7 @@ compose setup and the pod's proxy run for real.
 The manifest tests need no cluster (there is none here): every manifest (and the ConfigMap the
 kustomization generates) is validated with ``kubernetes-validate --strict`` against the newest
 Kubernetes it knows, and its probe addresses, ports, environment variables, user and timings
-are read back and compared with what the code really has (the routes of ``common/views.py``,
+are read back and compared with what the code really has (the routes of ``common/web/routes.py``,
 ``common/config.py``, the Dockerfile and gunicorn.conf.py), so the manifests cannot drift from
 the service. The two nginx configurations (compose's and the pod's) are read the same way.
 
