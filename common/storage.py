@@ -63,17 +63,6 @@ class ImageStore:
         """Whether ``name`` is a name this store gives (``<16 hex>.<ext>``), never a path."""
         return isinstance(name, str) and _NAME.fullmatch(name) is not None
 
-    def path_of(self, name: str) -> str | None:
-        """The path of the stored image ``name``, or None when it is not one of our names or
-        is not (or no longer) stored as a regular file (a symlink in the folder is not ours)."""
-        if not self.is_name(name):
-            return None
-        path = os.path.join(self.root, name)
-        try:
-            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
-        except FileNotFoundError:
-            return None
-
     @contextlib.contextmanager
     def open(self, name: str):
         """The stored image ``name`` opened for reading, or None (not one of our names, not
