@@ -29,6 +29,31 @@ class Recorder:
         return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
 
 
+class Hooks:
+    """The batcher's metrics hooks (the interface of ``common.metrics.VersionMetrics``),
+    recorded: what /metrics would show of it."""
+
+    def __init__(self):
+        self.queue_depth = 0  # admitted images whose batch has not started
+        self.sizes: list[int] = []  # each batch's real size
+        self.rejected: list[str] = []  # "overloaded" | "model_timeout"
+        self._lock = threading.Lock()
+
+    def queue_changed(self, delta: int) -> None:
+        with self._lock:
+            self.queue_depth += delta
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self.sizes.append(size)
+
+    def rejected_request(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    @property
+    def shed(self) -> int:
+        return self.rejected.count("overloaded")
+
+
 def run(batcher: Batcher, array: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """Admit one image and wait for its scores, as the data plane does."""
     with batcher.admit(1) as ticket:
@@ -42,19 +67,19 @@ def test_bucket_sizes():
 
 
 def test_lone_request_runs_at_once_in_a_batch_of_one():
-    model = Recorder()
-    batcher = Batcher(model, max_batch_size=8)
+    model, hooks = Recorder(), Hooks()
+    batcher = Batcher(model, max_batch_size=8, metrics=hooks)
     try:
         for v in (0.1, 0.2, 0.3):
             assert run(batcher, image(v))[0] == pytest.approx(v)
-        assert model.shapes == [1, 1, 1] and batcher.stats.sizes == {1: 3}
+        assert model.shapes == [1, 1, 1] and hooks.sizes == [1, 1, 1]
     finally:
         batcher.close()
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_answer():
-    model = Recorder(delay=0.05)
-    batcher = Batcher(model, max_batch_size=8, max_queue=64)
+    model, hooks = Recorder(delay=0.05), Hooks()
+    batcher = Batcher(model, max_batch_size=8, max_queue=64, metrics=hooks)
     values = [i / 100 for i in range(40)]
     try:
         with ThreadPoolExecutor(40) as pool:
@@ -62,9 +87,9 @@ def test_concurrent_requests_share_batches_and_get_their_own_answer():
     finally:
         batcher.close()
     assert results == pytest.approx(values)
-    assert max(batcher.stats.sizes) > 1  # batches formed
+    assert max(hooks.sizes) > 1  # batches formed
     assert set(model.shapes) <= set(bucket_sizes(8))  # always a padded, warmed-up size
-    assert batcher.stats.images == 40
+    assert sum(hooks.sizes) == 40
 
 
 def test_full_queue_sheds_at_once():
@@ -80,17 +105,18 @@ def test_full_queue_sheds_at_once():
         gate.wait(30)
         return np.zeros((len(x), 1))
 
-    batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60)
+    hooks = Hooks()
+    batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60, metrics=hooks)
     pool = ThreadPoolExecutor(4)
     try:
         running = [pool.submit(run, batcher, image(0))]
         assert entered.wait(10)  # the first is in the model now; two more fill the queue
         running += [pool.submit(run, batcher, image(0)) for _ in range(2)]
         for _ in range(200):
-            if batcher.queue_depth == 2:
+            if hooks.queue_depth == 2:
                 break
             threading.Event().wait(0.05)
-        assert batcher.queue_depth == 2
+        assert hooks.queue_depth == 2
         outcome = []
         refused = threading.Thread(target=lambda: outcome.append(
             pytest.raises(Overloaded, run, batcher, image(0)).value))
@@ -98,7 +124,7 @@ def test_full_queue_sheds_at_once():
         refused.join(10)
         assert not refused.is_alive() and outcome, "the refused request waited"
         assert outcome[0].headers["Retry-After"] and outcome[0].status == 503
-        assert calls == [1] and batcher.stats.shed == 1
+        assert calls == [1] and hooks.shed == 1
         gate.set()
         assert all(f.result(5).shape == (1,) for f in running)
         assert calls == [1, 1, 1]
@@ -162,14 +188,14 @@ def test_close_drains_the_queue_and_ends_the_thread():
 
 
 def test_max_wait_gathers_a_bigger_batch():
-    model = Recorder()
-    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200)
+    model, hooks = Recorder(), Hooks()
+    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200, metrics=hooks)
     try:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda v: run(batcher, image(v)), [0.1, 0.2, 0.3, 0.4]))
     finally:
         batcher.close()
-    assert max(batcher.stats.sizes) >= 2
+    assert max(hooks.sizes) >= 2
 
 
 class GatedModel:
@@ -225,8 +251,8 @@ def test_clients_coming_straight_back_find_room():
     clients can make it), checks that two more images would be refused at that moment, and
     lets the call end; the two clients answered come straight back. No request may be shed.
     """
-    model = GatedModel()
-    batcher = Batcher(model, max_batch_size=2, max_queue=3)
+    model, hooks = GatedModel(), Hooks()
+    batcher = Batcher(model, max_batch_size=2, max_queue=3, metrics=hooks)
     clients, calls = 4, 12
     stop = threading.Event()
 
@@ -257,13 +283,14 @@ def test_clients_coming_straight_back_find_room():
         batcher.close()
         pool.shutdown()
     assert model.calls[:calls] == [1] + [2] * (calls - 1)
-    assert batcher.stats.shed == calls - 1  # the check_room probes, no request
+    assert hooks.shed == calls - 1  # the check_room probes, no request
 
 
-def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100) -> Batcher:
+def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100,
+                 metrics: Hooks | None = None) -> Batcher:
     """A batcher whose batches are known to take ``seconds_per_batch`` (max size 2)."""
     return Batcher(Recorder(), max_batch_size=2, max_queue=max_queue, max_wait_ms=budget_ms,
-                   batch_seconds={1: seconds_per_batch, 2: seconds_per_batch})
+                   batch_seconds={1: seconds_per_batch, 2: seconds_per_batch}, metrics=metrics)
 
 
 def admitted(batcher: Batcher, limit: int = 1000) -> list:
@@ -285,12 +312,13 @@ def admitted(batcher: Batcher, limit: int = 1000) -> list:
     (0.01, 300, 20, "1"),  # a fast model: 60 would fit the budget, the hard cap of 20 holds
 ])
 def test_admission_honours_the_budget(seconds, budget_ms, expected_admitted, retry_after):
-    batcher = idle_batcher(seconds, budget_ms, max_queue=20)
+    hooks = Hooks()
+    batcher = idle_batcher(seconds, budget_ms, max_queue=20, metrics=hooks)
     try:
         *tickets, refused = admitted(batcher)
         assert len(tickets) == expected_admitted and isinstance(refused, Overloaded)
         assert refused.status == 503 and refused.headers["Retry-After"] == retry_after
-        assert batcher.queue_depth == expected_admitted and batcher.stats.shed == 1
+        assert hooks.queue_depth == expected_admitted and hooks.shed == 1
         tickets[0].release()  # room given back is room for the next request
         assert batcher.admit(1).left == 1
     finally:
@@ -298,13 +326,14 @@ def test_admission_honours_the_budget(seconds, budget_ms, expected_admitted, ret
 
 
 def test_a_ticket_gives_back_unused_room_and_answers_what_it_used():
-    batcher = idle_batcher(0.01, 300)
+    hooks = Hooks()
+    batcher = idle_batcher(0.01, 300, metrics=hooks)
     try:
         with batcher.admit(3) as ticket:
-            assert batcher.queue_depth == 3
+            assert hooks.queue_depth == 3
             assert ticket.submit(image(0.25))[0] == pytest.approx(0.25)
-            assert batcher.queue_depth == 2  # one went to the model
-        assert batcher.queue_depth == 0
+            assert hooks.queue_depth == 2  # one went to the model
+        assert hooks.queue_depth == 0
     finally:
         batcher.close()
 
