@@ -1,13 +1,14 @@
-"""One error hierarchy for the whole service, and the one handler that renders it.
+"""One error hierarchy for the whole service. No web framework here.
 
 Every error a client can cause is an ``ApiError`` subclass that carries its HTTP status and a
 stable machine-readable ``code``; the engine modules raise them without knowing about HTTP
-frameworks. ``init_app`` installs the only error handler, which renders the envelope
+frameworks. Each error knows its envelope
 
     {"error": {"code": "...", "message": "...", "status": 415}}
 
-for ApiErrors, for werkzeug's own HTTP errors (404, 405, 413 ...) and, without details, for
-anything unexpected (logged with the request id, answered 500).
+(``to_dict``, ``body``); ``common.web.error_handlers`` renders it as an HTTP response, maps
+werkzeug's own HTTP errors (404, 405, 413 ...) onto this hierarchy and answers anything
+unexpected with 500. ``catalogue()`` gives every code's words for a person (the web page).
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ class ModelFailed(ServiceUnavailable):
     plain = "The model failed on this image. Try again, or try another image."
 
 
-# Errors gunicorn answers before the app sees a request (common/gunicorn_worker.py).
+# Errors gunicorn answers before the app sees a request (common/web/gunicorn_worker.py).
 class UriTooLong(ApiError):
     status, code, message = 414, "uri_too_long", "the request line (URL) is too long"
     plain = "That address is too long."

@@ -7,7 +7,7 @@ lands on any worker reports the whole server. Counters of workers that died stil
 are summed (or listed) over live workers only (``child_exit`` marks dead ones). Without that
 variable (development server, tests in one process) each ``Metrics`` has its own registry.
 
-No web framework here: the views call ``request_started`` and ``request_done``; each served
+No web framework here: the web layer calls ``request_started`` and ``request_done``; each served
 version gets a :class:`VersionMetrics` (``Metrics.for_version``) whose hooks its batcher
 (``queue_changed``, ``batch_done``, ``rejected_request``) and its ServedVersion (``model_ready``,
 ``model_unloaded``) call, so the model-side series carry ``model`` and ``version`` labels.

@@ -2,8 +2,9 @@
 
 A stored file is named ``<first 16 hex of sha256(bytes)>.<ext>`` where ``ext`` comes from the
 format Pillow detected, so the client's file name never becomes a path, two clients sending the
-same name never collide, and the same bytes are stored once (a second save of the same bytes only touches the file). Writes go to
-a hidden temporary file in the same folder and are renamed into place.
+same name never collide, and the same bytes are stored once (a second save of the same bytes
+only touches the file). Writes go to a hidden temporary file in the same folder and are renamed
+into place.
 
 The folder is kept within its file-count and byte caps, oldest first. Scanning it costs a stat
 per file, so a save does not scan every time: each scan leaves a room (the caps less what the
@@ -61,17 +62,6 @@ class ImageStore:
     def is_name(name) -> bool:
         """Whether ``name`` is a name this store gives (``<16 hex>.<ext>``), never a path."""
         return isinstance(name, str) and _NAME.fullmatch(name) is not None
-
-    def path_of(self, name: str) -> str | None:
-        """The path of the stored image ``name``, or None when it is not one of our names or
-        is not (or no longer) stored as a regular file (a symlink in the folder is not ours)."""
-        if not self.is_name(name):
-            return None
-        path = os.path.join(self.root, name)
-        try:
-            return path if stat.S_ISREG(os.lstat(path).st_mode) else None
-        except FileNotFoundError:
-            return None
 
     @contextlib.contextmanager
     def open(self, name: str):

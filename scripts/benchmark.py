@@ -573,20 +573,21 @@ def _refusal_floods(seconds: float, body_path: str, log_dir: str, driver: str,
 # Each sample is charged to the innermost frame that matches one of these (first match wins
 # on that frame); patterns are matched against py-spy's "function (file:line)" frames.
 CATEGORIES = [
-    ("model call (TensorFlow)", r"tensorflow/|\(common/classifier\.py"),
-    ("JPEG decode", r"\(common/images\.py|PIL/JpegImagePlugin|PIL/ImageFile|decode_image"),
-    ("resize + scale", r"\(common/preprocessing\.py|PIL/Image\.py.*resize"),
+    ("model call (TensorFlow)", r"tensorflow/|\(common/inference/(classifier\.py|runtimes/)"),
+    ("JPEG decode",
+     r"\(common/inference/images\.py|PIL/JpegImagePlugin|PIL/ImageFile|decode_image"),
+    ("resize + scale", r"\(common/inference/preprocessing\.py|PIL/Image\.py.*resize"),
     ("JSON", r"\(json/|jsonify|flask/json"),
     ("storage (temp files)", r"\(common/storage\.py"),
     ("logging", r"\(logging/|\(common/logs\.py"),
     ("metrics", r"\(common/metrics\.py|prometheus_client/"),
-    ("body read / upload", r"\(common/slowclients\.py|werkzeug/formparser|werkzeug/wsgi|"
+    ("body read / upload", r"\(common/web/deadlines\.py|werkzeug/formparser|werkzeug/wsgi|"
                            r"gunicorn/http/body|\(socket\.py"),
-    ("batcher", r"\(common/batching\.py"),
+    ("batcher", r"\(common/inference/batcher\.py"),
     ("gunicorn HTTP parse", r"gunicorn/http/(message|parser|unreader)"),
     ("gunicorn response write", r"gunicorn/http/wsgi|write \(gunicorn/util\.py"),
     ("gunicorn worker loop", r"gunicorn/"),
-    ("service code (views, served, service)", r"\(common/|\(app\.py"),
+    ("service code (web, data plane, versions)", r"\(common/|\(app\.py"),
     ("Flask / Werkzeug", r"flask/|werkzeug/"),
 ]
 

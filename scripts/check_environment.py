@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Check a Python environment: one TensorFlow, and no file installed by two distributions.
 
-``tensorflow-hub`` requires ``tf-keras``, which requires the full ``tensorflow`` distribution; installed
-beside ``tensorflow-cpu``, both write into the same ``tensorflow/`` folder and the last one
-installed silently wins. This script reads every installed distribution's file list (its RECORD,
-through ``importlib.metadata``) and reports which distributions own ``tensorflow/`` and which
-files more than one distribution claims. Standard library only, so it also runs inside the
-Docker image (``docker run -i IMAGE python - < scripts/check_environment.py``).
+``tensorflow-hub`` requires ``tf-keras``, which requires the full ``tensorflow`` distribution;
+installed beside ``tensorflow-cpu``, both write into the same ``tensorflow/`` folder and the last
+one installed silently wins. This script reads every installed distribution's file list (its RECORD,
+through ``importlib.metadata``) and reports which distributions own ``tensorflow/`` and which files
+more than one distribution claims. Standard library only, so it also runs inside the Docker image
+(``docker run -i IMAGE python - < scripts/check_environment.py``).
 
 Exit status 0 when exactly one distribution owns ``tensorflow/`` and no file is shared.
 """

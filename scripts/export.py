@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=200, help="at most this many of --images")
     p.add_argument("--calibration_dir", help="images for --quantize int8")
     p.add_argument("--max_abs_diff", type=float, help="tolerance: largest score difference "
-                   "(default per format, see common/exports.py)")
+                   "(default per format, see common/inference/exports.py)")
     p.add_argument("--min_top1_agreement", type=float, help="tolerance: share of images whose "
                    "top label must agree")
     p.add_argument("--generated", type=int, default=defaults.generated,

@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing of the upload path with atheris (libFuzzer for Python).
 
-Feeds mutated bytes to ``common.inference.images.load_for_model``, the function every upload and download
-goes through. Any exception other than the service's own 4xx ApiErrors is a finding, as is a
-crash of a C decoder (libFuzzer reports it) or an input slower than ``-timeout`` seconds. The
+Feeds mutated bytes to ``common.inference.images.load_for_model``, the function every upload and
+download goes through. Any exception other than the service's own 4xx ApiErrors is a finding, as is
+a crash of a C decoder (libFuzzer reports it) or an input slower than ``-timeout`` seconds. The
 corpus starts from one image of every accepted format (tests/fuzzing.py).
 
     make fuzz                                  # installs atheris, runs 5 minutes

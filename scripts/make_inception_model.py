@@ -6,8 +6,10 @@ same with random ones, and that cost is what the benchmark measures. Each folder
 of DESIGN.md (SavedModel with ``serving_default(images) -> probabilities``, labels.txt,
 model.json), so the server loads it like any retrained model. Its answers mean nothing.
 
-    python scripts/make_inception_model.py --arch inception_v3 --output_dir build/models/inception_v3
-    python scripts/make_inception_model.py --arch mobilenet_v2 --output_dir build/models/mobilenet_v2
+    python scripts/make_inception_model.py --arch inception_v3 \
+        --output_dir build/models/inception_v3
+    python scripts/make_inception_model.py --arch mobilenet_v2 \
+        --output_dir build/models/mobilenet_v2
 """
 from __future__ import annotations
 

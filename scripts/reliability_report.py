@@ -39,7 +39,8 @@ SECTIONS = {
         ("first_second_after", "... in the first second after (req/s)"),
         ("after_over_before", "after / before")]),
     "soak": ("Soak: {requests:,} requests, {clients} clients, demo model", [
-        ("seconds", "seconds"), ("rss_mb_after_warmup", "worker RSS after 500 warm-up requests (MB)"),
+        ("seconds", "seconds"),
+        ("rss_mb_after_warmup", "worker RSS after 500 warm-up requests (MB)"),
         ("rss_mb_end", "worker RSS at the end (MB)"), ("rss_growth_pct", "RSS growth (%)"),
         ("fds_after_warmup", "open file descriptors after warm-up"), ("fds_end", "... at the end"),
         ("threads_after_warmup", "threads after warm-up"), ("threads_end", "... at the end"),

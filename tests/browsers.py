@@ -84,7 +84,8 @@ def draw(browser, points):
     size = canvas.size
     # ActionChains offsets are from the element's centre.
     to_offset = [(x - size["width"] / 2, y - size["height"] / 2) for x, y in points]
-    chain = ActionChains(browser, duration=10).move_to_element_with_offset(canvas, *map(int, to_offset[0]))
+    chain = ActionChains(browser, duration=10).move_to_element_with_offset(
+        canvas, *map(int, to_offset[0]))
     chain.click_and_hold()
     prev = to_offset[0]
     for x, y in to_offset[1:]:

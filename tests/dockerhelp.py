@@ -22,7 +22,8 @@ NGINX_IMAGE = "image-classifier-nginx:test"
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> str:
-    """Run ``docker ARGS``; its stdout (stripped). Raises with stderr when it fails and ``check``."""
+    """Run ``docker ARGS``; its stdout (stripped). Raises with stderr when it fails and
+    ``check``."""
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
                           **kwargs)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "tf_files", "demo")
 
 __all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "post_image", "assert_envelope",
-           "metric", "PeakMemory"]
+           "metric", "metric_so_far", "PeakMemory"]
 
 
 def start_server(work, env: dict, name: str = "server", wait_ready: bool = True) -> LiveServer:
@@ -55,19 +55,53 @@ def assert_envelope(response, status: int, code: str | None = None) -> dict:
     return error
 
 
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of the samples of ``name`` in Prometheus text whose labels include ``labels``."""
-    total, found = 0.0, False
+def _samples(text: str, name: str, labels: dict) -> list[float]:
+    """The values of the samples of ``name`` in Prometheus text whose labels include ``labels``."""
+    values = []
     for line in text.splitlines():
         m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$", line)
         if not m or m.group(1) != name:
             continue
         have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(3) or ""))
         if all(have.get(k) == str(v) for k, v in labels.items()):
-            total += float(m.group(4))
-            found = True
-    assert found, f"no sample {name}{labels}"
-    return total
+            values.append(float(m.group(4)))
+    return values
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of the samples of ``name`` in Prometheus text whose labels include ``labels``; a
+    missing sample fails the test."""
+    values = _samples(text, name, labels)
+    assert values, f"no sample {name}{labels}"
+    return sum(values)
+
+
+#: The sample names each metric type exports (prometheus_client's text format).
+_SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",),
+                    "histogram": ("_count", "_sum", "_bucket")}
+
+
+def declared_samples() -> set[str]:
+    """The sample names of every metric the service declares (``common.metrics.Metrics``)."""
+    from common.metrics import Metrics
+    return {family.name + suffix for family in Metrics().registry.collect()
+            for suffix in _SAMPLE_SUFFIXES[family.type]}
+
+
+def metric_so_far(text: str, name: str, **labels) -> float:
+    """``metric`` where the series may not have started: 0 if no sample matches ``labels``.
+
+    prometheus_client exports a labelled series from its first event on (a status not yet
+    answered, a version that has run no batch), so a count read before the requests a test
+    makes, or on a replica that served none, is legitimately absent. Only that absence reads
+    0: ``text`` must be a metrics page (it carries ``classifier_requests_in_flight``, exported
+    by every worker from start-up) and ``name`` a sample the service declares, so a failed
+    scrape or a renamed metric fails the test instead of counting 0.
+    """
+    assert re.search(r"^classifier_requests_in_flight ", text, re.M), (
+        f"not a metrics page: {text[:200]!r}")
+    assert name in declared_samples(), f"{name} is not a metric the service declares"
+    return sum(_samples(text, name, labels))
 
 
 class PeakMemory:

@@ -1,5 +1,6 @@
-"""common/batching.py: batches form under concurrency, results go to the right caller, the queue
-sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left behind."""
+"""common/inference/batcher.py: batches form under concurrency, results go to the right caller,
+the queue sheds load, deadlines hold, failures reach everyone, shutdown drains, no thread is left
+behind."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,31 @@ class Recorder:
         return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
 
 
+class Hooks:
+    """The batcher's metrics hooks (the interface of ``common.metrics.VersionMetrics``),
+    recorded: what /metrics would show of it."""
+
+    def __init__(self):
+        self.queue_depth = 0  # admitted images whose batch has not started
+        self.sizes: list[int] = []  # each batch's real size
+        self.rejected: list[str] = []  # "overloaded" | "model_timeout"
+        self._lock = threading.Lock()
+
+    def queue_changed(self, delta: int) -> None:
+        with self._lock:
+            self.queue_depth += delta
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self.sizes.append(size)
+
+    def rejected_request(self, reason: str) -> None:
+        self.rejected.append(reason)
+
+    @property
+    def shed(self) -> int:
+        return self.rejected.count("overloaded")
+
+
 def run(batcher: Batcher, array: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """Admit one image and wait for its scores, as the data plane does."""
     with batcher.admit(1) as ticket:
@@ -41,19 +67,19 @@ def test_bucket_sizes():
 
 
 def test_lone_request_runs_at_once_in_a_batch_of_one():
-    model = Recorder()
-    batcher = Batcher(model, max_batch_size=8)
+    model, hooks = Recorder(), Hooks()
+    batcher = Batcher(model, max_batch_size=8, metrics=hooks)
     try:
         for v in (0.1, 0.2, 0.3):
             assert run(batcher, image(v))[0] == pytest.approx(v)
-        assert model.shapes == [1, 1, 1] and batcher.stats.sizes == {1: 3}
+        assert model.shapes == [1, 1, 1] and hooks.sizes == [1, 1, 1]
     finally:
         batcher.close()
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_answer():
-    model = Recorder(delay=0.05)
-    batcher = Batcher(model, max_batch_size=8, max_queue=64)
+    model, hooks = Recorder(delay=0.05), Hooks()
+    batcher = Batcher(model, max_batch_size=8, max_queue=64, metrics=hooks)
     values = [i / 100 for i in range(40)]
     try:
         with ThreadPoolExecutor(40) as pool:
@@ -61,9 +87,9 @@ def test_concurrent_requests_share_batches_and_get_their_own_answer():
     finally:
         batcher.close()
     assert results == pytest.approx(values)
-    assert max(batcher.stats.sizes) > 1  # batches formed
+    assert max(hooks.sizes) > 1  # batches formed
     assert set(model.shapes) <= set(bucket_sizes(8))  # always a padded, warmed-up size
-    assert batcher.stats.images == 40
+    assert sum(hooks.sizes) == 40
 
 
 def test_full_queue_sheds_at_once():
@@ -79,17 +105,18 @@ def test_full_queue_sheds_at_once():
         gate.wait(30)
         return np.zeros((len(x), 1))
 
-    batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60)
+    hooks = Hooks()
+    batcher = Batcher(model, max_batch_size=1, max_queue=2, timeout=60, metrics=hooks)
     pool = ThreadPoolExecutor(4)
     try:
         running = [pool.submit(run, batcher, image(0))]
         assert entered.wait(10)  # the first is in the model now; two more fill the queue
         running += [pool.submit(run, batcher, image(0)) for _ in range(2)]
         for _ in range(200):
-            if batcher.queue_depth == 2:
+            if hooks.queue_depth == 2:
                 break
             threading.Event().wait(0.05)
-        assert batcher.queue_depth == 2
+        assert hooks.queue_depth == 2
         outcome = []
         refused = threading.Thread(target=lambda: outcome.append(
             pytest.raises(Overloaded, run, batcher, image(0)).value))
@@ -97,7 +124,7 @@ def test_full_queue_sheds_at_once():
         refused.join(10)
         assert not refused.is_alive() and outcome, "the refused request waited"
         assert outcome[0].headers["Retry-After"] and outcome[0].status == 503
-        assert calls == [1] and batcher.stats.shed == 1
+        assert calls == [1] and hooks.shed == 1
         gate.set()
         assert all(f.result(5).shape == (1,) for f in running)
         assert calls == [1, 1, 1]
@@ -161,38 +188,109 @@ def test_close_drains_the_queue_and_ends_the_thread():
 
 
 def test_max_wait_gathers_a_bigger_batch():
-    model = Recorder()
-    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200)
+    model, hooks = Recorder(), Hooks()
+    batcher = Batcher(model, max_batch_size=8, batch_wait_ms=200, metrics=hooks)
     try:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda v: run(batcher, image(v)), [0.1, 0.2, 0.3, 0.4]))
     finally:
         batcher.close()
-    assert max(batcher.stats.sizes) >= 2
+    assert max(hooks.sizes) >= 2
+
+
+class GatedModel:
+    """A 'model' whose calls each wait for the test's go-ahead (scores: the image's mean value).
+
+    ``calls`` holds the size of each batch it was given; :meth:`entered` waits until call
+    ``n`` has begun, :meth:`finish` lets calls up to ``n`` return.
+    """
+
+    def __init__(self):
+        self.calls: list[int] = []
+        self._allowed = 0
+        self._cond = threading.Condition()
+
+    def __call__(self, x):
+        with self._cond:
+            self.calls.append(len(x))
+            number = len(self.calls)
+            self._cond.notify_all()
+            assert self._cond.wait_for(lambda: self._allowed >= number, 30), "never let go"
+        return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
+
+    def entered(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: len(self.calls) >= n, 30), f"no call {n}"
+
+    def finish(self, n: int) -> None:
+        with self._cond:
+            self._allowed = n
+            self._cond.notify_all()
+
+
+def wait_queued(batcher: Batcher, images: int) -> None:
+    """Block until ``images`` submitted images wait in the batcher's queue for the model thread.
+
+    Admission alone does not put an image there (a request admitted is still decoding); its
+    ``submit`` does. Waits on the queue's own condition, which every put notifies; call it only
+    while the model thread is inside a model call, so that no other thread waits on it.
+    """
+    jobs = batcher._queue
+    with jobs.not_empty:
+        assert jobs.not_empty.wait_for(lambda: jobs._qsize() >= images, 30), (
+            f"{jobs._qsize()} of {images} images queued")
 
 
 def test_clients_coming_straight_back_find_room():
-    """Clients that resubmit at once are not shed while the queue holds all but one of them (the
-    model thread takes the next batch off the queue before it answers the last one, so answered
-    clients that come straight back find room)."""
-    batcher = Batcher(Recorder(delay=0.02), max_batch_size=2, max_queue=3)
+    """Answered clients that resubmit at once find room although the queue, while the batch ran,
+    had no room for them: the model thread takes the next batch off the queue before it answers
+    the last one.
+
+    Four clients loop over one image each; batches of two, room for three. The test holds each
+    model call until every client not in it has submitted (so the queue is as full as these
+    clients can make it), checks that two more images would be refused at that moment, and
+    lets the call end; the two clients answered come straight back. No request may be shed.
+    """
+    model, hooks = GatedModel(), Hooks()
+    batcher = Batcher(model, max_batch_size=2, max_queue=3, metrics=hooks)
+    clients, calls = 4, 12
+    stop = threading.Event()
 
     def client(i):
-        for _ in range(15):
-            run(batcher, image(i / 10))
+        while not stop.is_set():
+            assert run(batcher, image(i / 10))[0] == pytest.approx(i / 10)
 
+    pool = ThreadPoolExecutor(clients)
     try:
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(client, range(4)))  # raises Overloaded if any request was shed
+        running = [pool.submit(client, 0)]
+        model.entered(1)  # the first client's image alone: the others start behind it
+        running += [pool.submit(client, i) for i in range(1, clients)]
+        for n in range(1, calls + 1):
+            model.entered(n)
+            wait_queued(batcher, clients - model.calls[n - 1])
+            if n > 1:  # a full batch ran; its two clients will not fit beside the two queued
+                with pytest.raises(Overloaded):
+                    batcher.check_room(2)
+            if n == calls:
+                stop.set()
+            model.finish(n)
+        model.finish(10 ** 6)
+        for future in running:
+            future.result(30)  # raises Overloaded if a client coming back was shed
     finally:
+        stop.set()
+        model.finish(10 ** 6)
         batcher.close()
-    assert batcher.stats.shed == 0 and batcher.stats.images == 60
+        pool.shutdown()
+    assert model.calls[:calls] == [1] + [2] * (calls - 1)
+    assert hooks.shed == calls - 1  # the check_room probes, no request
 
 
-def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100) -> Batcher:
+def idle_batcher(seconds_per_batch: float, budget_ms: float, max_queue: int = 100,
+                 metrics: Hooks | None = None) -> Batcher:
     """A batcher whose batches are known to take ``seconds_per_batch`` (max size 2)."""
     return Batcher(Recorder(), max_batch_size=2, max_queue=max_queue, max_wait_ms=budget_ms,
-                   batch_seconds={1: seconds_per_batch, 2: seconds_per_batch})
+                   batch_seconds={1: seconds_per_batch, 2: seconds_per_batch}, metrics=metrics)
 
 
 def admitted(batcher: Batcher, limit: int = 1000) -> list:
@@ -214,12 +312,13 @@ def admitted(batcher: Batcher, limit: int = 1000) -> list:
     (0.01, 300, 20, "1"),  # a fast model: 60 would fit the budget, the hard cap of 20 holds
 ])
 def test_admission_honours_the_budget(seconds, budget_ms, expected_admitted, retry_after):
-    batcher = idle_batcher(seconds, budget_ms, max_queue=20)
+    hooks = Hooks()
+    batcher = idle_batcher(seconds, budget_ms, max_queue=20, metrics=hooks)
     try:
         *tickets, refused = admitted(batcher)
         assert len(tickets) == expected_admitted and isinstance(refused, Overloaded)
         assert refused.status == 503 and refused.headers["Retry-After"] == retry_after
-        assert batcher.queue_depth == expected_admitted and batcher.stats.shed == 1
+        assert hooks.queue_depth == expected_admitted and hooks.shed == 1
         tickets[0].release()  # room given back is room for the next request
         assert batcher.admit(1).left == 1
     finally:
@@ -227,13 +326,14 @@ def test_admission_honours_the_budget(seconds, budget_ms, expected_admitted, ret
 
 
 def test_a_ticket_gives_back_unused_room_and_answers_what_it_used():
-    batcher = idle_batcher(0.01, 300)
+    hooks = Hooks()
+    batcher = idle_batcher(0.01, 300, metrics=hooks)
     try:
         with batcher.admit(3) as ticket:
-            assert batcher.queue_depth == 3
+            assert hooks.queue_depth == 3
             assert ticket.submit(image(0.25))[0] == pytest.approx(0.25)
-            assert batcher.queue_depth == 2  # one went to the model
-        assert batcher.queue_depth == 0
+            assert hooks.queue_depth == 2  # one went to the model
+        assert hooks.queue_depth == 0
     finally:
         batcher.close()
 

@@ -95,8 +95,9 @@ def chunked_post(server, path: str, content_type: str, body: bytes) -> tuple[int
 
 # -- /feedback: its body and its concurrency -----------------------------------------------------
 def test_a_chunked_feedback_body_is_cut_at_its_limit(server):
-    """8 MiB of JSON numbers sent chunked (no Content-Length to check) used to be parsed in
-    full (+157 MB); now reading stops at 16 KiB with 413, and the worker's peak barely moves."""
+    """8 MiB of JSON numbers sent chunked (no Content-Length to check): reading stops at
+    16 KiB with 413, and the worker's peak barely moves (parsed in full, such a body costs
+    +157 MB)."""
     body = b'{"filename": "0123456789abcdef.png", "label": "red", "pad": [' + \
         b"0," * (4 * 2 ** 20) + b"0]}"
     peaks = [PeakMemory(pid).reset() for pid in server.worker_pids()]

@@ -37,7 +37,7 @@ def test_hyphenated_spellings_reach_the_underscore_flags():
     args = parser.parse_args(["--image-dir", "photos", "--how-many=7", "--name=--image-dir"])
     assert (args.image_dir, args.how_many_training_steps) == ("photos", 7)  # abbreviation too
     assert args.name == "--image-dir"  # values are never rewritten
-    assert parser.parse_args(["--image_dir", "x"]).image_dir == "x"  # the old spelling stays
+    assert parser.parse_args(["--image_dir", "x"]).image_dir == "x"  # the spelling --help shows
     assert parser.parse_args([]).verbose is False
     with pytest.raises(SystemExit):
         parser.parse_args(["--image-folder", "x"])  # unknown flags are still errors

@@ -1,4 +1,4 @@
-"""Slow clients cannot starve others (common/gunicorn_worker.py): request heads are read in the
+"""Slow clients cannot starve others (common/web/gunicorn_worker.py): request heads are read in the
 worker's main loop and must be complete within HEADER_TIMEOUT, answers left unread are dropped
 after SEND_TIMEOUT (at most half the threads wait on such clients), and closing connections
 never wait on the client. Real one-worker servers, raw sockets."""
@@ -201,8 +201,8 @@ def test_clients_that_never_close_do_not_stall_the_worker(server):
 
 
 def test_normal_upload_while_80_heads_are_half_sent_and_48_bodies_trickle(tmp_path):
-    """Issue 20's target: a normal JPEG upload gets 200 within its usual latency while 80
-    clients hold half-sent request heads and 48 trickle their bodies (default THREADS,
+    """Slow clients do not slow others: a normal JPEG upload gets 200 within its usual latency
+    while 80 clients hold half-sent request heads and 48 trickle their bodies (default THREADS,
     HEADER_TIMEOUT and UPLOAD_TIMEOUT; one worker)."""
     srv = start_server(tmp_path, {"MODEL_PATH": DEMO, "WORKERS": "1"})
     jpeg = ig.encode(ig.noisy(ig.RED, (320, 240), seed=7), "JPEG")

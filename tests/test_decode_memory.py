@@ -66,7 +66,8 @@ def test_one_request_peaks_under_twice_the_largest_rgb_image(server, bombs, kind
     assert response.status_code in (200, 413), response.text
     if response.status_code == 413:
         assert_envelope(response, 413, "image_too_large")
-    assert rise <= 2 * RGB_MB, f"{kind} ({len(bombs[kind])} bytes) raised the peak by {rise:.0f} MiB"
+    assert rise <= 2 * RGB_MB, (
+        f"{kind} ({len(bombs[kind])} bytes) raised the peak by {rise:.0f} MiB")
 
 
 def test_a_webp_bomb_is_refused_from_its_header(server, bombs):
@@ -109,10 +110,21 @@ def test_memory_goes_back_to_the_system_after_big_decodes(server, bombs):
     assert after - before < 25, f"RSS {before:.0f} -> {after:.0f} MiB"
 
 
+#: A worker's decoding budget in the concurrency test: room for two of the 51 MiB estimates of
+#: a near-limit RGBA PNG (``decode_cost``), not three.
+BUDGET_MB = 110
+#: What the worker's peak may add to the decodes it admitted: the request bodies and answers in
+#: flight, the request threads' Python objects, and allocator pages ``malloc_trim`` cannot give
+#: back. Measured 0-3 MiB on an idle machine and up to 16 MiB with every core busy; the decodes'
+#: own memory is returned to the system before their room is given back, so it never adds up
+#: here.
+OUTSIDE_DECODES_MB = 20
+
+
 def test_concurrent_decodes_stay_within_the_budget(tmp_path_factory, bombs):
-    """Eight near-limit images at once (about 48 MiB of decoding each) in a worker with a
-    100 MiB budget: two decode at a time, the others are told 503; /healthz answers throughout."""
-    server = _server(tmp_path_factory, "budget", DECODE_MEMORY_MB="100")
+    """Eight near-limit images at once (51 MiB of decoding each) in a worker with a 110 MiB
+    budget: two decode at a time, the others are told 503; /healthz answers throughout."""
+    server = _server(tmp_path_factory, "budget", DECODE_MEMORY_MB=str(BUDGET_MB))
     try:
         peak = PeakMemory(server.pid).reset()
         stop, health = threading.Event(), []
@@ -137,7 +149,8 @@ def test_concurrent_decodes_stay_within_the_budget(tmp_path_factory, bombs):
             if response.status_code == 503:
                 assert_envelope(response, 503, "overloaded")
                 assert response.headers["Retry-After"] == "1"
-        assert peak.rise_mb() <= 100 + 20, f"peak +{peak.rise_mb():.0f} MiB, {statuses}"
+        assert peak.rise_mb() <= BUDGET_MB + OUTSIDE_DECODES_MB, (
+            f"peak +{peak.rise_mb():.0f} MiB, {statuses}")
         assert health and all(code == 200 and seconds < 2 for code, seconds in health), health
     finally:
         server.stop()

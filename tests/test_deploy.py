@@ -4,7 +4,7 @@ compose setup and the pod's proxy run for real.
 The manifest tests need no cluster (there is none here): every manifest (and the ConfigMap the
 kustomization generates) is validated with ``kubernetes-validate --strict`` against the newest
 Kubernetes it knows, and its probe addresses, ports, environment variables, user and timings
-are read back and compared with what the code really has (the routes of ``common/views.py``,
+are read back and compared with what the code really has (the routes of ``common/web/routes.py``,
 ``common/config.py``, the Dockerfile and gunicorn.conf.py), so the manifests cannot drift from
 the service. The two nginx configurations (compose's and the pod's) are read the same way.
 
@@ -38,7 +38,7 @@ from dockerhelp import (
     require_engine,
 )
 from flask import Flask
-from helpers import ROOT, metric
+from helpers import ROOT, metric, metric_so_far
 from tiny_models import TRAP, save_colour_model
 
 from common import errors
@@ -636,15 +636,13 @@ def wait_until(check, bound: float) -> None:
 
 
 def replica_requests(container_id: str) -> float:
-    """/classify requests one replica answered (its own /metrics, read inside it)."""
+    """/classify requests one replica answered (its own /metrics, read inside it); 0 for a
+    replica that has answered none yet."""
     text = docker("exec", container_id, "python", "-c",
                   "import urllib.request; print(urllib.request.urlopen("
                   "'http://127.0.0.1:8000/metrics').read().decode())")
-    try:
-        return metric(text, "classifier_requests_total", route="/classify", method="POST",
-                      status="200")
-    except AssertionError:
-        return 0.0
+    return metric_so_far(text, "classifier_requests_total", route="/classify", method="POST",
+                         status="200")
 
 
 def classify(url: str, data: bytes) -> requests.Response:

@@ -29,16 +29,11 @@ from dockerhelp import (
 from helpers import ROOT, metric
 from tiny_models import TRAP, save_colour_model
 
-from common.config import documented_variables
-
 pytestmark = [pytest.mark.docker, pytest.mark.server]
 
 STAR = os.path.join(ROOT, "docs", "examples", "star.png")
 READ_ONLY = ("--read-only", "--tmpfs", "/tmp", "--mount", "type=volume,dst=/app/temp",
              "--mount", "type=volume,dst=/app/feedback")
-NEEDS_REPOSITORY = pytest.mark.skipif(
-    "MODEL_REPOSITORY" not in documented_variables(),
-    reason="needs MODEL_REPOSITORY, issue 12 (the model repository)")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +209,6 @@ def wait_for_metric(box: Container, name: str, at_least: float, bound: float = 3
     raise AssertionError(f"{name} stayed at {value} < {at_least}")
 
 
-@NEEDS_REPOSITORY
 def test_a_mounted_repository_is_served_and_hot_reloaded(image, tmp_path):
     """MODEL_REPOSITORY on a read-only volume; a version published by atomic rename on the host
     is served without a restart."""

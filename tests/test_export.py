@@ -164,7 +164,8 @@ def test_the_loader_checks_the_recorded_reference_outputs(exported, copy_of):
     outputs = meta["exports"]["onnx"]["reference"]["outputs"]
     outputs[0] = outputs[0][::-1]  # TensorFlow "said" something else
     folder.write_metadata(meta)
-    with pytest.raises(ModelLoadError, match="does not reproduce the recorded outputs of tensorflow"):
+    with pytest.raises(ModelLoadError,
+                       match="does not reproduce the recorded outputs of tensorflow"):
         load_classifier(folder, RuntimeOptions("onnx"))
 
 

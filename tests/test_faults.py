@@ -21,7 +21,8 @@ pytestmark = pytest.mark.server
 
 def test_kill_9_one_worker_under_load(colour_model_dir, tmp_path):
     """Only the killed worker's in-flight requests fail; gunicorn replaces it; ready again."""
-    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "2", "THREADS": "8"})
+    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "2",
+                                     "THREADS": "8"})
     clients, results, stop = 8, [], threading.Event()
     images = [ig.encode(ig.noisy(ig.RED, seed=s), "PNG") for s in range(16)]
 
@@ -153,8 +154,8 @@ def test_temp_not_writable_is_503_not_500(colour_model_dir, tmp_path):
         if os.geteuid() != 0:  # permissions only bind non-root users
             os.chmod(server.temp_dir, 0o500)
             try:
-                assert_envelope(post_image(server, ig.encode(ig.noisy(ig.RED, seed=80), "PNG")), 503,
-                                "storage_unavailable")
+                image = ig.encode(ig.noisy(ig.RED, seed=80), "PNG")
+                assert_envelope(post_image(server, image), 503, "storage_unavailable")
             finally:
                 os.chmod(server.temp_dir, 0o700)
     finally:

@@ -1,4 +1,5 @@
-"""common/images.py: decoding by content, every format, limits, orientation, transparency."""
+"""common/inference/images.py: decoding by content, every format, limits, orientation,
+transparency."""
 
 import imagegen as ig
 import numpy as np
@@ -172,7 +173,8 @@ def test_a_sixteen_bit_png_with_a_transparent_colour_composites_it_on_white():
     import zlib
     red, blue = struct.pack(">HHH", 65535, 0, 0), struct.pack(">HHH", 0, 0, 65535)
     rows = b"".join(b"\x00" + (red + blue) * 2 for _ in range(4))
-    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
             + _png_chunk(b"tRNS", red) + _png_chunk(b"IDAT", zlib.compress(rows))
             + _png_chunk(b"IEND", b""))
     pixels = np.asarray(decode_image(data).image)

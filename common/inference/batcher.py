@@ -74,17 +74,6 @@ class _Job:
     future: Future = field(default_factory=Future)
 
 
-@dataclass
-class BatchStats:
-    """Counters since start (read without a lock: they only grow)."""
-
-    batches: int = 0
-    images: int = 0
-    shed: int = 0
-    expired: int = 0
-    sizes: dict = field(default_factory=dict)  # real batch size -> count
-
-
 class Pacer:
     """Spaces events out to at most ``rate`` per second, after a burst of ``burst`` at once.
 
@@ -186,7 +175,6 @@ class Batcher:
         self.pacer = (Pacer(refusals_per_second, burst=int(refusals_per_second // 10))
                       if refusals_per_second > 0 else None)
         self.buckets = bucket_sizes(max_batch_size)
-        self.stats = BatchStats()
         self.metrics = metrics
         self.busy_since: float | None = None  # monotonic start of the running model call
         self._running_bucket = 0
@@ -236,7 +224,6 @@ class Batcher:
             self.max_wait > 0 and self.expected_wait() > self.max_wait)
 
     def _refuse(self) -> None:
-        self.stats.shed += 1
         self._event("rejected_request", "overloaded")
         if self.pacer is not None:
             time.sleep(self.pacer.delay())
@@ -297,18 +284,12 @@ class Batcher:
         except FutureTimeout:
             for job in jobs:
                 job.future.cancel()  # dropped if its batch has not started
-            self.stats.expired += 1
             self._event("rejected_request", "model_timeout")
             raise ModelTimeout(f"the model did not answer within {timeout:g} s") from None
 
     def _event(self, name: str, *args) -> None:
         if self.metrics is not None:
             getattr(self.metrics, name)(*args)
-
-    @property
-    def queue_depth(self) -> int:
-        """Admitted images whose batch has not started."""
-        return self._waiting
 
     @property
     def busy_seconds(self) -> float:
@@ -390,9 +371,6 @@ class Batcher:
         seconds = time.monotonic() - started
         old = self._estimates.get(size)
         self._estimates[size] = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds
-        self.stats.batches += 1
-        self.stats.images += n
-        self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
         self._event("batch_done", n, seconds)
         return scores, None
 

@@ -124,10 +124,10 @@ class DecodeBudget:
         try:
             yield
         finally:
+            if nbytes >= TRIM_BYTES:  # returned to the system before the room is given back
+                release_free_memory()
             with self._lock:
                 self.used -= nbytes
-            if nbytes >= TRIM_BYTES:
-                release_free_memory()
 
 
 @dataclass(frozen=True)
@@ -175,8 +175,8 @@ def decode_image(data: bytes, *, limits: DecodeLimits = DecodeLimits(),
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"the image has more than {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
-        raise UnsupportedMediaType(
-            f"the upload is not an image Pillow can read (accepted: {', '.join(formats)})") from None
+        raise UnsupportedMediaType(f"the upload is not an image Pillow can read "
+                                   f"(accepted: {', '.join(formats)})") from None
     except Exception as exc:  # Pillow's plugins raise a zoo of types for a broken header
         log.debug("header parse failed: %r", exc)
         raise UndecodableImage("the image header is corrupt") from None

@@ -4,10 +4,10 @@ A run record (a dict, JSON-ready) holds
 
 * ``id`` (``<UTC time>-<6 hex>``), ``created``, ``output_dir``, ``name``, ``version``;
 * ``module``: the feature module's handle; ``flags``: every option of the run;
-* ``data``: ``image_dir``, ``extra_image_dirs``, ``images``, ``image_list_sha256`` (the sorted list of relative paths),
-  ``contents_sha256`` (those paths with the SHA-1 of each file's bytes: same list, other pixels
-  gives another value), ``splits`` (``{label: {"training", "validation", "testing"}}`` counts)
-  and ``skipped`` (unreadable images);
+* ``data``: ``image_dir``, ``extra_image_dirs``, ``images``, ``image_list_sha256`` (the sorted list
+  of relative paths), ``contents_sha256`` (those paths with the SHA-1 of each file's bytes: same
+  list, other pixels gives another value), ``splits`` (``{label: {"training", "validation",
+  "testing"}}`` counts) and ``skipped`` (unreadable images);
 * ``seconds``: the run's duration; ``metrics``: test/validation/train accuracy, test images and
   per-class precision, recall, F1 and support.
 

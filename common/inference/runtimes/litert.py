@@ -2,9 +2,9 @@
 ``label_image.py --tflite`` and the exporter's checks. No TensorFlow and no web framework here:
 the ``ai-edge-litert`` package (requirements-export.txt) brings its own interpreter.
 
-``load_graph`` gives the :class:`~common.inference.runtimes.tfruntime.RuntimeGraph` the other loaders give:
-float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> float32 ``[n, outputs]`` (serialised by a lock: one
-interpreter is not thread-safe).
+``load_graph`` gives the :class:`~common.inference.runtimes.tfruntime.RuntimeGraph` the other
+loaders give: float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> float32 ``[n, outputs]`` (serialised by
+a lock: one interpreter is not thread-safe).
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""ONNX Runtime: the server's second back end, for model folders with a verified ``model.onnx``.
+"""ONNX Runtime: a runtime beside TensorFlow, for model folders with a verified ``model.onnx``.
 No TensorFlow and no web framework here (a serving image without TensorFlow runs on this alone).
 
 ``load_graph(path)`` gives the same :class:`~common.inference.runtimes.tfruntime.RuntimeGraph` as
 the TensorFlow loader: a thread-safe ``predict_fn`` (float32 ``[n, h, w, 3]`` in ``[0, 1]`` ->
 float32 ``[n, outputs]``), so the classifier, the batcher and the warm-up do not care which
-runtime runs. ``common.inference.classifier.load_classifier`` checks its outputs against TensorFlow's
-reference outputs recorded in model.json before it is used (``common.inference.exports``).
+runtime runs. ``common.inference.loader.load_classifier`` checks its outputs against
+TensorFlow's reference outputs recorded in model.json before it is used
+(``common.inference.exports``).
 """
 from __future__ import annotations
 
