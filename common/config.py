@@ -241,8 +241,3 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         return cls(**dict(overrides))
-
-
-def documented_variables() -> dict[str, Any]:
-    """Environment variable -> default, for the README check and ``--help`` style listings."""
-    return {f.metadata["env"]: f.default for f in dataclasses.fields(Config)}

@@ -18,7 +18,7 @@ Protocol's ``infer`` call it directly and write its scores in their shapes. A re
 5. preprocess: ``classifier.preprocess``, bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad
    bytes), the decode's memory estimated from the header and taken from ``DECODE_MEMORY_MB``;
    the bytes are stored in temp/ under their content hash (``storage.py``);
-6. inference: ``lease.ticket.submit_many``, through the batcher, always (503 when timed out);
+6. inference: ``lease.ticket.submit``, through the batcher, always (503 when timed out);
 7. postprocess (our API): ``classifier.postprocess`` ranks ``[{"label", "score"}]``, and an
    uncertain answer is kept for review (``feedback.py``).
 """
@@ -201,7 +201,7 @@ class DataPlane:
                 results, arrays = self._preprocess(classifier, request.inputs, one_by_one)
             else:
                 results, arrays = [], _tensor_rows(classifier, request.inputs)
-            scores = lease.ticket.submit_many(arrays)
+            scores = lease.ticket.submit(arrays)
             if options is not None:
                 self._postprocess(classifier, results, scores, options)
         stacked = (np.stack(scores) if scores

@@ -3,7 +3,7 @@
 // loaded). The switch is shown only when the model folder has a verified model.onnx (GET /model
 // says so) and the runtime files are there.
 //
-// Preprocessing is the server's, step for step (common/images.py + common/preprocessing.py):
+// Preprocessing is the server's, step for step (common/inference/images.py + preprocessing.py):
 // decode, composite transparency on white, (JPEG only) the decoder's 1/2, 1/4 or 1/8 draft
 // scaling, a box reduce of an image three times the input size or more, then Pillow's BILINEAR
 // resize (a triangle filter widened by the scale factor, 8-bit
@@ -15,7 +15,7 @@
 
   const ORT_DIR = "/static/vendor/onnxruntime-web/";
   const ORT_SCRIPT = ORT_DIR + "ort.wasm.min.js";
-  // Its Subresource Integrity, computed by the server at start-up (common/web_security.py) and
+  // Its Subresource Integrity, computed by the server at start-up (common/web/security.py) and
   // given in this script tag's data-ort-integrity; empty when the runtime is not vendored.
   const ORT_INTEGRITY = document.currentScript.dataset.ortIntegrity || "";
   const DEBOUNCE_MS = 150;
@@ -102,7 +102,7 @@
     return 1;
   }
 
-  // common/images.py's reduce before the resize: an image at least REDUCE_GAP (3) times the
+  // common/inference/images.py's reduce before the resize: an image at least REDUCE_GAP (3) times the
   // model input on both sides is box-reduced by the integer factor that keeps it so.
   function reduceFactor(w, h, height, width) {
     return Math.max(1, Math.min(Math.floor(w / (width * 3)), Math.floor(h / (height * 3))));
@@ -145,7 +145,7 @@
     return out;
   }
 
-  // Image bytes -> upright RGBA pixels composited on white (as common/images.py decodes).
+  // Image bytes -> upright RGBA pixels composited on white (as common/inference/images.py decodes).
   async function decode(blob) {
     const bitmap = await createImageBitmap(blob, { imageOrientation: "from-image",
       premultiplyAlpha: "none", colorSpaceConversion: "none" });

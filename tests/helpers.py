@@ -5,11 +5,13 @@ Tests import from here (and from the data helpers ``imagegen``, ``tiny_models``,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
 import requests
 
+from common.config import Config
 from scripts.liveserver import LiveServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,6 +19,12 @@ DEMO = os.path.join(ROOT, "tf_files", "demo")
 
 __all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "post_image", "assert_envelope",
            "metric", "metric_so_far", "PeakMemory"]
+
+
+def config_variables() -> set[str]:
+    """Every environment variable ``Config.from_env`` reads (the README, the image and the
+    manifests are checked against it)."""
+    return {field.metadata["env"] for field in dataclasses.fields(Config)}
 
 
 def start_server(work, env: dict, name: str = "server", wait_ready: bool = True) -> LiveServer:

@@ -74,7 +74,8 @@ def test_missing_part_and_empty_file(client):
 
 
 def test_request_id_is_echoed_or_made(client):
-    assert client.get("/healthz", headers={"X-Request-ID": "abc-1"}).headers["X-Request-ID"] == "abc-1"
+    echoed = client.get("/healthz", headers={"X-Request-ID": "abc-1"}).headers["X-Request-ID"]
+    assert echoed == "abc-1"
     made = client.get("/healthz", headers={"X-Request-ID": "bad id!"}).headers["X-Request-ID"]
     assert len(made) == 32 and made.isalnum()
 

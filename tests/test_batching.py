@@ -57,7 +57,7 @@ class Hooks:
 def run(batcher: Batcher, array: np.ndarray, timeout: float | None = None) -> np.ndarray:
     """Admit one image and wait for its scores, as the data plane does."""
     with batcher.admit(1) as ticket:
-        return ticket.submit(array, timeout)
+        return ticket.submit([array], timeout)[0]
 
 
 def test_bucket_sizes():
@@ -331,7 +331,7 @@ def test_a_ticket_gives_back_unused_room_and_answers_what_it_used():
     try:
         with batcher.admit(3) as ticket:
             assert hooks.queue_depth == 3
-            assert ticket.submit(image(0.25))[0] == pytest.approx(0.25)
+            assert ticket.submit([image(0.25)])[0][0] == pytest.approx(0.25)
             assert hooks.queue_depth == 2  # one went to the model
         assert hooks.queue_depth == 0
     finally:

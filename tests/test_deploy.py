@@ -38,11 +38,11 @@ from dockerhelp import (
     require_engine,
 )
 from flask import Flask
-from helpers import ROOT, metric, metric_so_far
+from helpers import ROOT, config_variables, metric, metric_so_far
 from tiny_models import TRAP, save_colour_model
 
 from common import errors
-from common.config import Config, documented_variables
+from common.config import Config
 from common.web.routes import blueprint
 
 K8S = os.path.join(ROOT, "deploy", "k8s")
@@ -209,7 +209,7 @@ def test_the_kustomization_lists_every_manifest_and_the_proxy_configuration():
 def test_probes_port_and_variables_are_ones_the_service_has():
     box = container()
     env = container_env()
-    assert set(env) <= set(documented_variables()), set(env) - set(documented_variables())
+    assert set(env) <= config_variables(), set(env) - config_variables()
     config = Config.from_env(env)  # every value is one the service accepts
     assert box["ports"][0]["containerPort"] == config.port
     assert f"EXPOSE {config.port}" in dockerfile()
@@ -328,7 +328,7 @@ def test_hpa_pdb_and_service_select_the_deployment():
 def test_the_compose_file_uses_only_real_settings():
     compose = load_yaml(COMPOSE)[0]
     service = compose["services"]["classifier"]
-    assert set(service["environment"]) <= set(documented_variables())
+    assert set(service["environment"]) <= config_variables()
     assert service["read_only"] is True
     assert int(service["stop_grace_period"].rstrip("s")) > graceful_timeout()
     assert any(v.endswith(":/models:ro") for v in service["volumes"])

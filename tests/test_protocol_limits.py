@@ -21,8 +21,9 @@ from tiny_models import save_colour_model
 pytestmark = pytest.mark.server
 
 MIB = 1 << 20
-#: CPU a refused request may cost per MiB of body (issue 20's target), and at least (the
-#: kernel counts CPU in 10 ms ticks; the request's own handling is a few of them).
+#: CPU a refused request may cost per MiB of body (the target in docs/BENCHMARKS.md, "Hostile
+#: requests"), and at least (the kernel counts CPU in 10 ms ticks; the request's own handling is
+#: a few of them).
 CPU_PER_MIB, CPU_FLOOR = 0.25, 0.1
 PNG = base64.b64encode(ig.png(ig.RED)).decode()
 

@@ -167,7 +167,7 @@ def _red(clf):
 def _classify(manager, route=Route()):
     with manager.lease(route) as lease:
         clf = lease.classifier
-        scores = lease.ticket.submit(_red(clf))
+        scores = lease.ticket.submit([_red(clf)])[0]
         return clf.describe(), clf.labels[int(scores.argmax())]
 
 
@@ -276,7 +276,7 @@ def test_a_request_keeps_its_version_while_it_is_unloaded(tmp_path, colour_versi
         assert 1 not in _versions(manager, "colours")  # gone from the table...
         with lease:  # ...but still serves the request that holds it
             clf = lease.classifier
-            scores = lease.ticket.submit(_red(clf))
+            scores = lease.ticket.submit([_red(clf)])[0]
             assert clf.version == 1 and clf.labels[int(scores.argmax())] == "red"
     finally:
         manager.close()

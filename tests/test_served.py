@@ -16,7 +16,7 @@ CONFIG = Config.from_mapping({"batch_max_size": 2, "request_timeout": 0.5,
 def classify(version: ServedVersion, array: np.ndarray) -> np.ndarray:
     """One image through a version's batcher, as a request's lease does."""
     with version.running().batcher.admit(1) as ticket:
-        return ticket.submit(array)
+        return ticket.submit([array])[0]
 
 
 def tiny(predict_fn=None) -> Classifier:

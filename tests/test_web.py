@@ -5,7 +5,15 @@ import os
 
 import imagegen as ig
 import pytest
-from browsers import By, WebDriverWait, browser, draw, open_page, shape_points, wait_for_result  # noqa: F401
+from browsers import (  # noqa: F401 (browser is a fixture)
+    By,
+    WebDriverWait,
+    browser,
+    draw,
+    open_page,
+    shape_points,
+    wait_for_result,
+)
 from helpers import ROOT, post_image
 from webservers import Recorder, body
 

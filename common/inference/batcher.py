@@ -107,20 +107,13 @@ class Ticket:
         self._batcher = batcher
         self.left = images
 
-    def submit(self, image: np.ndarray, timeout: float | None = None) -> np.ndarray:
-        """Scores of one admitted image (float32 ``[h, w, 3]`` in [0, 1]) -> ``[labels]``.
+    def submit(self, images: list[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+        """Scores of admitted images (each float32 ``[h, w, 3]`` in [0, 1]) -> one ``[labels]``
+        row each, in order; queued at once so they can share batches.
 
         Raises ModelTimeout (503) after the deadline, ModelFailed (503) when the model call
         raised, ServiceUnavailable (503) once the batcher is closed.
         """
-        if self.left < 1:
-            raise RuntimeError("this ticket has no room left")
-        self.left -= 1
-        return self._batcher._enqueue([image], timeout)[0]
-
-    def submit_many(self, images: list[np.ndarray],
-                     timeout: float | None = None) -> list[np.ndarray]:
-        """Scores of several admitted images, queued at once so they can share batches."""
         if len(images) > self.left:
             raise RuntimeError("this ticket has no room for that many images")
         self.left -= len(images)
