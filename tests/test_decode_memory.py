@@ -156,16 +156,25 @@ def test_concurrent_decodes_stay_within_the_budget(tmp_path_factory, bombs):
         server.stop()
 
 
-def test_eight_bombs_in_one_multipart_request_cost_nothing(server, bombs):
+def test_eight_bombs_in_one_multipart_request_cost_nothing(tmp_path_factory, bombs):
     """One request with eight 2 kB WebP bombs: each image is refused from its header (its own
-    413 among the results), so the request costs neither seconds nor memory."""
-    bomb = bombs["webp_lossless_rgba"]
-    files = [("image", (f"b{i}.webp", bomb, "image/webp")) for i in range(8)]
-    peak = PeakMemory(server.pid).reset()
-    cpu = cpu_seconds(server.pid)
-    response = requests.post(server.url + "/classify", files=files, timeout=60)
-    assert response.status_code == 200, response.text
-    results = response.json()["results"]
-    assert [r["error"]["code"] for r in results] == ["image_too_large"] * 8
-    assert peak.rise_mb() < 20
-    assert cpu_seconds(server.pid) - cpu < 0.5
+    413 among the results), so the request costs neither seconds nor memory.
+
+    A worker of its own: in the module's worker, after its big decodes, the peak rose 41-91 MiB
+    during this request in two runs out of five when the machine's two cores were busy, and not
+    in a fresh worker under the same load: that measured the aftermath of the earlier tests,
+    not this request."""
+    server = _server(tmp_path_factory, "eight")
+    try:
+        bomb = bombs["webp_lossless_rgba"]
+        files = [("image", (f"b{i}.webp", bomb, "image/webp")) for i in range(8)]
+        peak = PeakMemory(server.pid).reset()
+        cpu = cpu_seconds(server.pid)
+        response = requests.post(server.url + "/classify", files=files, timeout=60)
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [r["error"]["code"] for r in results] == ["image_too_large"] * 8
+        assert peak.rise_mb() < 20
+        assert cpu_seconds(server.pid) - cpu < 0.5
+    finally:
+        server.stop()
