@@ -132,7 +132,7 @@ class DataPlane:
     finds it with :meth:`of`.
     """
 
-    _KEY = "classifier_service"  # its key in the app's ``extensions``
+    _KEY = "dataplane"  # its key in the app's ``extensions``
 
     def __init__(self, config: Config, manager: Manager, store: ImageStore,
                  fetcher: UrlFetcher, metrics):
@@ -291,8 +291,18 @@ class DataPlane:
     # -- models ---------------------------------------------------------------------------------
     def models(self) -> dict:
         """``GET /models``: every model, its versions (state, error), labels and policy."""
-        return {"default_model": self.manager.default_name, "models": self.manager.status(),
+        return {"default_model": self.manager.default_name, "models": self.model_status(),
                 "config_error": self.manager.settings_error()}
+
+    def model_status(self, name: str | None = None) -> list[dict]:
+        """Every model (or ``name``; 404 when unknown): its versions, newest first, each
+        ``{"version": int, "state", "error"}``, its labels and its version policy."""
+        return self.manager.status(name)
+
+    def served(self, route: Route) -> ServedVersion:
+        """The served version ``route`` names (404 when none), for status and metadata;
+        classifying goes through :meth:`infer`."""
+        return self.manager.find(route)
 
     # -- the model ------------------------------------------------------------------------------
     def readiness(self) -> dict:

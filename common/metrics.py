@@ -70,7 +70,7 @@ class Metrics:
                                 "1 for each model version a live worker serves", mv,
                                 multiprocess_mode="liveall", registry=r)
 
-    def for_version(self, model: str, version: str) -> "VersionMetrics":
+    def for_version(self, model: str, version: int) -> "VersionMetrics":
         """The hooks of one served version, its series labelled ``model`` and ``version``."""
         return VersionMetrics(self, model, str(version))
 

@@ -102,8 +102,8 @@
     return 1;
   }
 
-  // common/inference/images.py's reduce before the resize: an image at least REDUCE_GAP (3) times the
-  // model input on both sides is box-reduced by the integer factor that keeps it so.
+  // common/inference/images.py's reduce before the resize: an image at least REDUCE_GAP (3)
+  // times the model input on both sides is box-reduced by the integer factor that keeps it so.
   function reduceFactor(w, h, height, width) {
     return Math.max(1, Math.min(Math.floor(w / (width * 3)), Math.floor(h / (height * 3))));
   }

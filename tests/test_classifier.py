@@ -171,8 +171,12 @@ def test_logits_are_softmaxed():
 
 #: Every module of the engine: all of common/ but the web layer (common.web), which alone may
 #: import Flask.
+def _unimportable(name: str):
+    raise ImportError(f"{name} cannot be imported, so its modules cannot be checked")
+
+
 ENGINE_MODULES = ["common"] + sorted(
-    m.name for m in pkgutil.walk_packages(common.__path__, "common.")
+    m.name for m in pkgutil.walk_packages(common.__path__, "common.", onerror=_unimportable)
     if m.name != "common.web" and not m.name.startswith("common.web."))
 
 

@@ -79,7 +79,7 @@ def limits_for(dataplane: DataPlane, target: Route) -> Limits:
     """The limits of a request to ``target``: the settings, and the model's input size."""
     config = dataplane.config
     return Limits(config.max_images_per_request,
-                  tuple(dataplane.manager.find(target).classifier.input_size),
+                  tuple(dataplane.served(target).classifier.input_size),
                   config.max_upload_bytes)
 
 

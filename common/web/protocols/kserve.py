@@ -75,7 +75,7 @@ def live(dataplane: DataPlane):
 @views.get("/health/ready")
 def ready(dataplane: DataPlane):
     """Ready when every model has a version that is ready (503 otherwise, for probes)."""
-    models = dataplane.manager.status()
+    models = dataplane.model_status()
     ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
     return jsonify({"ready": ok}), 200 if ok else 503
 
@@ -88,9 +88,9 @@ def server_metadata(dataplane: DataPlane):
 @views.get("/models/<name>")
 @views.get("/models/<name>/versions/<version>")
 def model_metadata(dataplane: DataPlane, name, version=None):
-    served = dataplane.manager.find(route(name, version))
+    served = dataplane.served(route(name, version))
     clf = served.classifier  # 503 while it is not ready
-    versions = [str(v["version"]) for v in dataplane.manager.status(name)[0]["versions"]
+    versions = [str(v["version"]) for v in dataplane.model_status(name)[0]["versions"]
                 if v["state"] == "ready"]
     h, w = clf.input_size
     return jsonify({"name": name, "versions": versions, "platform": PLATFORM,
@@ -103,7 +103,7 @@ def model_metadata(dataplane: DataPlane, name, version=None):
 @views.get("/models/<name>/versions/<version>/ready")
 def model_ready(dataplane: DataPlane, name, version=None):
     """``{"name", "ready"}``: 200 when ready, 503 while loading or failed (404 unknown)."""
-    ok = dataplane.manager.find(route(name, version)).health().ready
+    ok = dataplane.served(route(name, version)).health().ready
     return jsonify({"name": name, "ready": ok}), 200 if ok else 503
 
 

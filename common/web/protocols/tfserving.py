@@ -85,14 +85,14 @@ def blueprint(dataplane: DataPlane) -> Blueprint:
 @views.get("/<segment:name>/labels/<segment:label>")
 def model_status(dataplane: DataPlane, name, version=None, label=None):
     """GetModelStatusResponse: every version (or the one asked for), its state and error."""
-    model = dataplane.manager.status(name)[0]
+    model = dataplane.model_status(name)[0]
     versions = model["versions"]
+    wanted = route(name, version).version
     if label is not None:
         if label not in model["labels"]:
             raise ModelNotFound(f"model {name!r} has no version labelled {label[:40]!r}")
-        version = str(model["labels"][label])
-    if version is not None:
-        wanted = route(name, version).version
+        wanted = model["labels"][label]
+    if wanted is not None:
         versions = [v for v in versions if v["version"] == wanted]
         if not versions:
             raise ModelNotFound(f"Could not find version {wanted} of model {name}")
@@ -107,7 +107,7 @@ def model_status(dataplane: DataPlane, name, version=None, label=None):
 @views.get("/<segment:name>/labels/<segment:label>/metadata")
 def model_metadata(dataplane: DataPlane, name, version=None, label=None):
     """GetModelMetadataResponse: the model spec and its serving signature."""
-    served = dataplane.manager.find(route(name, version, label))
+    served = dataplane.served(route(name, version, label))
     clf = served.classifier  # 503 while it is not ready
     h, w = clf.input_size
     return jsonify({
