@@ -9,11 +9,12 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from flask import g
 
-from common.dataplane import DataPlane
+from common.dataplane import DataPlane, Images, Inference
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
 from common.web.routes import body_bytes
@@ -163,6 +164,16 @@ def float_tensor(data, what: str) -> np.ndarray:
     return array
 
 
+def run(dataplane: DataPlane, target: Route, parse: Callable[[bytes, Limits], Images],
+        source: str) -> Inference:
+    """One protocol request through the data plane's pipeline: ``parse(body, limits)`` reads
+    the body only once the request is admitted, within ``target``'s limits; the access log
+    notes the version that served it (``source``: the protocol's name)."""
+    done = dataplane.infer(lambda: parse(body_bytes(), limits_for(dataplane, target)), target)
+    note(done.classifier, source)
+    return done
+
+
 def note(classifier, source: str) -> None:
     """What the access log line says about this request (``routes._finish_request``)."""
     g.model = classifier.describe()
@@ -170,5 +181,5 @@ def note(classifier, source: str) -> None:
 
 
 __all__ = ["route", "Limits", "limits_for", "check_image_count",
-           "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note",
+           "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note", "run",
            "body_bytes", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]

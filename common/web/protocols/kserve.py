@@ -40,13 +40,11 @@ from common.web.protocols.base import (
     MAX_OUTPUTS,
     MAX_RANK,
     Limits,
-    body_bytes,
     decode_b64,
     float_tensor,
-    limits_for,
-    note,
     read_json,
     route,
+    run,
 )
 
 SERVER_NAME = "image-classifier"
@@ -114,9 +112,9 @@ def model_infer(dataplane: DataPlane, name, version=None):
     """One input of images -> the ``probabilities`` output, as scores or classes, in JSON or
     binary. The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version)
-    done = dataplane.infer(lambda: parse_infer(body_bytes(), request.headers.get(HEADER_LENGTH),
-                                               limits_for(dataplane, target)), target)
-    note(done.classifier, "kserve")
+    header_length = request.headers.get(HEADER_LENGTH)
+    done = run(dataplane, target, lambda raw, limits: parse_infer(raw, header_length, limits),
+               "kserve")
     return _response(name, done)
 
 

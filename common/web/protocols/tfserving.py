@@ -37,15 +37,13 @@ from common.web.binding import Views
 from common.web.protocols.base import (
     MAX_FEATURES,
     Limits,
-    body_bytes,
     check_image_count,
     decode_b64,
     float_tensor,
     is_b64,
-    limits_for,
-    note,
     read_json,
     route,
+    run,
 )
 
 
@@ -135,9 +133,7 @@ def model_predict(dataplane: DataPlane, name, version=None, label=None):
     """Row (``instances``) or columnar (``inputs``) request -> the ``probabilities`` output.
     The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version, label)
-    done = dataplane.infer(lambda: parse_predict(body_bytes(), limits_for(dataplane, target)),
-                           target)
-    note(done.classifier, "tfserving")
+    done = run(dataplane, target, parse_predict, "tfserving")
     return jsonify({done.request.key: done.scores.tolist()})
 
 
@@ -147,9 +143,7 @@ def model_predict(dataplane: DataPlane, name, version=None, label=None):
 def model_classify(dataplane: DataPlane, name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
     target = route(name, version, label)
-    done = dataplane.infer(lambda: parse_classify(body_bytes(), limits_for(dataplane, target)),
-                           target)
-    note(done.classifier, "tfserving")
+    done = run(dataplane, target, parse_classify, "tfserving")
     return jsonify({"results": [[[p.label, p.score] for p in done.classifier.rank(row)]
                                 for row in done.scores]})
 
