@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-attacks bench-onnx venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-onnx bench-workers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed
@@ -99,6 +99,14 @@ bench-onnx: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/s
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --env RUNTIME=onnx --concurrency 1,16,64 --large-concurrency "" --duration 20 --json build/bench/inception_onnx_admission.json
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet_onnx_admission.json
+
+# Workers x runtime threads on this machine (docs/BENCHMARKS.md, "Workers sized to the machine"):
+# the ONNX MobileNetV2 at 1, 16 and 64 clients for each setting, and WORKERS=auto's choice.
+bench-workers: build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16,64 --duration 20 --sweep $(SWEEP) --json build/bench/workers.json
+
+SWEEP ?= 1x2,2x1,auto
 
 # Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
 # series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").

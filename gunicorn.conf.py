@@ -10,6 +10,7 @@ import tempfile
 import threading
 
 from common.config import Config
+from common.machine import plan_for
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id otherwise
@@ -29,7 +30,14 @@ os.environ.setdefault("KERAS_HOME", os.path.join(_run_dir, "keras"))
 wsgi_app = "app:create_app()"
 bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
     f"{_settings.host}:{_settings.port}"
-workers = _settings.workers
+# WORKERS=auto (the default): one worker per CPU this process may use (affinity, cgroup quota),
+# as many as the memory allows, each running its model on CPUs // workers threads
+# (common/machine.py; docs/BENCHMARKS.md has the measurements). The workers read the plan from
+# the environment they inherit, as the numbers a user could have set.
+_plan = plan_for(_settings)
+os.environ["WORKERS"] = str(_plan.workers)
+os.environ["RUNTIME_THREADS"] = str(_plan.runtime_threads)
+workers = _plan.workers
 # gthread that reads request heads in its main loop (HEADER_TIMEOUT), drops clients that do not
 # read their answers (SEND_TIMEOUT) and answers gunicorn's protocol errors in JSON.
 worker_class = "common.web.gunicorn_worker.JsonErrorWorker"
@@ -54,16 +62,26 @@ errorlog = "-"
 
 
 def on_starting(server):
-    """Clear metrics files a previous run left in PROMETHEUS_MULTIPROC_DIR."""
+    """Say how the server is sized; clear metrics files a previous run left in
+    PROMETHEUS_MULTIPROC_DIR."""
+    server.log.info("%d worker(s) x %d runtime thread(s) (%s; ~%.0f MiB a worker)",
+                    _plan.workers, _plan.runtime_threads, _plan.reason, _plan.worker_mb)
     os.makedirs(_metrics_dir, exist_ok=True)
     for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
         os.unlink(path)
 
 
+def _warm_workers():
+    from common.web.gunicorn_worker import WarmWorkers
+    return WarmWorkers(os.path.join(_run_dir, "warm"), workers)
+
+
 def child_exit(server, worker):
-    """A worker is gone (also after kill -9): drop its live gauges from /metrics."""
+    """A worker is gone (also after kill -9): drop its live gauges from /metrics and its mark
+    as warm."""
     from common.metrics import mark_process_dead
     mark_process_dead(worker.pid, _metrics_dir)
+    _warm_workers().forget(worker.pid)
 
 
 def on_exit(server):
@@ -78,12 +96,17 @@ def post_worker_init(worker):
     loading); under gunicorn a worker that is still loading, at start or after a max_requests
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
+    Once warm, the worker is marked so, and its ``/readyz`` says ready only when every worker
+    has been warm (``WarmWorkers``).
     """
     from common.dataplane import DataPlane
 
-    manager = DataPlane.of(worker.wsgi).manager
-    while not manager.wait_initial(1.0):
+    dataplane = DataPlane.of(worker.wsgi)
+    while not dataplane.manager.wait_initial(1.0):
         worker.notify()
+    warm = _warm_workers()
+    warm.mark(worker.pid)
+    dataplane.workers_waiting = warm.waiting
 
 
 _request_thread = threading.local()

@@ -99,6 +99,11 @@ def _bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
+def _auto(parse: Callable[[str], Any]):
+    """``auto`` (any case) or empty -> None (sized to the machine), else ``parse``."""
+    return lambda raw: None if raw.strip().lower() in ("", "auto") else parse(raw)
+
+
 def _feedback_dir(raw: str) -> str | None:
     """A folder, or ``off`` (any case) for no feedback at all."""
     return None if raw.strip().lower() == "off" else raw
@@ -146,7 +151,8 @@ class Config:
     url_max_redirects: int = env("URL_MAX_REDIRECTS", _int(0), default=3)
     url_allow_hosts: tuple[str, ...] = env("URL_ALLOW_HOSTS", _host_list, default=())
     top_k: int | None = env("TOP_K", _optional(_int(1)), default=None)
-    workers: int = env("WORKERS", _int(1), default=1)
+    workers: int | None = env("WORKERS", _auto(_int(1)), default=None)
+    runtime_threads: int | None = env("RUNTIME_THREADS", _auto(_int(1)), default=None)
     threads: int = env("THREADS", _int(1), default=64)
     max_requests: int = env("MAX_REQUESTS", _int(0), default=0)
     model_repository: str | None = env("MODEL_REPOSITORY", _optional(str), default=None)
@@ -157,7 +163,8 @@ class Config:
     max_images_per_request: int = env("MAX_IMAGES_PER_REQUEST", _int(1), default=8)
     batch_max_size: int = env("BATCH_MAX_SIZE", _int(1), default=8)
     batch_max_wait_ms: float = env("BATCH_MAX_WAIT_MS", _float(0.0, lo_open=False), default=0.0)
-    batch_queue_size: int = env("BATCH_QUEUE_SIZE", _int(1), default=48)
+    batch_queue_size: int | None = env("BATCH_QUEUE_SIZE", _optional(_int(1)), default=None)
+    queue_memory_mb: float = env("QUEUE_MEMORY_MB", _float(), default=256.0)
     queue_max_wait_ms: float = env("QUEUE_MAX_WAIT_MS", _float(0.0, lo_open=False),
                                    default=1200.0)
     max_refusals_per_second: float = env("MAX_REFUSALS_PER_SECOND", _float(0.0, lo_open=False),
@@ -197,6 +204,14 @@ class Config:
         if self.bodies_in_flight is not None:
             return self.bodies_in_flight
         return max(1, self.threads - max(2, self.threads // 8))
+
+    def queue_limit(self, image_bytes: int) -> int:
+        """Most admitted images whose batch has not started, for a model whose input tensor
+        takes ``image_bytes`` an image: BATCH_QUEUE_SIZE, or by default as many as fit in
+        QUEUE_MEMORY_MB (at least one full batch)."""
+        if self.batch_queue_size is not None:
+            return self.batch_queue_size
+        return max(self.batch_max_size, int(self.queue_memory_mb * MIB) // max(1, image_bytes))
 
     @property
     def decode_memory_bytes(self) -> int:

@@ -39,6 +39,7 @@ from common.errors import (
     ApiError,
     EmptyImage,
     InvalidParameter,
+    ModelNotReady,
     NotFound,
     Overloaded,
     TooManyImages,
@@ -146,6 +147,9 @@ class DataPlane:
                                           DecodeBudget(config.decode_memory_bytes))
         self.bodies = Slots(config.body_slots, "request bodies are being received",
                             "BODIES_IN_FLIGHT")
+        #: Under gunicorn, says which sibling workers are still loading (None: all warm);
+        #: gunicorn.conf.py sets it (``WarmWorkers.waiting``).
+        self.workers_waiting: Callable[[], str | None] = lambda: None
 
     def attach(self, app) -> "DataPlane":
         app.extensions[self._KEY] = self
@@ -310,6 +314,9 @@ class DataPlane:
         health = self.manager.ready()
         if not health.ready:
             raise health.error()
+        waiting = self.workers_waiting()
+        if waiting:
+            raise ModelNotReady(waiting)
         clf = self.model.classifier
         return {"status": "ready", "model": clf.describe(), "labels": len(clf.labels),
                 "input_size": list(clf.input_size)}

@@ -285,6 +285,89 @@ def ratios(result: dict) -> dict:
     return out
 
 
+# -- workers x threads ------------------------------------------------------------------------------
+def sweep(params: BenchParams, settings: list[tuple[int | None, int | None]],
+          log_dir: str | None = None) -> dict:
+    """The server at each (WORKERS, RUNTIME_THREADS) of ``settings`` (None: ``auto``), one
+    after another, on the small JPEG at ``params.concurrency``; then the model in-process with
+    all the CPUs. Per setting: time to ready, each level's goodput, p50, p99, 503 share and
+    server CPU per 200, and each worker's private memory (RssAnon) after the levels."""
+    small = photo_jpeg(500, 375, seed=1)
+    log_dir = log_dir or tempfile.mkdtemp(prefix="bench-sweep-")
+    body_path = os.path.join(log_dir, "500x375.jpg")
+    with open(body_path, "wb") as fh:
+        fh.write(small)
+    driver = choose_driver(params.driver)
+    rows = []
+    for workers, threads in settings:
+        env = {"MODEL_PATH": params.model, "TEMP_DIR": os.path.join(log_dir, "temp"),
+               "LOG_LEVEL": "warning", **params.env,
+               "WORKERS": str(workers or "auto"), "RUNTIME_THREADS": str(threads or "auto")}
+        server = LiveServer(env)
+        server.start(os.path.join(log_dir, f"server-{workers}x{threads}.log"), wait_ready=False)
+        try:
+            row = {"workers": workers or "auto", "runtime_threads": threads or "auto",
+                   "time_to_ready_s": round(server.wait_ready(300), 2), "levels": []}
+            pids = server.worker_pids()
+            row["worker_count"] = len(pids)
+            for c in params.concurrency:
+                before = workers_cpu_s(pids)
+                lv = level(driver, server.port, small, body_path, c, params)
+                answered = lv["ok"] + max(1, params.warmup_requests)
+                lv["server_cpu_ms_per_200"] = round(
+                    (workers_cpu_s(pids) - before) * 1000 / max(1, answered), 2)
+                row["levels"].append(lv)
+                print(json.dumps({"setting": f"{workers}x{threads}", **lv}), file=sys.stderr)
+            row["anon_rss_mb"] = peak_rss_mb(pids, "RssAnon")
+        finally:
+            server.stop()
+        rows.append(row)
+    inproc = in_process(params.model, params.inprocess_batches, params.env)
+    for row in rows:
+        for lv in row["levels"]:
+            lv["vs_in_process_best"] = round(lv["goodput"] / inproc["best_images_per_s"], 3)
+    return {"model": params.model, "driver": driver, "params": asdict(params),
+            "machine": {"cpus": os.cpu_count(), "usable_cpus": _usable_cpus(),
+                        "platform": platform.platform()},
+            "sweep": rows, "in_process": inproc}
+
+
+def _usable_cpus() -> int:
+    from common.machine import usable_cpus
+    return usable_cpus()
+
+
+def sweep_markdown(result: dict) -> str:
+    ip = result["in_process"]
+    lines = [f"`{result['model']}` on {result['machine']['usable_cpus']} usable CPUs "
+             f"({result['driver']} clients; in-process best {ip['best_images_per_s']}/s at "
+             f"batch {ip['best_batch']}, batch 1 {ip['batch1_ms']} ms, {ip['runtime']})", "",
+             "| workers × runtime threads | ready after s | clients | goodput/s | ÷ in-process "
+             "best | p50 ms | p99 ms | 503 share | server CPU ms per 200 | private MB a worker |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in result["sweep"]:
+        rss = row["anon_rss_mb"]
+        per_worker = round(sum(rss.values()) / len(rss)) if rss else ""
+        for lv in row["levels"]:
+            lines.append(f"| {row['workers']} × {row['runtime_threads']} | "
+                         f"{row['time_to_ready_s']} | {lv['concurrency']} | {lv['goodput']} | "
+                         f"{lv['vs_in_process_best']} | {lv['p50_ms']} | {lv['p99_ms']} | "
+                         f"{lv['shed_share']} | {lv['server_cpu_ms_per_200']} | {per_worker} |")
+    return "\n".join(lines)
+
+
+def parse_sweep(text: str) -> list[tuple[int | None, int | None]]:
+    """``"1x2,2x1,auto"`` -> [(1, 2), (2, 1), (None, None)]."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item == "auto":
+            out.append((None, None))
+            continue
+        workers, _, threads = item.partition("x")
+        out.append((int(workers), int(threads) if threads else None))
+    return out
+
+
 # -- latency while a new version is published -----------------------------------------------------
 def swap_levels(params: BenchParams, driver: str, body_path: str, body: bytes,
                 log_dir: str) -> dict:
@@ -474,7 +557,7 @@ def _refusal_floods(seconds: float, body_path: str, log_dir: str, driver: str,
     os.makedirs(log_dir, exist_ok=True)
     folder = save_colour_model(os.path.join(log_dir, "spinning_model"), hang_seconds=hang)
     env = {"MODEL_PATH": folder, "TEMP_DIR": os.path.join(log_dir, "temp-refusal"),
-           "LOG_LEVEL": "warning", "REQUEST_TIMEOUT": str(hang + 10),
+           "LOG_LEVEL": "warning", "WORKERS": "1", "REQUEST_TIMEOUT": str(hang + 10),
            "MODEL_HANG_TIMEOUT": str(hang + 60), **server_env}
     server = LiveServer(env)
     server.start(os.path.join(log_dir, "server-refusal.log"))
@@ -785,6 +868,9 @@ def main(argv=None) -> int:
     parser.add_argument("--swap", type=float, default=0.0, metavar="SECONDS",
                         help="also serve from a repository and publish a new version during a "
                              "level, beside one without (p99 during a roll-out)")
+    parser.add_argument("--sweep", metavar="WxT,...",
+                        help="instead: the server at each WORKERS x RUNTIME_THREADS (e.g. "
+                             "1x2,2x1,auto), small JPEG only, beside the model in-process")
     parser.add_argument("--inprocess_batches", default="1,2,4,8,16,32")
     parser.add_argument("--json", help="write the full result here")
     args = cli.parse_args(parser, argv, tensorflow=True)
@@ -797,13 +883,18 @@ def main(argv=None) -> int:
         driver=args.driver, polite=args.polite, refusal_cpu=args.refusal_cpu,
         refusal_rates=tuple(int(r) for r in args.refusal_rates.split(",") if r),
         profile=args.profile, profile_concurrency=args.profile_concurrency, swap=args.swap)
-    result = run(params)
+    if args.sweep:
+        result = sweep(params, parse_sweep(args.sweep))
+        text = sweep_markdown(result)
+    else:
+        result = run(params)
+        text = markdown(result)
     result["command"] = "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
-    print(markdown(result))
+    print(text)
     return 0
 
 

@@ -102,6 +102,21 @@ def test_not_ready_until_loaded(classifier, tmp_path):
     assert ready.status_code == 200 and ready.get_json()["model"]["name"] == "colours"
 
 
+def test_not_ready_while_sibling_workers_load(classifier, tmp_path):
+    """Under gunicorn each worker's /readyz also waits for its siblings (WarmWorkers)."""
+    from common.web.gunicorn_worker import WarmWorkers
+
+    app = create_app({"temp_dir": str(tmp_path / "temp")}, classifier=classifier)
+    assert DataPlane.of(app).model.wait(60).state is State.READY
+    warm = WarmWorkers(str(tmp_path / "warm"), expected=2)
+    DataPlane.of(app).workers_waiting = warm.waiting
+    warm.mark(1)
+    error = assert_envelope(app.test_client().get("/readyz"), 503, "model_not_ready")
+    assert error["message"].startswith("1 of 2 workers are warm")
+    warm.mark(2)
+    assert app.test_client().get("/readyz").status_code == 200
+
+
 def test_classify_while_loading_is_503_with_retry_after(classifier, tmp_path):
     load, gate = gated(classifier)
     app = create_app({"temp_dir": str(tmp_path / "temp")}, classifier=load)

@@ -20,6 +20,21 @@ def test_health_and_ready(live_server):
     assert ready.headers["X-Request-ID"]
 
 
+def test_workers_default_to_the_usable_cpus(colour_model_dir, tmp_path):
+    """WORKERS=auto (the default): one worker per CPU this process may use, one runtime thread
+    each on this machine's model, said in the log; ready only once all of them are warm."""
+    from common.machine import usable_cpus
+
+    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir})
+    try:
+        cpus = usable_cpus()
+        assert len(server.worker_pids()) == cpus
+        assert f"{cpus} worker(s) x 1 runtime thread(s) ({cpus} usable CPU" \
+            in server.output()
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("fmt", sorted(ig.ALL_FORMATS))
 def test_every_format_over_http(live_server, fmt):
     data, ext = ig.ALL_FORMATS[fmt]

@@ -27,13 +27,16 @@ class _ColourModel(tf.Module):
 
 
 def save_colour_model(folder: str, *, size=(32, 32), labels=COLOUR_LABELS, name="colours",
-                      extra_outputs: int = 0, hang_seconds: float = 0.0) -> str:
+                      extra_outputs: int = 0, hang_seconds: float = 0.0,
+                      call_seconds: float = 0.0) -> str:
     """Write a model folder (SavedModel + labels.txt + model.json) for the colour model.
 
     ``extra_outputs`` pads the output with that many more columns: a model whose outputs and
     labels disagree, for the start-up check. ``hang_seconds`` makes a model that spins (a
     busy ``tf.while_loop`` on ``tf.timestamp``, in the graph itself) for that long whenever a
     batch holds a pure magenta image (TRAP): a model call that hangs, for the fault tests.
+    ``call_seconds`` makes every call spin that long, whatever its batch size: a model whose
+    batches take a known time, for the admission tests.
     """
     model = _ColourModel(size)
 
@@ -41,11 +44,12 @@ def save_colour_model(folder: str, *, size=(32, 32), labels=COLOUR_LABELS, name=
                                                 name="images")])
     def serve(images):
         probs = model.scores(images)
-        if hang_seconds:
+        if hang_seconds or call_seconds:
             means = tf.reduce_mean(images, axis=[1, 2])
             trapped = tf.reduce_any(tf.reduce_all(tf.abs(means - TRAP_MEANS) < 0.03, axis=1))
             start = tf.timestamp()
-            until = start + tf.where(trapped, tf.constant(hang_seconds, tf.float64), 0.0)
+            until = start + call_seconds + tf.where(trapped, tf.constant(hang_seconds,
+                                                                         tf.float64), 0.0)
             spun = tf.while_loop(lambda t: t < until, lambda t: [tf.timestamp()], [start])
             probs = probs + tf.cast(spun[0] - spun[0], tf.float32)  # depend on the loop
         if extra_outputs:

@@ -72,6 +72,11 @@ class Classifier:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_bytes(self) -> int:
+        """Bytes of one preprocessed image (a float32 ``[h, w, 3]``): what a queued image holds."""
+        return self.input_size[0] * self.input_size[1] * 3 * np.dtype(np.float32).itemsize
+
     # -- 1. preprocess ------------------------------------------------------------------------
     def preprocess(self, data: bytes,
                    limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, DecodedImage]:

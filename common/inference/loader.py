@@ -40,11 +40,16 @@ class RuntimeOptions:
 
     @classmethod
     def from_config(cls, config) -> "RuntimeOptions":
-        """The server's: RUNTIME, TF_*_THREADS, PRECISION, ONNX_*_THREADS and ONNX_SPINNING."""
+        """The server's: RUNTIME, TF_*_THREADS, PRECISION, ONNX_*_THREADS and ONNX_SPINNING;
+        an intra-op count left at 0 is RUNTIME_THREADS, by default the CPUs this process may
+        use (under gunicorn, that divided among the workers: gunicorn.conf.py)."""
+        from common.machine import usable_cpus
+
+        threads = config.runtime_threads or usable_cpus()
         return cls(runtime=config.runtime, configure_tensorflow=True,
-                   tf_intra_op_threads=config.tf_intra_op_threads,
+                   tf_intra_op_threads=config.tf_intra_op_threads or threads,
                    tf_inter_op_threads=config.tf_inter_op_threads, precision=config.precision,
-                   onnx_intra_op_threads=config.onnx_intra_op_threads,
+                   onnx_intra_op_threads=config.onnx_intra_op_threads or threads,
                    onnx_inter_op_threads=config.onnx_inter_op_threads,
                    onnx_spinning=config.onnx_spinning)
 

@@ -125,7 +125,7 @@ class ServedVersion:
             batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)
             batcher = Batcher(clf.predict, max_batch_size=batch_size,
                               batch_wait_ms=self.config.batch_max_wait_ms,
-                              max_queue=self.config.batch_queue_size,
+                              max_queue=self.config.queue_limit(clf.image_bytes),
                               max_wait_ms=self.config.queue_max_wait_ms,
                               refusals_per_second=self.config.max_refusals_per_second,
                               timeout=self.config.request_timeout,

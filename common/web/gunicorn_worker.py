@@ -52,6 +52,45 @@ LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to clos
 LINGER_BYTES = 64 * 1024  # the most read from a client after its last answer
 FILE_BLOCK = 256 * 1024  # bytes of a file read per write by ClientSocket.sendfile
 
+class WarmWorkers:
+    """Which of the server's workers are warm, for ``/readyz``: a file per warm worker in a
+    folder of the server's run folder (``gunicorn.conf.py`` marks a worker once its models are
+    loaded and warmed up, and forgets it when it exits).
+
+    A worker accepts requests only once warm, so any worker that answers is warm; what
+    :meth:`waiting` adds is that the server is not called ready while some of its workers are
+    still loading (a load balancer would send it a full share of traffic that a few workers
+    serve). Once all were warm together the server stays ready: a worker replaced later takes
+    no requests until it is warm, and its siblings serve meanwhile.
+    """
+
+    ALL = "all-warm"
+
+    def __init__(self, folder: str, expected: int):
+        self.folder = folder
+        self.expected = expected
+        os.makedirs(folder, exist_ok=True)
+
+    def mark(self, pid: int) -> None:
+        open(os.path.join(self.folder, str(pid)), "w").close()
+
+    def forget(self, pid: int) -> None:
+        try:
+            os.unlink(os.path.join(self.folder, str(pid)))
+        except FileNotFoundError:
+            pass
+
+    def waiting(self) -> str | None:
+        """None once every worker has been warm; else how many are."""
+        if os.path.exists(os.path.join(self.folder, self.ALL)):
+            return None
+        warm = sum(1 for name in os.listdir(self.folder) if name.isdigit())
+        if warm >= self.expected:
+            open(os.path.join(self.folder, self.ALL), "w").close()
+            return None
+        return f"{warm} of {self.expected} workers are warm; the others are loading the model"
+
+
 # gunicorn's client-error exceptions -> our error class; first match wins.
 _CLIENT_ERRORS = [
     (http_errors.LimitRequestLine, errors.UriTooLong),

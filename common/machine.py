@@ -1,0 +1,222 @@
+"""The CPUs and memory this process may really use, and how many workers fit them. No web
+framework here; nothing is read at import time.
+
+A container limited to 2 CPUs on a 64-core host sees 64 cores in ``os.cpu_count()``; what it may
+use is the smallest of its affinity mask (``os.sched_getaffinity``, what ``taskset`` and
+Kubernetes' static CPU manager set) and its cgroup's CPU quota (``cpu.max`` in cgroup v2,
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1: what ``docker run --cpus`` and a Kubernetes
+CPU limit set), taken over the process's cgroup and every cgroup above it. Memory likewise: the
+smallest ``memory.max`` (v1: ``memory.limit_in_bytes``) on the way up, and the machine's
+``MemTotal``.
+
+:func:`plan_workers` turns that into ``WORKERS=auto``'s choice (gunicorn.conf.py applies it,
+docs/BENCHMARKS.md "Workers sized to the machine" has the measurements behind the rule): one
+worker per usable CPU, each running its model on ``cpus // workers`` runtime threads, as many
+as the memory allows, at least one.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+#: Private memory (MiB) of a warmed-up worker beyond its model, and per MiB of model file, by
+#: runtime: a least-squares fit of RssAnon of workers serving MobileNetV2 (14 MB) and Inception
+#: v3 (92 MB) folders on each runtime (docs/BENCHMARKS.md, "Workers sized to the machine").
+#: Shared libraries are file pages shared between workers and not counted.
+WORKER_BASE_MB = {"onnx": 150.0, "tensorflow": 430.0}
+WORKER_MB_PER_MODEL_MB = {"onnx": 3.6, "tensorflow": 1.7}
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def own_cgroups(proc_cgroup: str = "/proc/self/cgroup") -> dict[str, str]:
+    """Controller (``""`` for cgroup v2's unified tree) -> this process's cgroup path."""
+    out = {}
+    for line in (_read(proc_cgroup) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for controller in parts[1].split(",") if parts[1] else [""]:
+            out[controller] = parts[2]
+    return out
+
+
+def _upwards(base: str, path: str):
+    """``base/path``, then each folder above it up to ``base`` itself."""
+    parts = [p for p in path.split("/") if p]
+    for n in range(len(parts), -1, -1):
+        yield os.path.join(base, *parts[:n])
+
+
+def _cgroup_folders(root: str, controller: str, cgroups: dict[str, str]):
+    """The folders to read for ``controller``: v2 (``root/cgroup.controllers`` exists) or v1
+    (``root/<controller>``, also as a combined mount such as ``cpu,cpuacct``)."""
+    if os.path.exists(os.path.join(root, "cgroup.controllers")):
+        yield from _upwards(root, cgroups.get("", "/"))
+        return
+    path = next((p for c, p in cgroups.items() if controller in c.split(",")), "/")
+    for mount in (controller, f"{controller},cpuacct", f"cpuacct,{controller}"):
+        if os.path.isdir(os.path.join(root, mount)):
+            yield from _upwards(os.path.join(root, mount), path)
+            # inside a container the process's path may not exist under the mount; its root
+            # is then the container's own cgroup, which _upwards reaches last
+            return
+
+
+def cgroup_cpu_limit(root: str = CGROUP_ROOT,
+                     proc_cgroup: str = "/proc/self/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup quota allows (``2.5`` for ``250000 100000``), the
+    smallest on the way up; None when no quota is set."""
+    cgroups = own_cgroups(proc_cgroup)
+    limits = []
+    for folder in _cgroup_folders(root, "cpu", cgroups):
+        v2 = _read(os.path.join(folder, "cpu.max"))
+        if v2 is not None:
+            quota, _, period = v2.partition(" ")
+            if quota != "max" and period:
+                limits.append(int(quota) / int(period))
+            continue
+        quota = _read(os.path.join(folder, "cpu.cfs_quota_us"))
+        period = _read(os.path.join(folder, "cpu.cfs_period_us"))
+        if quota and period and int(quota) > 0:
+            limits.append(int(quota) / int(period))
+    return min(limits) if limits else None
+
+
+def cgroup_memory_limit(root: str = CGROUP_ROOT,
+                        proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes the cgroup may use, the smallest on the way up; None when unlimited."""
+    cgroups = own_cgroups(proc_cgroup)
+    limits = []
+    for folder in _cgroup_folders(root, "memory", cgroups):
+        raw = _read(os.path.join(folder, "memory.max"))
+        if raw is None:
+            raw = _read(os.path.join(folder, "memory.limit_in_bytes"))
+        if raw and raw != "max" and int(raw) < 2 ** 60:  # v1 says "unlimited" with ~2^63
+            limits.append(int(raw))
+    return min(limits) if limits else None
+
+
+def usable_cpus(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup") -> int:
+    """Whole CPUs this process may keep busy: its affinity mask, cut to the cgroup quota
+    (rounded down: a 1.5-CPU quota keeps one CPU busy without being throttled), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit(root, proc_cgroup)
+    if quota is not None:
+        cpus = min(cpus, math.floor(quota))
+    return max(1, cpus)
+
+
+def usable_memory(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup",
+                  meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes this process may use: the cgroup limit and the machine's memory, the smaller."""
+    total = None
+    for line in (_read(meminfo) or "").splitlines():
+        if line.startswith("MemTotal:"):
+            total = int(line.split()[1]) * 1024
+    limits = [v for v in (cgroup_memory_limit(root, proc_cgroup), total) if v]
+    return min(limits) if limits else None
+
+
+def worker_memory_mb(models: list[tuple[str, int]], transient_mb: float) -> float:
+    """Expected private memory (MiB) of one worker serving ``models`` ((runtime, bytes of the
+    file it loads) each), plus ``transient_mb``: the bounds on what requests may hold at once
+    (DECODE_MEMORY_MB and QUEUE_MEMORY_MB), counted in full so that the bounds hold together."""
+    runtimes = {runtime for runtime, _ in models} or {"onnx"}
+    base = max(WORKER_BASE_MB.get(r, WORKER_BASE_MB["tensorflow"]) for r in runtimes)
+    weights = sum(WORKER_MB_PER_MODEL_MB.get(r, WORKER_MB_PER_MODEL_MB["tensorflow"]) * n / MIB
+                  for r, n in models)
+    return base + weights + transient_mb
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """``WORKERS=auto``'s choice and why."""
+
+    workers: int
+    runtime_threads: int
+    cpus: int
+    memory_mb: float | None
+    worker_mb: float
+    reason: str
+
+
+def plan_workers(cpus: int, memory_bytes: int | None, worker_mb: float,
+                 reserve_mb: float = 256.0) -> WorkerPlan:
+    """One worker per usable CPU, each with ``cpus // workers`` runtime threads, cut to as many
+    workers of ``worker_mb`` as fit in ``memory_bytes`` less ``reserve_mb`` (the arbiter, the
+    page cache a model file needs); at least one.
+
+    The rule is the measured one (docs/BENCHMARKS.md): on 16 cores, 16 workers of one thread
+    served 0.88 of the model's in-process best, 8 x 2 0.66, 4 x 4 0.62, 1 x 16 0.34; on 2 cores
+    2 x 1 against 1 x 2 is in the same section.
+    """
+    memory_mb = None if memory_bytes is None else memory_bytes / MIB
+    workers, reason = cpus, f"{cpus} usable CPU{'s' if cpus != 1 else ''}"
+    if memory_mb is not None:
+        fit = int((memory_mb - reserve_mb) // worker_mb)
+        if fit < workers:
+            workers = max(1, fit)
+            reason += (f"; memory for {max(fit, 0)} worker{'s' if fit != 1 else ''} of "
+                       f"~{worker_mb:.0f} MiB in {memory_mb:.0f} MiB")
+    return WorkerPlan(workers=workers, runtime_threads=max(1, cpus // workers), cpus=cpus,
+                      memory_mb=memory_mb, worker_mb=worker_mb, reason=reason)
+
+
+def served_model_files(config) -> list[tuple[str, int]]:
+    """(runtime, bytes of the file it loads) of the newest version of each model the config's
+    source offers: what every worker will hold (the default version policy serves the latest).
+    Reads only the folders' listings and model.json (the checksum of a verified model.onnx);
+    nothing is loaded."""
+    from common.inference.loader import choose_runtime
+    from common.modelfolder import EXPORT_FILES
+    from common.versions.source import source_for
+
+    source = source_for(config)
+    out = []
+    for versions in source.scan().values():
+        if not versions:
+            continue
+        newest = versions[max(versions)]
+        try:
+            folder = source.open(newest)
+            runtime = choose_runtime(folder, config.runtime, config.precision)
+        except Exception:  # noqa: BLE001 - a folder that cannot load is refused later, clearly
+            continue
+        files = {name: size for name, size, _ in newest.fingerprint}
+        if runtime == "onnx":
+            size = sum(s for n, s in files.items() if n.startswith(EXPORT_FILES["onnx"]))
+        else:
+            exports = set(EXPORT_FILES.values())
+            size = sum(s for n, s in files.items() if os.path.basename(n) not in exports)
+        out.append((runtime, size))
+    return out
+
+
+def plan_for(config, cpus: int | None = None, memory_bytes: int | None = None) -> WorkerPlan:
+    """``WORKERS=auto``'s plan for ``config``: the usable CPUs and memory of this process (or
+    those given), and a worker's expected memory for the models the config serves plus
+    DECODE_MEMORY_MB and QUEUE_MEMORY_MB. A number in WORKERS or RUNTIME_THREADS wins."""
+    cpus = usable_cpus() if cpus is None else cpus
+    memory_bytes = usable_memory() if memory_bytes is None else memory_bytes
+    worker_mb = worker_memory_mb(served_model_files(config),
+                                 config.decode_memory_mb + config.queue_memory_mb)
+    plan = plan_workers(cpus, memory_bytes, worker_mb)
+    workers = config.workers or plan.workers
+    threads = config.runtime_threads or max(1, cpus // workers)
+    reason = plan.reason if config.workers is None else "WORKERS set"
+    return WorkerPlan(workers=workers, runtime_threads=threads, cpus=cpus,
+                      memory_mb=plan.memory_mb, worker_mb=worker_mb, reason=reason)
