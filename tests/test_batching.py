@@ -92,6 +92,39 @@ def test_concurrent_requests_share_batches_and_get_their_own_answer():
     assert sum(hooks.sizes) == 40
 
 
+def test_a_short_batch_is_padded_with_zero_rows_after_its_own():
+    """Three images queued behind a running call run as one batch padded to 4: the model sees
+    them in order and a fourth row of zeros."""
+    gate, entered, batches = threading.Event(), threading.Event(), []
+
+    def model(x):
+        batches.append(x.copy())
+        entered.set()
+        gate.wait(10)
+        return x.mean(axis=(1, 2, 3))[:, None].repeat(2, axis=1)
+
+    hooks = Hooks()
+    batcher = Batcher(model, max_batch_size=4, max_queue=8, metrics=hooks)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(run, batcher, image(0.9))
+            assert entered.wait(5)
+            rest = [pool.submit(run, batcher, image(v)) for v in (0.1, 0.2, 0.3)]
+            deadline = time.monotonic() + 5
+            while hooks.queue_depth < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            assert first.result(5)[0] == pytest.approx(0.9)
+            assert [f.result(5)[0] for f in rest] == pytest.approx([0.1, 0.2, 0.3])
+    finally:
+        gate.set()
+        batcher.close()
+    padded = batches[1]
+    assert padded.shape == (4, 4, 4, 3) and padded.dtype == np.float32
+    assert sorted(padded[:3, 0, 0, 0].tolist()) == pytest.approx([0.1, 0.2, 0.3])
+    assert not padded[3].any()
+
+
 def test_full_queue_sheds_at_once():
     """With the model blocked and the queue full, a new request is refused without waiting: the
     model is blocked (a waiting call could only end at its 60 s deadline, as ModelTimeout), and
