@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-attacks bench-onnx venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-onnx bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed
@@ -99,6 +99,13 @@ bench-onnx: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/s
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/benchmark.py --model build/models/inception_v3 --env RUNTIME=onnx --concurrency 1,16,64 --large-concurrency "" --duration 20 --json build/bench/inception_onnx_admission.json
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet_onnx_admission.json
+
+# Our service beside KServe's Python model server, LitServe and BentoML on the same model.onnx,
+# each peer in its own virtualenv under build/peers/ (made on first use; ~25 minutes in all;
+# docs/BENCHMARKS.md, "Peers side by side"). Needs wrk.
+bench-peers: build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/bench_peers.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --duration 20 --json build/bench/peers.json --markdown build/bench/peers.md
 
 # Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
 # series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").
