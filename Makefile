@@ -101,8 +101,8 @@ bench-onnx: build/models/inception_v3/saved_model.pb build/models/mobilenet_v2/s
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16 --large-concurrency "" --duration 20 --json build/bench/mobilenet_onnx_admission.json
 
 # Our service beside KServe's Python model server, LitServe and BentoML on the same model.onnx,
-# each peer in its own virtualenv under build/peers/ (made on first use; ~25 minutes in all;
-# docs/BENCHMARKS.md, "Peers side by side"). Needs wrk.
+# each peer in its own virtualenv under build/peers/ (made on first use, a few minutes; the run
+# itself about 8 minutes; docs/BENCHMARKS.md, "Peers side by side"). Needs wrk.
 bench-peers: build/models/mobilenet_v2/saved_model.pb
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/bench_peers.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --duration 20 --json build/bench/peers.json --markdown build/bench/peers.md
