@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-attacks bench-onnx bench-workers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed
@@ -107,6 +107,13 @@ bench-workers: build/models/mobilenet_v2/saved_model.pb
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --env RUNTIME=onnx --concurrency 1,16,64 --duration 20 --sweep $(SWEEP) --json build/bench/workers.json
 
 SWEEP ?= 1x2,2x1,auto
+
+# Our service beside KServe's Python model server, LitServe and BentoML on the same model.onnx,
+# each peer in its own virtualenv under build/peers/ (made on first use, a few minutes; the run
+# itself about 8 minutes; docs/BENCHMARKS.md, "Peers side by side"). Needs wrk.
+bench-peers: build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/bench_peers.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --duration 20 --json build/bench/peers.json --markdown build/bench/peers.md
 
 # Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
 # series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").

@@ -121,7 +121,8 @@ def wrk_available() -> str | None:
 
 def wrk_drive(url: str, body_path: str, connections: int, duration: float,
               threads: int | None = None, polite: bool = False, top_k: int = 5,
-              timeout: float = 30.0, unique: bool = True) -> dict:
+              timeout: float = 30.0, unique: bool = True, path: str | None = None,
+              content_type: str = "image/jpeg") -> dict:
     """``connections`` closed-loop wrk clients POST the file ``body_path`` for ``duration`` s.
 
     ``threads`` wrk threads (default: one per connection, which the Lua script needs to time
@@ -132,12 +133,16 @@ def wrk_drive(url: str, body_path: str, connections: int, duration: float,
     percentiles, with the same keys as :func:`drive` where they mean the same. ``unique``
     (default): each request's JPEG carries its own counter in a comment segment, so every
     request is a new image to the service's content-addressed store, as in real traffic.
+    ``path`` (default ``/classify?top_k=...``) and ``content_type`` let the same clients post
+    another body, such as a TF Serving ``:predict`` JSON body (sent the same every time).
     """
     exe = wrk_available()
     if exe is None:
         raise RuntimeError("wrk is not installed (apt-get install wrk)")
     threads = threads or connections
-    env = {**os.environ, "WRK_PATH": f"/classify?top_k={top_k}" if top_k else "/classify"}
+    if path is None:
+        path = f"/classify?top_k={top_k}" if top_k else "/classify"
+    env = {**os.environ, "WRK_PATH": path, "WRK_CONTENT_TYPE": content_type}
     cmd = [exe, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(duration))}s",
            "--timeout", f"{max(1, round(timeout))}s", "-s", WRK_SCRIPT, url, "--",
            os.path.abspath(body_path), "polite" if polite else "impolite",

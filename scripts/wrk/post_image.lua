@@ -5,11 +5,13 @@
 --
 -- Arguments after "--" (or environment variables): the body file (WRK_BODY), "polite" or
 -- "impolite" (WRK_POLITE=1), "unique" (default) or "same" (WRK_SAME=1), the request path
--- (WRK_PATH, default /classify?top_k=5).
+-- (WRK_PATH, default /classify?top_k=5), the body's Content-Type (WRK_CONTENT_TYPE, default
+-- image/jpeg; scripts/bench_peers.py sends application/json to the :predict paths).
 --
 -- Unique (default): every request's JPEG differs by a 16-hex-digit counter in a comment (COM)
 -- segment right after SOI, so the bytes, their hash and the stored file are new each time, as
--- in real traffic (the service stores each distinct image once). Same: one body for all.
+-- in real traffic (the service stores each distinct image once). Same: one body for all; a body
+-- that is not a JPEG (a JSON body) is always sent the same.
 --
 -- Run it with one connection per wrk thread (-t equal to -c). wrk calls request() and
 -- response() per thread, without saying for which connection; with one connection a thread
@@ -70,7 +72,8 @@ function init(args)
    fh:close()
    local same = (args[3] == "same") or (os.getenv("WRK_SAME") == "1")
    path_q = os.getenv("WRK_PATH") or "/classify?top_k=5"
-   headers_q = {["Content-Type"] = "image/jpeg", ["Host"] = wrk.host}
+   headers_q = {["Content-Type"] = os.getenv("WRK_CONTENT_TYPE") or "image/jpeg",
+                ["Host"] = wrk.host}
    if same or string.sub(body, 1, 2) ~= "\255\216" then
       req = wrk.format("POST", path_q, headers_q, body)
    else
