@@ -24,8 +24,9 @@ MIB = 1024 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 #: Private memory (MiB) of a warmed-up worker beyond its model, and per MiB of model file, by
-#: runtime: a least-squares fit of RssAnon of workers serving MobileNetV2 (14 MB) and Inception
-#: v3 (92 MB) folders on each runtime (docs/BENCHMARKS.md, "Workers sized to the machine").
+#: runtime: a line through RssAnon of workers serving MobileNetV2 (14 MB) and Inception v3
+#: (92 MB) folders on each runtime, rounded up (docs/BENCHMARKS.md, "Workers sized to the
+#: machine").
 #: Shared libraries are file pages shared between workers and not counted.
 WORKER_BASE_MB = {"onnx": 150.0, "tensorflow": 430.0}
 WORKER_MB_PER_MODEL_MB = {"onnx": 3.6, "tensorflow": 1.7}

@@ -64,6 +64,7 @@ class PeerParams:
     inter_op: int = 0  # ONNX_INTER_OP_THREADS of every server
     spinning: bool = False  # ONNX_SPINNING of every server (ours' default: off)
     max_batch: int = 8  # batch limit of every batching server (our BATCH_MAX_SIZE default)
+    workers: int = 0  # processes of every server (ours: WORKERS; 0: each server's default)
     batch_wait_ms: float = 10.0  # LitServe's batch_timeout (BentoML adapts its own wait)
     venv_root: str = os.path.join(ROOT, "build", "peers")  # build/peers/<name>/
     env: dict = field(default_factory=dict)  # extra settings of our service
@@ -281,7 +282,8 @@ def run_ours(params: PeerParams, body: dict, name: str, log_dir: str, suffix: st
     """Our service (the Dockerfile's gunicorn command) on both bodies: {row: result}."""
     env = {"MODEL_PATH": params.model, "RUNTIME": "onnx", "LOG_LEVEL": "warning",
            "TEMP_DIR": os.path.join(log_dir, "temp"), "BATCH_MAX_SIZE": str(params.max_batch),
-           **onnx_env(params), **params.env}
+           **onnx_env(params), **({"WORKERS": str(params.workers)} if params.workers else {}),
+           **params.env}
     server = LiveServer(env)
     rows = {}
     progress(f"ours{suffix}: starting")
@@ -311,6 +313,7 @@ def run_peer(peer: str, params: PeerParams, body: dict, name: str, log_dir: str)
         port = free_port()
         env = {"PEER_MODEL_DIR": os.path.abspath(params.model), "PEER_MODEL_NAME": name,
                "PEER_PORT": str(port), "PEER_MAX_BATCH": str(params.max_batch),
+               "PEER_WORKERS": str(params.workers or 1),
                "PEER_BATCH_WAIT_MS": str(params.batch_wait_ms), "BENTOML_DO_NOT_TRACK": "True",
                "PYTHONPATH": ROOT, **onnx_env(params)}
         progress(f"{peer} {row['versions'].get(peer)}: starting")
@@ -432,6 +435,10 @@ def main(argv=None) -> int:
     parser.add_argument("--inter_op", type=int, default=PeerParams.inter_op)
     parser.add_argument("--spinning", action="store_true", help="ONNX_SPINNING=1 everywhere")
     parser.add_argument("--max_batch", type=int, default=PeerParams.max_batch)
+    parser.add_argument("--workers", type=int, default=PeerParams.workers,
+                        help="processes of every server: our WORKERS, KServe's workers, "
+                             "LitServe's workers_per_device, BentoML's workers (0: each one's "
+                             "default: ours WORKERS=auto, the peers 1)")
     parser.add_argument("--batch_wait_ms", type=float, default=PeerParams.batch_wait_ms)
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting of our service (repeatable)")
@@ -443,6 +450,7 @@ def main(argv=None) -> int:
         concurrency=tuple(int(c) for c in args.concurrency.split(",") if c),
         duration=args.duration, warmup_requests=args.warmup_requests, intra_op=args.intra_op,
         inter_op=args.inter_op, spinning=args.spinning, max_batch=args.max_batch,
+        workers=args.workers,
         batch_wait_ms=args.batch_wait_ms, env=dict(e.split("=", 1) for e in args.env))
     for peer in params.peers:
         peer_command(peer, "", 0)  # an unknown name fails before anything starts

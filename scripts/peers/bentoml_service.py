@@ -25,7 +25,7 @@ from onnx_model import OnnxModel, PeerSettings  # noqa: E402
 SETTINGS = PeerSettings.from_env()
 
 
-@bentoml.service(workers=1, logging={"access": {"enabled": False}})
+@bentoml.service(workers=SETTINGS.workers, logging={"access": {"enabled": False}})
 class Classifier:
     def __init__(self):
         self.model = OnnxModel.from_settings(SETTINGS)

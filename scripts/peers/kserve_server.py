@@ -5,8 +5,9 @@
 
 ``POST /v1/models/<name>:predict`` (KServe's v1 protocol) with
 ``{"instances": [{"b64": "<base64 JPEG>"}]}`` answers ``{"predictions": [[{"label", "score"},
-x5]]}``. One uvicorn worker (``--workers`` 1, its default), gRPC off, the per-request log lines
-(latency, access, trace) off: our service logs warnings only in the benchmark too.
+x5]]}``. ``PEER_WORKERS`` uvicorn workers (KServe's ``workers``; 1, its default, unless the
+benchmark says), gRPC off, the per-request log lines (latency, access, trace) off: our service
+logs warnings only in the benchmark too.
 
 KServe's Python server has no batching of its own: batching is the Kubernetes "batcher" (the
 agent beside the container), which a Python process alone does not have. Each request is one
@@ -41,6 +42,15 @@ class OnnxClassifier(Model):
         self.model = OnnxModel.from_settings(SETTINGS)
         self.ready = True
 
+    # With workers > 1 KServe pickles the registered models into each worker process; an ONNX
+    # Runtime session cannot be pickled, so each worker loads its own (as it would in ours).
+    def __getstate__(self):
+        return {**self.__dict__, "model": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.load()
+
     async def preprocess(self, payload, headers=None):
         loop = asyncio.get_running_loop()
         arrays = [await loop.run_in_executor(None, self.model.preprocess, instance)
@@ -58,7 +68,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(parents=[model_server.parser])
     args, _ = parser.parse_known_args()
     server = ModelServer(http_port=SETTINGS.port, enable_grpc=False,
-                         enable_latency_logging=False, workers=1)
+                         enable_latency_logging=False, workers=SETTINGS.workers)
     for name in ("uvicorn.access", "kserve.trace"):  # a line per request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     server.start([OnnxClassifier(SETTINGS.name)])

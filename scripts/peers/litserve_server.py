@@ -5,7 +5,7 @@
 
 ``POST /v1/models/<name>:predict`` with ``{"instances": [{"b64": "<base64 JPEG>"}]}`` (one image
 a request: LitServe batches requests, not the instances inside one) answers
-``{"predictions": [[{"label", "score"}, x5]]}``. One inference worker (``workers_per_device=1``)
+``{"predictions": [[{"label", "score"}, x5]]}``. ``PEER_WORKERS`` inference workers (``workers_per_device``; 1 unless the benchmark says)
 and one API server process; requests are gathered into batches of up to ``PEER_MAX_BATCH``,
 waiting at most ``PEER_BATCH_WAIT_MS`` (``LitAPI(max_batch_size, batch_timeout)``). LitServe runs
 ``decode_request`` in the inference worker, one request after another, before the batch.
@@ -48,6 +48,6 @@ if __name__ == "__main__":
     api = ClassifierAPI(max_batch_size=SETTINGS.max_batch,
                         batch_timeout=SETTINGS.batch_wait_ms / 1000.0,
                         api_path=f"/v1/models/{SETTINGS.name}:predict")
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=SETTINGS.workers, timeout=30)
     server.run(host="127.0.0.1", port=SETTINGS.port, num_api_servers=1, log_level="warning",
                generate_client_file=False)

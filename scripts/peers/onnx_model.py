@@ -33,6 +33,7 @@ MODEL_NAME = "PEER_MODEL_NAME"  # the name in /v1/models/<name>:predict (ours: m
 PORT = "PEER_PORT"
 MAX_BATCH = "PEER_MAX_BATCH"  # the peer's batch size limit, where it batches (ours: 8)
 BATCH_WAIT_MS = "PEER_BATCH_WAIT_MS"  # how long a peer's batcher waits to fill a batch
+WORKERS = "PEER_WORKERS"  # processes serving the model (each its own session)
 TOP_K = 5
 
 
@@ -45,6 +46,7 @@ class PeerSettings:
     port: int
     max_batch: int
     batch_wait_ms: float
+    workers: int
     intra_op: int
     inter_op: int
     spinning: bool
@@ -55,6 +57,7 @@ class PeerSettings:
                    port=int(environ.get(PORT, "8080")),
                    max_batch=int(environ.get(MAX_BATCH, "8")),
                    batch_wait_ms=float(environ.get(BATCH_WAIT_MS, "10")),
+                   workers=int(environ.get(WORKERS, "1")),
                    intra_op=int(environ.get("ONNX_INTRA_OP_THREADS", "0")),
                    inter_op=int(environ.get("ONNX_INTER_OP_THREADS", "0")),
                    spinning=environ.get("ONNX_SPINNING", "0").lower() in ("1", "true", "yes"))
