@@ -145,22 +145,3 @@ def test_stopped_after_close():
     assert isinstance(model.health().error(), ServiceUnavailable)
     with pytest.raises(ServiceUnavailable):
         classify(model, image())
-
-
-@pytest.mark.parametrize("beside_serving, pauses", [(False, False), (True, True)])
-def test_a_version_loading_beside_serving_ones_warms_up_in_pauses(monkeypatch, beside_serving,
-                                                                  pauses):
-    """A roll-out's warm-up sleeps as long as each call took, leaving the serving version
-    the CPU; at start-up (nothing serves yet) it does not wait."""
-    from common.inference import classifier as classifier_module
-
-    slept = []
-    monkeypatch.setattr(classifier_module.time, "sleep", slept.append)
-    model = ServedVersion(tiny(), CONFIG, beside_serving=beside_serving).start(background=False)
-    try:
-        assert model.health().state is State.READY
-        calls = 2 * len(model.classifier.batch_seconds)  # two calls per padded batch size
-        assert len(slept) == calls
-        assert all(s > 0 for s in slept) == pauses and any(s > 0 for s in slept) == pauses
-    finally:
-        model.close()

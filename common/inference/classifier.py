@@ -112,28 +112,22 @@ class Classifier:
             scores = _softmax(scores)
         return scores
 
-    def warm_up(self, batch_sizes: Sequence[int] = (1,), pause: float = 0.0) -> float:
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
         """Run the model twice per batch size so the first real request is not slower, and
         time the second call of each (``batch_seconds``: the batcher's first estimates).
 
-        ``pause``: after each call, sleep that many times as long as it took, so the warm-up
-        takes at most ``1 / (1 + pause)`` of the runtime's threads: a version warming up
-        beside a serving one leaves it most of the CPU. Also the start-up check that labels
-        and model outputs agree (for models that do not declare their output width). Returns
-        seconds taken.
+        Also the start-up check that labels and model outputs agree (for models that do not
+        declare their output width). Returns seconds taken.
         """
         started = time.perf_counter()
         for n in batch_sizes:
             zeros = np.zeros((n, *self.input_size, 3), np.float32)
-            t0 = time.perf_counter()
             scores = np.asarray(self.predict_fn(zeros))  # the first call traces the shape
-            time.sleep(pause * (time.perf_counter() - t0))
             width = scores.shape[-1] if scores.ndim == 2 else 0
             ModelFolder.check_label_count(width, self.labels, self.name)
             t0 = time.perf_counter()
             self.predict_fn(zeros)
             self.batch_seconds[n] = time.perf_counter() - t0
-            time.sleep(pause * self.batch_seconds[n])
         self.warmed_up = True
         return time.perf_counter() - started
 

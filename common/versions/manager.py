@@ -226,7 +226,7 @@ class Manager:
     def _served(self, classifier, identity, initial: bool = False) -> ServedVersion:
         return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,
                              on_failure=self.on_failure if initial and self.source.essential
-                             else None, identity=identity, beside_serving=not initial)
+                             else None, identity=identity)
 
     # -- requests ---------------------------------------------------------------------------------
     @property

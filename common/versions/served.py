@@ -81,17 +81,13 @@ class ServedVersion:
         identity: ``(name, version)`` the version is served as (the source's model name and
             version number); None keeps the classifier's own, and the version is number 1 (a
             classifier given in memory).
-        beside_serving: the version loads while others serve (a roll-out, not the start):
-            its warm-up pauses as long as each call took (``Classifier.warm_up``'s ``pause``),
-            so the serving versions keep most of the CPU.
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
                  on_hung: Callable[[float], None] | None = None,
-                 identity: tuple[str, int] | None = None, beside_serving: bool = False):
+                 identity: tuple[str, int] | None = None):
         self._source = source
-        self.beside_serving = beside_serving
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
         self._holds = 0  # leases (and lookups about to lease) not yet finished
@@ -123,8 +119,7 @@ class ServedVersion:
             if self.identity is not None:
                 clf.name, clf.version = self.identity
             self.load_seconds = time.perf_counter() - t0
-            self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size),
-                                              pause=1.0 if self.beside_serving else 0.0)
+            self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
             if self.metrics is not None:
                 self.version_metrics = self.metrics.for_version(clf.name, clf.version)
             batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)
