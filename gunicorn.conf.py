@@ -97,7 +97,8 @@ def post_worker_init(worker):
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     Once warm, the worker is marked so, and its ``/readyz`` says ready only when every worker
-    has been warm (``WarmWorkers``).
+    has been warm (``WarmWorkers``); versions found later load in one worker at a time
+    (``OneLoadAtATime``).
     """
     from common.dataplane import DataPlane
 
@@ -107,6 +108,8 @@ def post_worker_init(worker):
     warm = _warm_workers()
     warm.mark(worker.pid)
     dataplane.workers_waiting = warm.waiting
+    from common.web.gunicorn_worker import OneLoadAtATime
+    dataplane.manager.load_turn = OneLoadAtATime(os.path.join(_run_dir, "load.lock"))
 
 
 _request_thread = threading.local()

@@ -145,3 +145,62 @@ def test_stopped_after_close():
     assert isinstance(model.health().error(), ServiceUnavailable)
     with pytest.raises(ServiceUnavailable):
         classify(model, image())
+
+
+def test_the_load_and_warm_up_happen_within_the_turn():
+    """A roll-out's version loads and warms up while holding its turn (under gunicorn, one
+    worker at a time), and lets go of it before it serves."""
+    events = []
+
+    class Turn:
+        def __enter__(self):
+            events.append("turn")
+
+        def __exit__(self, *exc):
+            events.append("done")
+
+    def load():
+        events.append("load")
+        return tiny(lambda x: (events.append("call"), np.ones((len(x), 2)) / 2)[1])
+
+    model = ServedVersion(load, CONFIG, turn=Turn).start(background=False)
+    try:
+        assert model.health().state is State.READY
+        assert events[:2] == ["turn", "load"] and events[-1] == "done"
+        assert "call" in events[2:-1]  # the warm-up ran inside the turn
+        classify(model, image())
+        assert events[-1] == "call"
+    finally:
+        model.close()
+
+
+def test_one_load_at_a_time_across_processes(tmp_path):
+    """OneLoadAtATime is a lock between processes: while a child holds it, this process
+    waits for its turn."""
+    import subprocess
+    import sys
+
+    from common.web.gunicorn_worker import OneLoadAtATime
+
+    path = str(tmp_path / "load.lock")
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys; fh = open(sys.argv[1], 'a'); "
+         "fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        entered = threading.Event()
+
+        def take_turn():
+            with OneLoadAtATime(path)():
+                entered.set()
+
+        waiter = threading.Thread(target=take_turn, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        assert not entered.is_set()  # the child holds it
+        child.stdin.close()  # the child exits, its lock goes with it
+        assert entered.wait(30)
+    finally:
+        child.kill()
+        child.wait()

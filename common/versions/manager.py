@@ -22,12 +22,13 @@ held under one lock, so a version is never unloaded under a request that has fou
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 from common.config import Config
 from common.errors import ModelNotFound
@@ -112,6 +113,10 @@ class Manager:
         self._poll_lock = threading.Lock()  # one poll at a time
         self._closed = threading.Event()
         self._initial: list[ServedVersion] = []
+        #: Held while a version found after start-up loads and warms up: a roll-out's load
+        #: competes with serving. gunicorn.conf.py makes it one worker at a time
+        #: (``OneLoadAtATime``), so the other workers serve at full speed meanwhile.
+        self.load_turn: Callable[[], ContextManager] = contextlib.nullcontext
 
     # -- life cycle -----------------------------------------------------------------------------
     def start(self) -> "Manager":
@@ -226,7 +231,8 @@ class Manager:
     def _served(self, classifier, identity, initial: bool = False) -> ServedVersion:
         return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,
                              on_failure=self.on_failure if initial and self.source.essential
-                             else None, identity=identity)
+                             else None, identity=identity,
+                             turn=contextlib.nullcontext if initial else self.load_turn)
 
     # -- requests ---------------------------------------------------------------------------------
     @property

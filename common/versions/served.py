@@ -8,12 +8,13 @@ than ``REQUEST_TIMEOUT``; ``failed`` with the reason when loading failed; ``stop
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 from common.config import Config
 from common.errors import ModelNotReady, ModelTimeout, ServiceUnavailable
@@ -81,13 +82,17 @@ class ServedVersion:
         identity: ``(name, version)`` the version is served as (the source's model name and
             version number); None keeps the classifier's own, and the version is number 1 (a
             classifier given in memory).
+        turn: a context manager held while the version loads and warms up (the manager's
+            ``load_turn`` for a roll-out: under gunicorn, one worker loads at a time).
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
                  on_hung: Callable[[float], None] | None = None,
-                 identity: tuple[str, int] | None = None):
+                 identity: tuple[str, int] | None = None,
+                 turn: Callable[[], ContextManager] = contextlib.nullcontext):
         self._source = source
+        self._turn = turn
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
         self._holds = 0  # leases (and lookups about to lease) not yet finished
@@ -114,12 +119,13 @@ class ServedVersion:
 
     def _load(self) -> None:
         try:
-            t0 = time.perf_counter()
-            clf = self._source if isinstance(self._source, Classifier) else self._source()
-            if self.identity is not None:
-                clf.name, clf.version = self.identity
-            self.load_seconds = time.perf_counter() - t0
-            self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
+            with self._turn():
+                t0 = time.perf_counter()
+                clf = self._source if isinstance(self._source, Classifier) else self._source()
+                if self.identity is not None:
+                    clf.name, clf.version = self.identity
+                self.load_seconds = time.perf_counter() - t0
+                self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
             if self.metrics is not None:
                 self.version_metrics = self.metrics.for_version(clf.name, clf.version)
             batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)

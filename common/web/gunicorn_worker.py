@@ -29,7 +29,9 @@ request threads, as gunicorn does. ``gunicorn.conf.py`` names this class.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import os
 import select
 import selectors
@@ -89,6 +91,25 @@ class WarmWorkers:
             open(os.path.join(self.folder, self.ALL), "w").close()
             return None
         return f"{warm} of {self.expected} workers are warm; the others are loading the model"
+
+
+class OneLoadAtATime:
+    """A lock the server's workers share (``flock`` on a file of the run folder): held while
+    a worker loads and warms up a version found after start-up, so that a roll-out loads in
+    one worker after another and the others serve at full speed meanwhile. A worker waiting
+    for its turn keeps serving the version it has."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with open(self.path, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # gunicorn's client-error exceptions -> our error class; first match wins.
