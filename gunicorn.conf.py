@@ -62,18 +62,26 @@ errorlog = "-"
 
 
 def on_starting(server):
-    """Say how the server is sized; clear metrics files a previous run left in
-    PROMETHEUS_MULTIPROC_DIR."""
+    """Say how the server is sized (gunicorn's own count wins: ``-w`` or GUNICORN_CMD_ARGS
+    override this file; the runtime threads follow it unless RUNTIME_THREADS was set); clear
+    metrics files a previous run left in PROMETHEUS_MULTIPROC_DIR."""
+    count = server.cfg.workers
+    threads = _plan.runtime_threads
+    if count != _plan.workers:
+        threads = _settings.runtime_threads or max(1, _plan.cpus // count)
+        os.environ["WORKERS"] = str(count)
+        os.environ["RUNTIME_THREADS"] = str(threads)
     server.log.info("%d worker(s) x %d runtime thread(s) (%s; ~%.0f MiB a worker)",
-                    _plan.workers, _plan.runtime_threads, _plan.reason, _plan.worker_mb)
+                    count, threads, _plan.reason if count == _plan.workers
+                    else "gunicorn's worker count", _plan.worker_mb)
     os.makedirs(_metrics_dir, exist_ok=True)
     for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
         os.unlink(path)
 
 
-def _warm_workers():
+def _warm_workers(count: int):
     from common.web.gunicorn_worker import WarmWorkers
-    return WarmWorkers(os.path.join(_run_dir, "warm"), workers)
+    return WarmWorkers(os.path.join(_run_dir, "warm"), count)
 
 
 def child_exit(server, worker):
@@ -81,7 +89,7 @@ def child_exit(server, worker):
     as warm."""
     from common.metrics import mark_process_dead
     mark_process_dead(worker.pid, _metrics_dir)
-    _warm_workers().forget(worker.pid)
+    _warm_workers(server.cfg.workers).forget(worker.pid)
 
 
 def on_exit(server):
@@ -105,7 +113,7 @@ def post_worker_init(worker):
     dataplane = DataPlane.of(worker.wsgi)
     while not dataplane.manager.wait_initial(1.0):
         worker.notify()
-    warm = _warm_workers()
+    warm = _warm_workers(worker.cfg.workers)
     warm.mark(worker.pid)
     dataplane.workers_waiting = warm.waiting
     from common.web.gunicorn_worker import OneLoadAtATime

@@ -136,7 +136,7 @@ def worker_memory_mb(models: list[tuple[str, int]], transient_mb: float) -> floa
     """Expected private memory (MiB) of one worker serving ``models`` ((runtime, bytes of the
     file it loads) each), plus ``transient_mb``: the bounds on what requests may hold at once
     (DECODE_MEMORY_MB and QUEUE_MEMORY_MB), counted in full so that the bounds hold together."""
-    runtimes = {runtime for runtime, _ in models} or {"onnx"}
+    runtimes = {runtime for runtime, _ in models} or {"tensorflow"}  # none yet: the larger
     base = max(WORKER_BASE_MB.get(r, WORKER_BASE_MB["tensorflow"]) for r in runtimes)
     weights = sum(WORKER_MB_PER_MODEL_MB.get(r, WORKER_MB_PER_MODEL_MB["tensorflow"]) * n / MIB
                   for r, n in models)
@@ -179,9 +179,10 @@ def plan_workers(cpus: int, memory_bytes: int | None, worker_mb: float,
 
 def served_model_files(config) -> list[tuple[str, int]]:
     """(runtime, bytes of the file it loads) of the newest version of each model the config's
-    source offers: what every worker will hold (the default version policy serves the latest).
-    Reads only the folders' listings and model.json (the checksum of a verified model.onnx);
-    nothing is loaded."""
+    source offers: what every worker will hold (the default version policy serves the latest;
+    a policy serving more versions is undercounted). Reads the folders' listings and model.json,
+    and, for ``RUNTIME=auto``, checksums a model.onnx to see whether it is the verified one
+    (importing onnxruntime in the arbiter); nothing is loaded."""
     from common.inference.loader import choose_runtime
     from common.modelfolder import EXPORT_FILES
     from common.versions.source import source_for
@@ -210,13 +211,20 @@ def served_model_files(config) -> list[tuple[str, int]]:
 def plan_for(config, cpus: int | None = None, memory_bytes: int | None = None) -> WorkerPlan:
     """``WORKERS=auto``'s plan for ``config``: the usable CPUs and memory of this process (or
     those given), and a worker's expected memory for the models the config serves plus
-    DECODE_MEMORY_MB and QUEUE_MEMORY_MB. A number in WORKERS or RUNTIME_THREADS wins."""
+    DECODE_MEMORY_MB and QUEUE_MEMORY_MB. A number in WORKERS or RUNTIME_THREADS wins; with
+    only RUNTIME_THREADS set, the workers are as many as its threads fit in the CPUs."""
     cpus = usable_cpus() if cpus is None else cpus
+    if config.workers and config.runtime_threads:  # nothing to decide: no scan
+        return WorkerPlan(workers=config.workers, runtime_threads=config.runtime_threads,
+                          cpus=cpus, memory_mb=None, worker_mb=0.0,
+                          reason="WORKERS and RUNTIME_THREADS set")
     memory_bytes = usable_memory() if memory_bytes is None else memory_bytes
     worker_mb = worker_memory_mb(served_model_files(config),
                                  config.decode_memory_mb + config.queue_memory_mb)
     plan = plan_workers(cpus, memory_bytes, worker_mb)
     workers = config.workers or plan.workers
+    if config.workers is None and config.runtime_threads:
+        workers = min(workers, max(1, cpus // config.runtime_threads))
     threads = config.runtime_threads or max(1, cpus // workers)
     reason = plan.reason if config.workers is None else "WORKERS set"
     return WorkerPlan(workers=workers, runtime_threads=threads, cpus=cpus,

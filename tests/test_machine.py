@@ -124,6 +124,9 @@ def test_plan_for_reads_the_served_models_and_numbers_win(tmp_path):
                                              "RUNTIME_THREADS": "3"}), cpus=8,
                             memory_bytes=64 * 1024 * MIB)
     assert (plan.workers, plan.runtime_threads) == (2, 3)
+    plan = machine.plan_for(Config.from_env({"MODEL_PATH": model, "RUNTIME_THREADS": "4"}),
+                            cpus=8, memory_bytes=64 * 1024 * MIB)
+    assert (plan.workers, plan.runtime_threads) == (2, 4)  # threads given: workers fit them
     tight = machine.plan_for(config, cpus=8, memory_bytes=2 * 1024 * MIB)
     assert tight.workers < 8 and tight.runtime_threads == 8 // tight.workers
 
@@ -144,7 +147,8 @@ def test_warm_workers_say_ready_once_all_were_warm(tmp_path):
     warm = WarmWorkers(str(tmp_path / "warm"), expected=2)
     warm.mark(101)
     assert warm.waiting() == "1 of 2 workers are warm; the others are loading the model"
-    warm.mark(102)
+    warm.mark(102)  # the last one records that all were warm, whether or not a probe came
+    assert os.path.exists(os.path.join(warm.folder, WarmWorkers.ALL))
     assert warm.waiting() is None
     warm.forget(101)  # replaced later: it takes no requests until warm, siblings serve
     assert warm.waiting() is None

@@ -204,3 +204,17 @@ def test_one_load_at_a_time_across_processes(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_turn_held_too_long_is_not_waited_for_forever(tmp_path):
+    """A load that hangs holding the turn holds up the other workers only for ``patience``."""
+    import fcntl
+
+    from common.web.gunicorn_worker import OneLoadAtATime
+
+    path = str(tmp_path / "load.lock")
+    with open(path, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: as another worker would
+        with OneLoadAtATime(path, patience=0.3)():
+            entered = True
+    assert entered

@@ -23,14 +23,15 @@ def test_health_and_ready(live_server):
 def test_workers_default_to_the_usable_cpus(colour_model_dir, tmp_path):
     """WORKERS=auto (the default): one worker per CPU this process may use, one runtime thread
     each on this machine's model, said in the log; ready only once all of them are warm."""
-    from common.machine import usable_cpus
+    from common.config import Config
+    from common.machine import plan_for
 
+    plan = plan_for(Config.from_env({"MODEL_PATH": colour_model_dir}))  # memory may cut it
     server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir})
     try:
-        cpus = usable_cpus()
-        assert len(server.worker_pids()) == cpus
-        assert f"{cpus} worker(s) x 1 runtime thread(s) ({cpus} usable CPU" \
-            in server.output()
+        assert len(server.worker_pids()) == plan.workers
+        assert f"{plan.workers} worker(s) x {plan.runtime_threads} runtime thread(s) " \
+               f"({plan.cpus} usable CPU" in server.output()
     finally:
         server.stop()
 

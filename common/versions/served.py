@@ -120,6 +120,8 @@ class ServedVersion:
     def _load(self) -> None:
         try:
             with self._turn():
+                if self._stopped:  # retired while it waited for its turn
+                    return
                 t0 = time.perf_counter()
                 clf = self._source if isinstance(self._source, Classifier) else self._source()
                 if self.identity is not None:

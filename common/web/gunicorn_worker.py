@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import select
 import selectors
@@ -48,6 +49,8 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 from common import errors
 from common.config import Config
 from common.web import error_handlers
+
+log = logging.getLogger(__name__)
 
 HEAD_LIMIT = 64 * 1024  # bytes of request line and headers a connection may send
 LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to close its side
@@ -75,6 +78,7 @@ class WarmWorkers:
 
     def mark(self, pid: int) -> None:
         open(os.path.join(self.folder, str(pid)), "w").close()
+        self.waiting()  # the last one to be warm records that all were
 
     def forget(self, pid: int) -> None:
         try:
@@ -99,17 +103,30 @@ class OneLoadAtATime:
     one worker after another and the others serve at full speed meanwhile. A worker waiting
     for its turn keeps serving the version it has."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, patience: float = 300.0):
         self.path = path
+        self.patience = patience  # a load that hangs holding the turn holds up the others
 
     @contextlib.contextmanager
     def __call__(self):
         with open(self.path, "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            deadline = time.monotonic() + self.patience
+            held = False
+            while not held:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        log.warning("another worker has been loading a model for %.0f s; "
+                                    "loading without waiting for it", self.patience)
+                        break
+                    time.sleep(0.2)
             try:
                 yield
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                if held:
+                    fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # gunicorn's client-error exceptions -> our error class; first match wins.

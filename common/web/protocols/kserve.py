@@ -72,9 +72,11 @@ def live(dataplane: DataPlane):
 
 @views.get("/health/ready")
 def ready(dataplane: DataPlane):
-    """Ready when every model has a version that is ready (503 otherwise, for probes)."""
+    """Ready when every model has a version that is ready and every worker is warm (503
+    otherwise, for probes)."""
     models = dataplane.model_status()
     ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
+    ok = ok and not dataplane.workers_waiting()
     return jsonify({"ready": ok}), 200 if ok else 503
 
 
