@@ -161,11 +161,12 @@ def test_the_image_carries_one_tensorflow_and_only_what_serving_needs(image):
 
 def test_sigterm_answers_the_queued_requests_within_graceful_timeout(image, tmp_path):
     """A mounted model (read-only, MODEL_PATH) whose magenta batch spins 4 s; six requests
-    queue behind it; `docker stop` gives gunicorn graceful_timeout seconds before SIGKILL."""
+    queue behind it in the one worker (WORKERS=1: with more, a sibling would answer them at
+    once); `docker stop` gives gunicorn graceful_timeout seconds before SIGKILL."""
     model = save_colour_model(str(tmp_path / "build"), hang_seconds=4)
     folder = readable_copy(model, tmp_path / "colours")
     box = Container(image, *READ_ONLY, "-v", f"{folder}:/models/colours:ro",
-                    env={"MODEL_PATH": "/models/colours", "BATCH_MAX_SIZE": "1",
+                    env={"MODEL_PATH": "/models/colours", "WORKERS": "1", "BATCH_MAX_SIZE": "1",
                          "QUEUE_MAX_WAIT_MS": "0", "MODEL_HANG_TIMEOUT": "0"})
     try:
         box.wait_ready()
