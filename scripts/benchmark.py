@@ -195,6 +195,18 @@ def level(driver: str, port: int, body: bytes, body_path: str, concurrency: int,
     return {**out, "warmup_503s": warm_503}
 
 
+def costed_level(driver: str, port: int, workers: list[int], body: bytes, body_path: str,
+                 concurrency: int, params: BenchParams) -> dict:
+    """:func:`level`, plus ``server_cpu_ms_per_200``: the workers' CPU over the level divided by
+    its 200s (the level's warm-up 200s, max(1, N), are in the window too)."""
+    before = workers_cpu_s(workers)
+    lv = level(driver, port, body, body_path, concurrency, params)
+    answered = lv["ok"] + max(1, params.warmup_requests)
+    lv["server_cpu_ms_per_200"] = round(
+        (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
+    return lv
+
+
 def run(params: BenchParams, log_dir: str | None = None) -> dict:
     small = photo_jpeg(500, 375, seed=1)
     large = photo_jpeg(4000, 3000, seed=2)
@@ -230,12 +242,7 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
         for name, body, counts in (("500x375", small, params.concurrency),
                                    ("4000x3000", large, params.large_concurrency)):
             for c in counts:
-                before = workers_cpu_s(workers)
-                lv = level(driver, server.port, body, paths[name], c, params)
-                # the level's warm-up 200s (level() waits for max(1, N)) are in the window too
-                answered = lv["ok"] + max(1, params.warmup_requests)
-                lv["server_cpu_ms_per_200"] = round(
-                    (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
+                lv = costed_level(driver, server.port, workers, body, paths[name], c, params)
                 levels.append({"image": name, **lv})
                 print(json.dumps(levels[-1]), file=sys.stderr)
         result["levels"] = levels
@@ -311,11 +318,7 @@ def sweep(params: BenchParams, settings: list[tuple[int | None, int | None]],
             pids = server.worker_pids()
             row["worker_count"] = len(pids)
             for c in params.concurrency:
-                before = workers_cpu_s(pids)
-                lv = level(driver, server.port, small, body_path, c, params)
-                answered = lv["ok"] + max(1, params.warmup_requests)
-                lv["server_cpu_ms_per_200"] = round(
-                    (workers_cpu_s(pids) - before) * 1000 / max(1, answered), 2)
+                lv = costed_level(driver, server.port, pids, small, body_path, c, params)
                 row["levels"].append(lv)
                 print(json.dumps({"setting": f"{workers}x{threads}", **lv}), file=sys.stderr)
             row["anon_rss_mb"] = peak_rss_mb(pids, "RssAnon")

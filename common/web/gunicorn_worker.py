@@ -57,6 +57,7 @@ LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to clos
 LINGER_BYTES = 64 * 1024  # the most read from a client after its last answer
 FILE_BLOCK = 256 * 1024  # bytes of a file read per write by ClientSocket.sendfile
 
+
 class WarmWorkers:
     """Which of the server's workers are warm, for ``/readyz``: a file per warm worker in a
     folder of the server's run folder (``gunicorn.conf.py`` marks a worker once its models are
