@@ -44,7 +44,9 @@ DIGEST="${DEFAULT#"$TAG"}"; DIGEST="${DIGEST#@}"
 
 # The registry digest the local image $1 was pulled with, for the repository of $TAG.
 repo_digest() {
-    docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$1" 2>/dev/null |
+    # (none: empty, not a failure; under pipefail a missing image would end the script here)
+    { docker image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$1" 2>/dev/null ||
+        true; } |
         sed -n "s|^\(docker.io/\)\?\(library/\)\?${TAG%:*}@\(sha256:[0-9a-f]\{64\}\)$|\3|p" |
         head -n 1
 }

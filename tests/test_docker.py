@@ -160,10 +160,10 @@ def test_the_image_carries_one_tensorflow_and_only_what_serving_needs(image):
 
 
 def test_sigterm_answers_the_queued_requests_within_graceful_timeout(image, tmp_path):
-    """A mounted model (read-only, MODEL_PATH) whose magenta batch spins 4 s; six requests
+    """A mounted model (read-only, MODEL_PATH) whose magenta batch spins 6 s; six requests
     queue behind it in the one worker (WORKERS=1: with more, a sibling would answer them at
     once); `docker stop` gives gunicorn graceful_timeout seconds before SIGKILL."""
-    model = save_colour_model(str(tmp_path / "build"), hang_seconds=4)
+    model = save_colour_model(str(tmp_path / "build"), hang_seconds=6)
     folder = readable_copy(model, tmp_path / "colours")
     box = Container(image, *READ_ONLY, "-v", f"{folder}:/models/colours:ro",
                     env={"MODEL_PATH": "/models/colours", "WORKERS": "1", "BATCH_MAX_SIZE": "1",
@@ -185,6 +185,10 @@ def test_sigterm_answers_the_queued_requests_within_graceful_timeout(image, tmp_
         threads[0].start()
         # The scrape counts itself: 2 is the magenta request in flight, 8 all seven.
         wait_for_metric(box, "classifier_requests_in_flight", 2)
+        # In flight is not yet in the model: a red posted now could reach the batcher before
+        # the magenta has been decoded, be answered at once, and the count never reach 8 (CI
+        # saw 1.0 < 8). Decoding a 32x32 PNG takes milliseconds; a second leaves 5 s of spin.
+        time.sleep(1.0)
         for t in threads[1:]:
             t.start()
         wait_for_metric(box, "classifier_requests_in_flight", 8)
