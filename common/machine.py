@@ -183,7 +183,7 @@ def served_model_files(config) -> list[tuple[str, int]]:
     a policy serving more versions is undercounted). Reads the folders' listings and model.json,
     and, for ``RUNTIME=auto``, checksums a model.onnx to see whether it is the verified one
     (importing onnxruntime in the arbiter); nothing is loaded."""
-    from common.inference.loader import choose_runtime
+    from common.inference.loader import IMPORTED, choose_runtime
     from common.modelfolder import EXPORT_FILES
     from common.versions.source import source_for
 
@@ -195,11 +195,14 @@ def served_model_files(config) -> list[tuple[str, int]]:
         newest = versions[max(versions)]
         try:
             folder = source.open(newest)
-            runtime = choose_runtime(folder, config.runtime, config.precision)
+            imported = IMPORTED.get(folder.format)
+            runtime = imported or choose_runtime(folder, config.runtime, config.precision)
         except Exception:  # noqa: BLE001 - a folder that cannot load is refused later, clearly
             continue
         files = {name: size for name, size, _ in newest.fingerprint}
-        if runtime == "onnx":
+        if imported:  # an imported model's folder is its file (and its weights) and labels
+            size = sum(files.values())
+        elif runtime == "onnx":
             size = sum(s for n, s in files.items() if n.startswith(EXPORT_FILES["onnx"]))
         else:
             exports = set(EXPORT_FILES.values())

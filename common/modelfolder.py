@@ -47,6 +47,9 @@ EXPORT_FILES = {
     "tflite-dynamic": "model.dynamic.tflite",  # int8 weights, float activations
     "tflite-int8": "model.int8.tflite",  # int8 weights and activations (calibrated)
 }
+#: An imported model's own file (``scripts/import_model.py``), by model.json ``format``;
+#: ``saved_model`` and ``frozen_graph`` folders keep SAVED_MODEL and ``retrained_graph.pb``.
+MODEL_FILES = {"onnx": ONNX, "tflite": TFLITE, "keras": "model.keras", "h5": "model.h5"}
 #: Files of the folder that the HTTP routes may hand out, by name (never a name from a URL).
 PUBLIC_FILES = {CONFUSION_MATRIX: "image/png", ONNX: "application/octet-stream"}
 #: Input side of a legacy graph whose input shape is not fixed and not configured (Inception v3).
@@ -95,9 +98,10 @@ class ModelFolder:
 
     @staticmethod
     def holds_model(directory: str) -> bool:
-        """Whether ``directory`` is a model folder: a SavedModel, or a legacy frozen graph."""
+        """Whether ``directory`` is a model folder: a SavedModel, a legacy frozen graph, or a
+        model imported from elsewhere (ONNX, TFLite, Keras)."""
         return any(os.path.isfile(os.path.join(directory, name))
-                   for name in (SAVED_MODEL, ModelFolder.LEGACY_GRAPH))
+                   for name in (SAVED_MODEL, ModelFolder.LEGACY_GRAPH, *MODEL_FILES.values()))
 
     @classmethod
     def in_directory(cls, directory: str, legacy: LegacyGraph | None = None) -> "ModelFolder":
@@ -125,15 +129,57 @@ class ModelFolder:
         return os.path.join(self.folder, name)
 
     def check_exists(self) -> None:
-        """Raise ModelLoadError unless the path is a SavedModel folder or a ``.pb`` file."""
+        """Raise ModelLoadError unless the path is a model folder (a SavedModel, or an imported
+        model's file) or a ``.pb`` file."""
         if not os.path.exists(self.path):
             raise ModelLoadError(f"model not found: {self.path}")
         if self.is_frozen_graph:
             return
         if not os.path.isdir(self.path):
             raise ModelLoadError(f"{self.path} is neither a model folder nor a .pb frozen graph")
-        if not os.path.isfile(self.file(SAVED_MODEL)):
-            raise ModelLoadError(f"{self.path} has no {SAVED_MODEL}")
+        if self.format is None:
+            raise ModelLoadError(f"{self.path} has no {SAVED_MODEL} (nor an imported model: "
+                                 f"{', '.join(MODEL_FILES.values())} with its model.json; "
+                                 f"scripts/import_model.py writes one)")
+
+    @property
+    def format(self) -> str | None:
+        """What the folder's model is: ``frozen_graph`` (a ``.pb`` path), ``saved_model``, or an
+        imported model's ``onnx`` / ``tflite`` / ``keras`` / ``h5`` (model.json ``format``,
+        its file present); None when it holds none of these."""
+        if self.is_frozen_graph:
+            return "frozen_graph"
+        if os.path.isfile(self.file(SAVED_MODEL)):
+            return "saved_model"
+        declared = self.read_metadata().get("format")
+        if declared in MODEL_FILES and os.path.isfile(self.file(MODEL_FILES[declared])):
+            return declared
+        return None
+
+    def model_file(self) -> str:
+        """The path of an imported model's own file (``MODEL_FILES``)."""
+        return self.file(MODEL_FILES[self.format])
+
+    def external_data(self) -> list[str]:
+        """The files an imported ONNX model keeps its weights in, beside ``model.onnx``
+        (model.json ``external_data``, written by import_model.py)."""
+        files = self.read_metadata().get("external_data") or []
+        return [str(f) for f in files] if isinstance(files, list) else []
+
+    def preprocessing(self, meta: dict):
+        """The model's preprocessing spec (model.json ``preprocessing``; none: ours, ``tfhub``,
+        with model.json's older ``"outputs": "logits"`` honoured); ModelLoadError when it
+        cannot be applied."""
+        from common.inference.preprocessing import Preprocessing, SpecError
+
+        outputs = meta.get("outputs")
+        if outputs is not None and outputs not in ("probabilities", "logits"):
+            raise ModelLoadError(f"{self.path}: model.json outputs must be probabilities or "
+                                 f"logits, got {outputs!r}")
+        try:
+            return Preprocessing.from_dict(meta.get("preprocessing"), outputs=outputs)
+        except (SpecError, TypeError) as exc:
+            raise ModelLoadError(f"{self.path}: model.json preprocessing: {exc}") from None
 
     # -- labels -------------------------------------------------------------------------------
     @property
@@ -142,9 +188,10 @@ class ModelFolder:
             return self._labels_path
         if not self.is_frozen_graph:
             return self.file(LABELS)
-        beside = os.path.join(os.path.dirname(self.path), LEGACY_LABELS)
-        if os.path.exists(beside):
-            return beside
+        for name in (LEGACY_LABELS, LABELS):  # an imported graph's folder has labels.txt
+            beside = os.path.join(os.path.dirname(self.path), name)
+            if os.path.exists(beside):
+                return beside
         raise ModelLoadError(f"{self.path} is a frozen graph: set LABELS_PATH to its labels file")
 
     def read_labels(self) -> list[str]:
@@ -156,20 +203,25 @@ class ModelFolder:
         _write_text(self.file(LABELS), "\n".join(labels) + "\n")
 
     @staticmethod
-    def check_label_count(outputs: int | None, labels: list[str], where: str) -> None:
-        """The one label-count check: a model's output width must equal the number of labels.
+    def check_label_count(outputs: int | None, labels: list[str], where: str,
+                          label_offset: int = 0) -> None:
+        """The one label-count check: a model's output width, less ``label_offset`` leading
+        outputs (a background class), must equal the number of labels.
 
         ``outputs`` None means the model does not declare it (checked again at warm-up).
         """
-        if outputs is not None and outputs != len(labels):
-            raise ModelLoadError(f"{where}: the model outputs {outputs} scores per image but "
-                                 f"there are {len(labels)} labels")
+        if outputs is not None and outputs - label_offset != len(labels):
+            skipped = f" ({label_offset} skipped by label_offset)" if label_offset else ""
+            raise ModelLoadError(f"{where}: the model outputs {outputs} scores per image"
+                                 f"{skipped} but there are {len(labels)} labels")
 
     # -- model.json and the evaluation ----------------------------------------------------------
     def read_metadata(self) -> dict:
         """model.json as a dict ({} when absent, and for a frozen graph)."""
-        if self.folder is None:
-            return {"format": "frozen_graph"}
+        if self.folder is None:  # an imported graph has its model.json beside it
+            beside = os.path.join(os.path.dirname(self.path), MODEL_JSON)
+            meta = _read_json_file(beside) if os.path.isfile(beside) else {}
+            return {**(meta or {}), "format": "frozen_graph"}
         return self._read_json(MODEL_JSON) or {}
 
     def write_metadata(self, meta: dict) -> None:
@@ -236,7 +288,8 @@ class ModelFolder:
 
         ``extra_tests``: accuracy and size of the separate test sets report.json lists beside
         the test split (the demo's canvas drawings), ``[{"name", "description", "accuracy",
-        "images"}]``.
+        "images"}]``. ``confusion_matrix``: ``{"labels", "rows_true_columns_predicted"}`` (the
+        page draws it as a table), or None when report.json has none of that shape.
         """
         report = self.read_report()
         if report is None:
@@ -246,20 +299,14 @@ class ModelFolder:
         return {"accuracy": report.get("accuracy"), "test_images": report.get("test_images"),
                 "per_class": report.get("per_class", {}),
                 "confusion_matrix_png": self.public_file(CONFUSION_MATRIX) is not None,
+                "confusion_matrix": _confusion_matrix(report.get("confusion_matrix")),
                 "extra_tests": extra}
 
     def _read_json(self, name: str) -> dict | None:
         path = self.file(name)
         if not os.path.exists(path):
             return None
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot read {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ModelLoadError(f"{path} must hold a JSON object")
-        return data
+        return _read_json_file(path)
 
     # -- identity -----------------------------------------------------------------------------
     def identity(self, meta: dict) -> tuple[str, int]:
@@ -336,6 +383,38 @@ def file_sha256(path: str) -> str:
                 digest.update(chunk)
         _SHA256_CACHE[key] = digest.hexdigest()
     return _SHA256_CACHE[key]
+
+
+#: Largest confusion matrix ``GET /model`` passes on (labels): a bigger one stays a picture.
+MAX_MATRIX_LABELS = 100
+
+
+def _confusion_matrix(found) -> dict | None:
+    """report.json's ``confusion_matrix`` when it is C labels (strings) and C x C counts
+    (whole numbers >= 0), C <= MAX_MATRIX_LABELS; else None."""
+    if not isinstance(found, dict):
+        return None
+    labels, rows = found.get("labels"), found.get("rows_true_columns_predicted")
+    if not (isinstance(labels, list) and isinstance(rows, list)
+            and 0 < len(labels) <= MAX_MATRIX_LABELS and len(rows) == len(labels)
+            and all(isinstance(label, str) for label in labels)
+            and all(isinstance(row, list) and len(row) == len(labels) for row in rows)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                    for row in rows for v in row)):
+        return None
+    return {"labels": labels, "rows_true_columns_predicted": rows}
+
+
+def _read_json_file(path: str) -> dict:
+    """A JSON object from a file; ModelLoadError when unreadable or not an object."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
 
 
 def parse_labels(path: str) -> list[str]:

@@ -103,7 +103,7 @@ def in_process(model: str, batches: tuple[int, ...], env: dict,
     rng = np.random.default_rng(0)
     per_batch = {}
     for n in batches:
-        x = rng.random((n, *clf.input_size, 3), dtype=np.float32)
+        x = rng.random((n, *clf.input_shape), dtype=np.float32).astype(clf.spec.numpy_dtype)
         clf.predict(x)
         times = []
         budget = time.perf_counter() + 8.0

@@ -63,7 +63,8 @@ def label_images(classifier: Classifier, paths: list[str], top_k: int | None = N
 
     for path in paths:
         try:
-            batch.append((path, load_image_file(path, classifier.input_size)))
+            batch.append((path, load_image_file(path, classifier.input_size,
+                                                spec=classifier.spec)))
         except (OSError, ApiError) as exc:
             flush()  # keep output in input order
             results.append({"image": path, "error": getattr(exc, "message", None) or str(exc)})

@@ -184,8 +184,14 @@ def test_tritonclient_health_and_metadata(triton):
     assert set(triton.get_server_metadata()["extensions"]) >= {"binary_tensor_data",
                                                                 "classification"}
     meta = triton.get_model_metadata("colours", "1")
-    assert meta["inputs"] == [{"name": "images", "datatype": "FP32", "shape": [-1, 32, 32, 3]}]
+    # the model's real input (our SavedModel's ``images``, NHWC), and encoded images beside it
+    assert meta["inputs"] == [
+        {"name": "images", "datatype": "FP32", "shape": [-1, 32, 32, 3],
+         "parameters": {"layout": "NHWC"}},
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [-1],
+         "parameters": {"content": "encoded images (JPEG, PNG, ...)"}}]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+    assert meta["platform"] == "tensorflow_savedmodel"
 
 
 @pytest.mark.server

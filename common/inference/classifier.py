@@ -1,10 +1,11 @@
 """A loaded model as three steps, in the style of TorchServe's handlers. No web framework here.
 
-* :meth:`Classifier.preprocess`: image bytes -> float32 ``[h, w, 3]`` in ``[0, 1]`` at the
-  model's input size (``common.inference.images.load_for_model``, the one preprocessing function);
-* :meth:`Classifier.predict`: float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> float32
-  ``[n, labels]`` probabilities (one ``tf.function`` call; thread-safe, so one instance serves
-  every request thread of a worker through its batcher);
+* :meth:`Classifier.preprocess`: image bytes -> one image as the model takes it, by the model's
+  preprocessing spec (``common.inference.images.load_for_model`` and
+  ``common.inference.preprocessing``): for our own models float32 ``[h, w, 3]`` in ``[0, 1]``;
+* :meth:`Classifier.predict`: a batch of those ``[n, *input_shape]`` -> float32 ``[n, labels]``
+  scores (one runtime call, then the spec's softmax / sigmoid / label offset; thread-safe, so
+  one instance serves every request thread of a worker through its batcher);
 * :meth:`Classifier.postprocess`: one image's scores -> ``[{"label", "score"}, ...]`` ranked,
   the shape of the API's ``predictions`` and of ``label_image.py --json``.
 
@@ -13,12 +14,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from common.inference.images import DecodedImage, DecodeLimits, load_for_model
+from common.inference.preprocessing import OURS, Preprocessing
 from common.modelfolder import ModelFolder
 
 #: Decimal places of the scores in every answer.
@@ -44,14 +46,18 @@ class Classifier:
     """A loaded model.
 
     Attributes:
-        predict_fn: float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> ``[n, num_labels]``.
-        labels: one label per output, in output order.
+        predict_fn: the model's input batch ``[n, *input_shape]`` -> raw outputs
+            ``[n, num_labels + spec.label_offset]``.
+        labels: one label per score, in output order.
         input_size: ``(height, width)`` the model expects.
-        outputs: ``"probabilities"`` (already softmaxed) or ``"logits"`` (softmax applied here).
+        spec: its preprocessing (layout, colour order, resize, scaling, dtype, what the
+            outputs are); our own models' is ``tfhub``. ``outputs="logits"`` is the older way
+            to say ``spec.output``.
         name, version: what answers call it (the manager sets them to the name and number it
             serves the model as); ``describe`` writes the version as a string, as every answer
             has it.
         folder: where it was loaded from (None for a model built in memory).
+        input_name, input_dtype: the graph's own input name and dtype (metadata shows them).
     """
 
     predict_fn: Callable[[np.ndarray], np.ndarray]
@@ -59,58 +65,73 @@ class Classifier:
     input_size: tuple[int, int]
     name: str = "model"
     version: int = 1
-    outputs: str = "probabilities"
+    outputs: str | None = None
     metadata: dict = field(default_factory=dict)
     folder: ModelFolder | None = None
     #: What runs ``predict_fn``: tensorflow, onnx or tflite (see ``RuntimeOptions``).
     runtime: str = "tensorflow"
+    spec: Preprocessing = OURS
+    input_name: str = "images"
+    input_dtype: str = "float32"
     warmed_up: bool = False
     #: Seconds of one call per batch size, measured by the warm-up's second pass.
     batch_seconds: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.outputs is not None and self.outputs != self.spec.output:
+            self.spec = replace(self.spec, output=self.outputs)
+        self.outputs = self.spec.output
 
     @property
     def num_labels(self) -> int:
         return len(self.labels)
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One image as the model takes it: ``(h, w, 3)`` (NHWC) or ``(3, h, w)`` (NCHW)."""
+        return self.spec.input_shape(self.input_size)
+
+    @property
     def image_bytes(self) -> int:
-        """Bytes of one preprocessed image (a float32 ``[h, w, 3]``): what a queued image holds."""
-        return self.input_size[0] * self.input_size[1] * 3 * np.dtype(np.float32).itemsize
+        """Bytes of one preprocessed image: what a queued image holds."""
+        return int(np.prod(self.input_shape)) * self.spec.numpy_dtype.itemsize
 
     # -- 1. preprocess ------------------------------------------------------------------------
     def preprocess(self, data: bytes,
                    limits: DecodeLimits = DecodeLimits()) -> tuple[np.ndarray, DecodedImage]:
-        """Image bytes -> (float32 ``[h, w, 3]`` in ``[0, 1]``, the decoded image).
+        """Image bytes -> (one image as the model takes it, ``[*input_shape]``, the decoded
+        image): for our own models float32 ``[h, w, 3]`` in ``[0, 1]``.
 
         Raises the 4xx ApiErrors of ``common.inference.images.decode_image`` for bad bytes, and
         its 503 when the decode does not fit in ``limits.budget``.
         """
-        return load_for_model(data, self.input_size, limits=limits)
+        return load_for_model(data, self.input_size, limits=limits, spec=self.spec)
 
     # -- 2. inference -------------------------------------------------------------------------
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Scores for a batch.
 
         Args:
-            images: float32 ``[n, height, width, 3]`` with values in ``[0, 1]``.
+            images: ``[n, *input_shape]`` in the spec's dtype (for our own models float32
+                ``[n, height, width, 3]`` in ``[0, 1]``).
 
         Returns:
-            float32 ``[n, num_labels]``; each row sums to 1.
+            float32 ``[n, num_labels]`` in [0, 1]; each row sums to 1 unless the model's
+            outputs are independent sigmoids.
 
         Raises:
             ValueError: the batch has the wrong shape, or the model answered with one.
         """
-        images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4 or images.shape[1:] != (*self.input_size, 3):
-            raise ValueError(f"expected [n, {self.input_size[0]}, {self.input_size[1]}, 3], "
+        images = np.asarray(images, dtype=self.spec.numpy_dtype)
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError(f"expected [n, {', '.join(map(str, self.input_shape))}], "
                              f"got {list(images.shape)}")
-        scores = np.asarray(self.predict_fn(images), dtype=np.float32)
-        if scores.shape != (images.shape[0], self.num_labels):
-            raise ValueError(f"model returned shape {list(scores.shape)} for "
-                             f"{images.shape[0]} images and {self.num_labels} labels")
-        if self.outputs == "logits":
-            scores = _softmax(scores)
-        return scores
+        raw = np.asarray(self.predict_fn(images), dtype=np.float32)
+        wanted = self.num_labels + self.spec.label_offset
+        if raw.shape != (images.shape[0], wanted):
+            raise ValueError(f"model returned shape {list(raw.shape)} for "
+                             f"{images.shape[0]} images and {wanted} outputs")
+        return self.spec.to_scores(raw)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> float:
         """Run the model twice per batch size so the first real request is not slower, and
@@ -121,10 +142,10 @@ class Classifier:
         """
         started = time.perf_counter()
         for n in batch_sizes:
-            zeros = np.zeros((n, *self.input_size, 3), np.float32)
+            zeros = np.zeros((n, *self.input_shape), self.spec.numpy_dtype)
             scores = np.asarray(self.predict_fn(zeros))  # the first call traces the shape
             width = scores.shape[-1] if scores.ndim == 2 else 0
-            ModelFolder.check_label_count(width, self.labels, self.name)
+            ModelFolder.check_label_count(width, self.labels, self.name, self.spec.label_offset)
             t0 = time.perf_counter()
             self.predict_fn(zeros)
             self.batch_seconds[n] = time.perf_counter() - t0
@@ -156,14 +177,25 @@ class Classifier:
         return [{"label": p.label, "score": round(p.score, SCORE_DIGITS)}
                 for p in self.rank(scores, options.top_k, options.threshold)]
 
+    def describe_input(self) -> dict:
+        """The model's real input: ``{"name", "dtype", "shape" ([-1, ...] per its layout),
+        "layout", "runtime_dtype"}`` (``dtype`` what the service feeds it; ``runtime_dtype``
+        what the graph declares, e.g. ``int8`` for a quantised TFLite input)."""
+        return {"name": self.input_name, "dtype": self.spec.dtype,
+                "shape": [-1, *self.input_shape], "layout": self.spec.layout,
+                "runtime_dtype": self.input_dtype}
+
+    @property
+    def platform(self) -> str:
+        """What actually runs the model, in Triton's words where it has one:
+        ``onnxruntime_onnx``, ``tensorflow_savedmodel``, ``tensorflow_graphdef`` (a frozen
+        graph), ``tensorflow_keras`` or ``tflite`` (LiteRT)."""
+        if self.runtime in ("onnx", "tflite"):
+            return {"onnx": "onnxruntime_onnx", "tflite": "tflite"}[self.runtime]
+        kind = self.folder.format if self.folder is not None else None
+        return {"frozen_graph": "tensorflow_graphdef", "keras": "tensorflow_keras",
+                "h5": "tensorflow_keras"}.get(kind, "tensorflow_savedmodel")
+
     def describe(self) -> dict:
         """``{"name", "version"}`` as answers show the model (the version as a string)."""
         return {"name": self.name, "version": str(self.version)}
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-

@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 
 from common.config import DEFAULT_MAX_IMAGE_PIXELS, MIB
 from common.errors import ImageTooLarge, Overloaded, UndecodableImage, UnsupportedMediaType
-from common.inference.preprocessing import to_model_input
+from common.inference.preprocessing import OURS, Preprocessing, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -506,18 +506,24 @@ def release_free_memory() -> None:
 
 def load_for_model(data: bytes, size: tuple[int, int], *,
                    limits: DecodeLimits = DecodeLimits(),
-                   formats: tuple[str, ...] = DEFAULT_FORMATS) -> tuple[np.ndarray, DecodedImage]:
-    """Decode bytes and preprocess them for a model of input ``size`` = (height, width).
+                   formats: tuple[str, ...] = DEFAULT_FORMATS,
+                   spec: Preprocessing = OURS) -> tuple[np.ndarray, DecodedImage]:
+    """Decode bytes and preprocess them for a model of input ``size`` = (height, width) with
+    preprocessing ``spec`` (``common.inference.preprocessing``).
 
-    Returns ``(array, decoded)`` where ``array`` is float32 ``[height, width, 3]`` in ``[0, 1]``.
+    Returns ``(array, decoded)`` where ``array`` is one image as the model takes it: with the
+    default spec (our own models) float32 ``[height, width, 3]`` in ``[0, 1]``.
     """
-    decoded = decode_image(data, limits=limits, formats=formats, target_size=size)
-    return to_model_input(decoded.image, size), decoded
+    decoded = decode_image(data, limits=limits, formats=formats,
+                           target_size=spec.draft_target(size))
+    return to_model_input(decoded.image, size, spec), decoded
 
 
 def load_image_file(path: str, size: tuple[int, int], *,
-                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """An image file -> float32 ``[height, width, 3]`` in [0, 1], exactly as the server would
-    preprocess its bytes (for retrain.py and label_image.py). Raises OSError or an ApiError."""
+                    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                    spec: Preprocessing = OURS) -> np.ndarray:
+    """An image file -> the model's input for it, exactly as the server would preprocess its
+    bytes (for retrain.py and label_image.py; with the default spec float32
+    ``[height, width, 3]`` in [0, 1]). Raises OSError or an ApiError."""
     with open(path, "rb") as fh:
-        return load_for_model(fh.read(), size, limits=DecodeLimits(max_pixels))[0]
+        return load_for_model(fh.read(), size, limits=DecodeLimits(max_pixels), spec=spec)[0]

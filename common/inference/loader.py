@@ -8,12 +8,15 @@ pass before it is served. No web framework here.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from common.inference.classifier import Classifier
 from common.inference.exports import check_reference
 from common.modelfolder import EXPORT_FILES, TFLITE, ModelFolder, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,11 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     """Load a model folder (or a legacy frozen graph) on the runtime ``options`` choose
     (default: TensorFlow, settings untouched); ModelLoadError with a clear reason.
 
-    An ONNX or TFLite export is checked against the TensorFlow outputs recorded in model.json
-    before it is used; the Classifier is the same whichever runtime runs it.
+    Our own folders: an ONNX or TFLite export is checked against the TensorFlow outputs
+    recorded in model.json before it is used. An imported model (``scripts/import_model.py``)
+    runs on its own runtime: ONNX on ONNX Runtime, TFLite on LiteRT, Keras and SavedModels on
+    TensorFlow. The Classifier is the same whichever runtime runs it, with the folder's
+    preprocessing spec.
     """
     from common.inference.runtimes import tfruntime
 
@@ -117,28 +123,78 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     folder.check_exists()
     meta = folder.read_metadata()
     labels = folder.read_labels()
-    runtime = choose_runtime(folder, options.runtime, options.precision)
-    if runtime == "tensorflow":
-        if options.configure_tensorflow:
-            tfruntime.configure(options.tf_intra_op_threads, options.tf_inter_op_threads,
-                                options.precision)
-        graph, record, where = tfruntime.load_graph(folder), None, folder.path
-    elif runtime in ("onnx", "tflite"):
-        graph, record, where = _exported_graph(folder, options, runtime)
+    spec = folder.preprocessing(meta)
+    kind = folder.format
+    record = None
+    if kind in IMPORTED:
+        runtime = IMPORTED[kind]
+        if options.runtime not in ("auto", runtime):
+            log.info("%s is an imported %s model: it runs on %s whatever RUNTIME says",
+                     folder.path, kind, runtime)
+        graph, where = _imported_graph(folder, options, runtime), folder.model_file()
     else:
-        raise ModelLoadError(f"unknown runtime {runtime!r}")
-    folder.check_label_count(graph.outputs, labels, where)
+        runtime = choose_runtime(folder, options.runtime, options.precision)
+        if runtime == "tensorflow":
+            _configure_tensorflow(options)
+            graph, where = tfruntime.load_graph(folder), folder.path
+        elif runtime in ("onnx", "tflite"):
+            graph, record, where = _exported_graph(folder, options, runtime)
+        else:
+            raise ModelLoadError(f"unknown runtime {runtime!r}")
+    folder.check_label_count(graph.outputs, labels, where, spec.label_offset)
     name, version = folder.identity(meta)
-    outputs = meta.get("outputs", "probabilities")
-    if outputs not in ("probabilities", "logits"):
-        raise ModelLoadError(f"{folder.path}: model.json outputs must be probabilities or "
-                             f"logits, got {outputs!r}")
-    size = folder.input_size(meta, graph.static_size)
+    size = folder.input_size(meta, graph.static_size(spec.layout))
+    _check_input(graph, spec, size, where)
     if record is not None:
         check_reference(graph.predict_fn, record, size, where)
     clf = Classifier(predict_fn=graph.predict_fn, labels=labels, input_size=size, name=name,
-                     version=version, outputs=outputs, metadata=meta, folder=folder,
-                     runtime=runtime)
+                     version=version, metadata=meta, folder=folder, runtime=runtime, spec=spec,
+                     input_name=graph.input_name, input_dtype=graph.input_dtype)
     clf._keepalive = graph.keepalive  # the function needs the loaded object's variables alive
     return clf
 
+
+#: An imported model's format -> the runtime that runs it.
+IMPORTED = {"onnx": "onnx", "tflite": "tflite", "keras": "tensorflow", "h5": "tensorflow"}
+
+
+def _configure_tensorflow(options: RuntimeOptions) -> None:
+    from common.inference.runtimes import tfruntime
+
+    if options.configure_tensorflow:
+        tfruntime.configure(options.tf_intra_op_threads, options.tf_inter_op_threads,
+                            options.precision)
+
+
+def _imported_graph(folder: ModelFolder, options: RuntimeOptions, runtime: str):
+    """The RuntimeGraph of an imported model's own file."""
+    path = folder.model_file()
+    if runtime == "onnx":
+        from common.inference.runtimes import onnxrt
+        return onnxrt.load_graph(path, intra_op=options.onnx_intra_op_threads,
+                                 inter_op=options.onnx_inter_op_threads,
+                                 spinning=options.onnx_spinning)
+    if runtime == "tflite":
+        from common.inference.runtimes import litert
+        return litert.load_graph(path, threads=options.onnx_intra_op_threads or None)
+    from common.inference.runtimes import tfruntime
+    _configure_tensorflow(options)
+    return tfruntime.load_keras(path)
+
+
+def _check_input(graph, spec, size: tuple[int, int], where: str) -> None:
+    """The graph's declared input must be what the spec makes: one image of ``size`` in the
+    spec's layout (three channels), in a dtype the spec can give."""
+    dims = graph.input_dims
+    if dims is None:
+        return  # not declared: the warm-up finds out
+    wanted = spec.input_shape(size)
+    if any(d is not None and d != w for d, w in zip(dims, wanted)):
+        declared = ", ".join("?" if d is None else str(d) for d in dims)
+        raise ModelLoadError(f"{where}: the model takes [n, {declared}] but its preprocessing "
+                             f"({spec.layout}, {size[0]}x{size[1]}) makes "
+                             f"[n, {', '.join(map(str, wanted))}]; set the layout or "
+                             f"input_size in model.json (scripts/import_model.py)")
+    if graph.input_dtype == "uint8" and not graph.quantised and spec.dtype != "uint8":
+        raise ModelLoadError(f"{where}: the model takes uint8 pixels but its preprocessing "
+                             f"makes {spec.dtype}; set preprocessing dtype to uint8")

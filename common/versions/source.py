@@ -138,7 +138,10 @@ def source_for(config: Config) -> Source:
     ``MODEL_PATH`` (with the labels and legacy-graph settings)."""
     if config.model_repository:
         return RepositorySource(config.model_repository, legacy=config.legacy_graph)
-    return FolderSource(ModelFolder(config.model_path, labels_path=config.labels_path,
+    path = config.model_path
+    if os.path.isdir(path) and ModelFolder.in_directory(path).is_frozen_graph:
+        path = ModelFolder.in_directory(path).path  # a folder holding a frozen graph (imported)
+    return FolderSource(ModelFolder(path, labels_path=config.labels_path,
                                     legacy=config.legacy_graph))
 
 

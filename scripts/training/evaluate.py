@@ -71,7 +71,8 @@ def _confusion(clf: Classifier, lists: ImageLists, items: list[tuple[str, int]],
     for start in tqdm(range(0, len(items), batch_size), desc="testing", unit="batch",
                       disable=not progress or not items):
         chunk = items[start:start + batch_size]
-        x = np.stack([load_image_file(os.path.join(lists.image_dir, p), clf.input_size)
+        x = np.stack([load_image_file(os.path.join(lists.image_dir, p), clf.input_size,
+                                      spec=clf.spec)
                       for p, _ in chunk])
         for (path, truth), row in zip(chunk, clf.predict(x)):  # row: float32 [C] in [0, 1]
             guess = int(np.argmax(row))

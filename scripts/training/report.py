@@ -10,6 +10,8 @@ from dataclasses import asdict
 
 import numpy as np
 
+from common.inference.preprocessing import OURS
+
 from .data import SPLITS, ImageLists
 from .features import FeatureStats
 from .train import TrainParams
@@ -39,7 +41,8 @@ def build_model_json(output_dir: str, name: str | None, version: str, size: tupl
                      module_handle: str, evaluation: dict, train_metrics: dict,
                      params: TrainParams, num_labels: int) -> dict:
     """model.json: identity (name defaults to the folder's name), input (height, width),
-    base module, metrics and the training parameters."""
+    the preprocessing spec (``tfhub``: what training used), base module, metrics and the
+    training parameters."""
     return {
         "name": name or os.path.basename(os.path.normpath(output_dir)),
         "version": str(version),
@@ -47,6 +50,8 @@ def build_model_json(output_dir: str, name: str | None, version: str, size: tupl
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "base_module": module_handle,
         "outputs": "probabilities",
+        # how the service feeds it: what training fed it (the one preprocessing path)
+        "preprocessing": OURS.as_dict(),
         "metrics": {"test_accuracy": evaluation["test_accuracy"],
                     "validation_accuracy": train_metrics["validation_accuracy"],
                     "train_accuracy": train_metrics["train_accuracy"],

@@ -2,11 +2,12 @@
 No TensorFlow and no web framework here (a serving image without TensorFlow runs on this alone).
 
 ``load_graph(path)`` gives the same :class:`~common.inference.runtimes.tfruntime.RuntimeGraph` as
-the TensorFlow loader: a thread-safe ``predict_fn`` (float32 ``[n, h, w, 3]`` in ``[0, 1]`` ->
-float32 ``[n, outputs]``), so the classifier, the batcher and the warm-up do not care which
-runtime runs. ``common.inference.loader.load_classifier`` checks its outputs against
-TensorFlow's reference outputs recorded in model.json before it is used
-(``common.inference.exports``).
+the TensorFlow loader: a thread-safe ``predict_fn`` (the model's own input batch, NHWC or
+NCHW, float32 or uint8 -> float32 ``[n, outputs]``; a graph fixed at batch 1 runs once per
+image), so the classifier, the batcher and the warm-up do not care which runtime runs. Weights
+in an external data file beside the model are found by ONNX Runtime itself. For our own
+exports ``common.inference.loader.load_classifier`` checks its outputs against TensorFlow's
+reference outputs recorded in model.json before it is used (``common.inference.exports``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import logging
 
 import numpy as np
 
-from common.inference.runtimes.tfruntime import RuntimeGraph
+from common.inference.runtimes.tfruntime import RuntimeGraph, dims_of, per_image
 from common.modelfolder import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -70,23 +71,29 @@ def load_graph(path: str | bytes, *, intra_op: int = 0, inter_op: int = 0,
         raise ModelLoadError(f"{where}: the model must take one input, has "
                              f"{[i.name for i in inputs]}")
     input_name = inputs[0].name
+    dtype = _DTYPES.get(inputs[0].type)
+    if dtype is None:
+        raise ModelLoadError(f"{where}: input {input_name} is {inputs[0].type}; an image "
+                             f"model's input must be float or uint8 pixels")
     output = next((o for o in outputs if o.name == "probabilities"), outputs[0])
     output_name = output.name
+    numpy_dtype = np.dtype(np.float16 if inputs[0].type == "tensor(float16)" else dtype)
 
-    def predict_fn(images: np.ndarray) -> np.ndarray:
-        return session.run([output_name], {input_name: np.asarray(images, np.float32)})[0]
+    def run(images: np.ndarray) -> np.ndarray:
+        result = session.run([output_name], {input_name: np.asarray(images, numpy_dtype)})[0]
+        return np.asarray(result, np.float32).reshape(len(images), -1)
 
-    static = _static_size(inputs[0].shape)
+    batch = inputs[0].shape[0] if inputs[0].shape else None
+    fixed = int(batch) if isinstance(batch, int) and batch > 0 else None
     declared = output.shape
-    width = declared[-1] if len(declared) == 2 and isinstance(declared[-1], int) else None
+    width = declared[-1] if len(declared) >= 2 and isinstance(declared[-1], int) else None
     log.info("ONNX Runtime %s loaded %s (threads: intra %s, inter %s, spinning %s)",
              ort.__version__, where, intra_op or "auto", inter_op or "auto",
              "on" if spinning else "off")
-    return RuntimeGraph(predict_fn, static, width, session)
+    return RuntimeGraph(per_image(run) if fixed == 1 else run, dims_of(inputs[0].shape), width,
+                        session, input_dtype=dtype, input_name=input_name, fixed_batch=fixed)
 
 
-def _static_size(shape) -> tuple[int, int] | None:
-    """``(h, w)`` of an ONNX input shape ``[n, h, w, 3]`` when both are fixed integers."""
-    if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:3]):
-        return int(shape[1]), int(shape[2])
-    return None
+#: ONNX input types an image model may take, as the spec calls them (float16 is fed float16).
+_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float32", "tensor(double)": "float32",
+           "tensor(uint8)": "uint8"}

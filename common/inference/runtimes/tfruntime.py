@@ -24,16 +24,53 @@ class RuntimeGraph:
     """A callable model graph.
 
     Attributes:
-        predict_fn: float32 ``[n, h, w, 3]`` in ``[0, 1]`` -> float32 ``[n, outputs]``.
-        static_size: ``(height, width)`` fixed by the graph's input signature, or None.
+        predict_fn: the model's input batch ``[n, *input_dims]`` (the dtype of
+            ``input_dtype``; a float32 batch is cast or, for a quantised input, quantised) ->
+            float32 ``[n, outputs]``. Thread-safe; a graph whose batch is fixed at 1 is run
+            once per image.
+        input_dims: one image's dimensions as the graph declares them (``(h, w, 3)`` or
+            ``(3, h, w)``, None where not fixed), or None when the input is not 4-D.
         outputs: the output width the graph declares, or None when not fixed.
         keepalive: the object whose variables the function needs.
+        input_dtype: ``float32``, ``uint8`` or ``int8`` (a quantised TFLite input).
+        input_name: the graph's own name for its input (protocol metadata shows it).
+        fixed_batch: the batch size the graph fixes (1 for many exports), or None.
+        quantised: the input is quantised (a TFLite uint8/int8 input with a scale): it takes
+            float32 pixels, which the runtime quantises with the model's scale and zero point.
     """
 
     predict_fn: Callable[[np.ndarray], np.ndarray]
-    static_size: tuple[int, int] | None
+    input_dims: tuple | None
     outputs: int | None
     keepalive: Any = None
+    input_dtype: str = "float32"
+    input_name: str = "images"
+    fixed_batch: int | None = None
+    quantised: bool = False
+
+    def static_size(self, layout: str = "NHWC") -> tuple[int, int] | None:
+        """``(height, width)`` the graph fixes, read in ``layout``; None when not both fixed."""
+        if not self.input_dims or len(self.input_dims) != 3:
+            return None
+        h, w = self.input_dims[:2] if layout == "NHWC" else self.input_dims[1:]
+        return (int(h), int(w)) if isinstance(h, int) and isinstance(w, int) else None
+
+
+def per_image(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """A graph whose batch is fixed at 1, run once per image of a batch (results stacked)."""
+    def predict_fn(batch: np.ndarray) -> np.ndarray:
+        if len(batch) == 1:
+            return run(batch)
+        return np.concatenate([run(batch[i:i + 1]) for i in range(len(batch))])
+    return predict_fn
+
+
+def dims_of(shape) -> tuple | None:
+    """One image's dims of a 4-D batch shape (ints, None where unknown), else None."""
+    dims = list(shape) if shape is not None else []
+    if len(dims) != 4:
+        return None
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else None for d in dims[1:])
 
 
 def cpu_supports_bf16() -> bool:
@@ -90,31 +127,76 @@ def static_size(shape) -> tuple[int, int] | None:
     return None
 
 
+#: Input dtypes a served graph may take (TensorFlow's names), as the spec calls them.
+_DTYPES = {"float32": "float32", "uint8": "uint8", "float16": "float32", "float64": "float32"}
+
+
 def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
+    """A SavedModel's signature (model.json ``signature``: ``name``, ``input``, ``output``;
+    default ``serving_default``, its one input, ``probabilities`` or its first output)."""
     import tensorflow as tf
 
+    wanted = folder.read_metadata().get("signature") or {}
     try:
         loaded = tf.saved_model.load(folder.path)
     except Exception as exc:  # TensorFlow raises many types for a broken SavedModel
         raise ModelLoadError(f"cannot load SavedModel {folder.path} (is {SAVED_MODEL} or a "
                              f"file under variables/ damaged or truncated?): {exc}") from None
-    signature = loaded.signatures.get("serving_default")
+    name = wanted.get("name") or "serving_default"
+    signature = loaded.signatures.get(name)
     if signature is None:
-        raise ModelLoadError(f"{folder.path} has no serving_default signature")
+        raise ModelLoadError(f"{folder.path} has no {name} signature (it has "
+                             f"{sorted(loaded.signatures) or 'none'})")
     inputs = signature.structured_input_signature[1]
-    if len(inputs) != 1:
-        raise ModelLoadError(f"{folder.path}: serving_default must take one input, has "
+    input_name = wanted.get("input") or (next(iter(inputs)) if len(inputs) == 1 else None)
+    if input_name not in inputs:
+        raise ModelLoadError(f"{folder.path}: signature {name} must take one image input, has "
                              f"{list(inputs)}")
-    (input_name, spec), = inputs.items()
+    spec = inputs[input_name]
+    dtype = _DTYPES.get(spec.dtype.name)
+    if dtype is None:
+        raise ModelLoadError(f"{folder.path}: input {input_name} is {spec.dtype.name}; an image "
+                             f"model's input must be float or uint8 pixels")
     outputs = signature.structured_outputs
-    output_name = "probabilities" if "probabilities" in outputs else next(iter(outputs))
+    output_name = wanted.get("output") or (
+        "probabilities" if "probabilities" in outputs else next(iter(outputs)))
+    if output_name not in outputs:
+        raise ModelLoadError(f"{folder.path}: signature {name} has no output {output_name!r} "
+                             f"(it has {sorted(outputs)})")
     declared = outputs[output_name].shape
 
     def predict_fn(images: np.ndarray) -> np.ndarray:
-        return signature(**{input_name: tf.constant(images)})[output_name].numpy()
+        x = tf.constant(images, dtype=spec.dtype)
+        return np.asarray(signature(**{input_name: x})[output_name].numpy(), np.float32)
 
-    return RuntimeGraph(predict_fn, static_size(spec.shape),
-                        _static(declared[-1]) if declared.rank == 2 else None, loaded)
+    return RuntimeGraph(predict_fn, dims_of(spec.shape.as_list() if spec.shape.rank else None),
+                        _static(declared[-1]) if declared.rank == 2 else None, loaded,
+                        input_dtype=dtype, input_name=input_name)
+
+
+def load_keras(path: str) -> RuntimeGraph:
+    """A Keras model file (``.keras``, or a legacy ``.h5``) as a RuntimeGraph, its call traced
+    once per batch size into a graph (``tf.function``)."""
+    import tensorflow as tf
+    try:
+        import keras
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # a damaged file, custom layers not registered, ...
+        raise ModelLoadError(f"cannot load Keras model {path}: {exc}") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelLoadError(f"{path}: the model must take one input and give one output, has "
+                             f"{len(model.inputs)} and {len(model.outputs)}")
+    shape = tuple(model.inputs[0].shape)
+    dtype = _DTYPES.get(str(model.inputs[0].dtype).replace("tf.", ""), "float32")
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict_fn(images: np.ndarray) -> np.ndarray:
+        return np.asarray(call(tf.constant(images, dtype=dtype)), np.float32)
+
+    out = tuple(model.outputs[0].shape)
+    return RuntimeGraph(predict_fn, dims_of(shape),
+                        int(out[-1]) if len(out) == 2 and out[-1] else None, model,
+                        input_dtype=dtype, input_name=model.inputs[0].name)
 
 
 def _load_frozen_graph(folder: ModelFolder) -> RuntimeGraph:
@@ -122,6 +204,11 @@ def _load_frozen_graph(folder: ModelFolder) -> RuntimeGraph:
     import tensorflow as tf
 
     legacy = folder.legacy
+    names = folder.read_metadata().get("signature") or {}  # an imported graph's tensor names
+    if names:
+        from dataclasses import replace
+        legacy = replace(legacy, input_layer=names.get("input", legacy.input_layer),
+                         output_layer=names.get("output", legacy.output_layer))
     graph_def = tf.compat.v1.GraphDef()
     try:
         with open(folder.path, "rb") as fh:
@@ -139,11 +226,13 @@ def _load_frozen_graph(folder: ModelFolder) -> RuntimeGraph:
 
     def predict_fn(images: np.ndarray) -> np.ndarray:
         x = images * scale - offset if (scale != 1 or offset != 0) else images
-        return fn(tf.constant(x, dtype=input_tensor.dtype)).numpy()
+        return np.asarray(fn(tf.constant(x, dtype=input_tensor.dtype)).numpy(), np.float32)
 
     declared = output_tensor.shape
-    return RuntimeGraph(predict_fn, static_size(input_tensor.shape),
-                        _static(declared[-1]) if declared.rank == 2 else None, wrapped)
+    return RuntimeGraph(predict_fn, dims_of(input_tensor.shape.as_list()
+                                            if input_tensor.shape.rank else None),
+                        _static(declared[-1]) if declared.rank == 2 else None, wrapped,
+                        input_name=legacy.input_layer)
 
 
 def _tensor_name(name: str) -> str:

@@ -51,8 +51,12 @@ SERVER_NAME = "image-classifier"
 SERVER_VERSION = "2"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-INPUT, OUTPUT = "images", "probabilities"
-PLATFORM = "tensorflow_savedmodel"
+OUTPUT = "probabilities"
+#: The input metadata lists beside the model's own tensor input: encoded images, decoded and
+#: preprocessed by the model's spec (any input given as BYTES is taken as images).
+BYTES_INPUT = "image_bytes"
+#: The spec's input dtype -> the protocol's datatype.
+DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 
 views = Views()
 
@@ -92,9 +96,13 @@ def model_metadata(dataplane: DataPlane, name, version=None):
     clf = served.classifier  # 503 while it is not ready
     versions = [str(v["version"]) for v in dataplane.model_status(name)[0]["versions"]
                 if v["state"] == "ready"]
-    h, w = clf.input_size
-    return jsonify({"name": name, "versions": versions, "platform": PLATFORM,
-                    "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, h, w, 3]}],
+    real = clf.describe_input()
+    return jsonify({"name": name, "versions": versions, "platform": clf.platform,
+                    "inputs": [{"name": real["name"], "datatype": DATATYPES[real["dtype"]],
+                                "shape": real["shape"],
+                                "parameters": {"layout": real["layout"]}},
+                               {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1],
+                                "parameters": {"content": "encoded images (JPEG, PNG, ...)"}}],
                     "outputs": [{"name": OUTPUT, "datatype": "FP32",
                                  "shape": [-1, len(clf.labels)]}]})
 
@@ -184,9 +192,10 @@ def _input(body: dict, binary: bytes, limits: Limits):
                                "or BYTES encoded images [N])")
     spec = inputs[0]
     datatype = spec.get("datatype")
-    if datatype not in ("FP32", "BYTES"):
-        raise InvalidParameter(f"input datatype must be FP32 (images [N, h, w, 3] in [0, 1]) "
-                               f"or BYTES (encoded images), got {str(datatype)[:20]!r}")
+    if datatype not in ("FP32", "UINT8", "BYTES"):
+        raise InvalidParameter(f"input datatype must be FP32 or UINT8 (the model's input "
+                               f"tensor, as its metadata shows) or BYTES (encoded images), got "
+                               f"{str(datatype)[:20]!r}")
     shape, count = _shape(spec.get("shape"), datatype, limits)
     size = _binary_size(spec)
     if size is not None and size != len(binary):
@@ -195,11 +204,14 @@ def _input(body: dict, binary: bytes, limits: Limits):
     if size is None and binary:
         raise InvalidParameter(f"{len(binary)} bytes follow the JSON header but no input has "
                                f"binary_data_size")
-    if datatype == "FP32":
+    if datatype in ("FP32", "UINT8"):
         if size is not None:
-            if size != count * 4:
-                raise InvalidParameter(f"FP32 shape {shape} needs {count * 4} bytes, got {size}")
-            array = np.frombuffer(binary, dtype="<f4").astype(np.float32)
+            width = 4 if datatype == "FP32" else 1
+            if size != count * width:
+                raise InvalidParameter(f"{datatype} shape {shape} needs {count * width} bytes, "
+                                       f"got {size}")
+            array = np.frombuffer(binary, dtype="<f4" if width == 4 else np.uint8
+                                  ).astype(np.float32)
             if not np.isfinite(array).all():
                 raise InvalidParameter("the input has NaN or infinite values")
         else:

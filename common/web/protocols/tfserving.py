@@ -56,7 +56,7 @@ class Segment(BaseConverter):
 
 
 SIGNATURE = "serving_default"
-INPUT, OUTPUT = "images", "probabilities"
+OUTPUT = "probabilities"
 #: Feature names a ``:classify`` example's encoded image may have (TF Example conventions).
 IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",
                   "b64", "input", "inputs")
@@ -107,20 +107,22 @@ def model_metadata(dataplane: DataPlane, name, version=None, label=None):
     """GetModelMetadataResponse: the model spec and its serving signature."""
     served = dataplane.served(route(name, version, label))
     clf = served.classifier  # 503 while it is not ready
-    h, w = clf.input_size
+    real = clf.describe_input()
+    tensor = (f"serving_default_{real['name']}:0" if clf.platform == "tensorflow_savedmodel"
+              else real["name"])
     return jsonify({
         "model_spec": {"name": name, "signature_name": "",
                        "version": str(served.version)},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
-            "inputs": {INPUT: _tensor_info([-1, h, w, 3], "serving_default_images:0")},
+            "inputs": {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"])},
             "outputs": {OUTPUT: _tensor_info([-1, len(clf.labels)],
                                              "StatefulPartitionedCall:0")},
             "method_name": "tensorflow/serving/predict",
             "defaults": {}}}}}})
 
 
-def _tensor_info(shape: list[int], tensor: str) -> dict:
-    return {"dtype": "DT_FLOAT", "tensor_shape": {
+def _tensor_info(shape: list[int], tensor: str, dtype: str = "float32") -> dict:
+    return {"dtype": {"float32": "DT_FLOAT", "uint8": "DT_UINT8"}[dtype], "tensor_shape": {
         "dim": [{"size": str(size), "name": ""} for size in shape], "unknown_rank": False},
         "name": tensor}
 
@@ -219,7 +221,7 @@ def _unname(value, where: str):
     ``images``, ``image_bytes``, ``input``...) -> the value; others pass unchanged."""
     if isinstance(value, dict) and not is_b64(value):
         if len(value) != 1:
-            raise InvalidParameter(f"{where}: the model has one input ({INPUT!r}), got "
+            raise InvalidParameter(f"{where}: the model has one input, got "
                                    f"{len(value)} keys")
         return next(iter(value.values()))
     return value
