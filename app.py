@@ -13,17 +13,19 @@ from typing import Any, Callable, Mapping
 
 from flask import Flask
 
+from common.audit import Audit
 from common.config import Config
 from common.dataplane import DataPlane
 from common.fetch import UrlFetcher
 from common.inference.classifier import Classifier
 from common.inference.loader import RuntimeOptions, load_classifier
+from common.keys import KeyRing
 from common.logs import configure_logging
 from common.metrics import Metrics
 from common.modelfolder import ModelFolder
 from common.storage import ImageStore
 from common.versions.manager import Manager
-from common.web import error_handlers, routes
+from common.web import auth, cors, error_handlers, routes
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
 from common.web.protocols import kserve, tfserving
@@ -70,12 +72,14 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
                          max_url_length=config.max_url_length,
                          allow_hosts=config.url_allow_hosts)
     metrics = Metrics(config.metrics_dir, batch_max_size=config.batch_max_size)
+    keys = KeyRing.from_config(config)  # a malformed API_KEYS(_FILE) stops here, before loading
+    trail = Audit.from_config(config)
     own_model = classifier is None
     manager = Manager(
         config, _loader(config), metrics=metrics,
         on_failure=_exit_on_failure(config) if own_model else None,
         on_hung=_exit_when_hung(config) if own_model else None,
-        classifier=classifier).start()
+        classifier=classifier, audit=trail).start()
 
     dataplane = DataPlane(config, manager, store, fetcher, metrics).attach(app)
     error_handlers.init_app(app)
@@ -83,6 +87,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     app.register_blueprint(tfserving.blueprint(dataplane))  # TF Serving's REST API, /v1
     app.register_blueprint(kserve.blueprint(dataplane))  # Open Inference Protocol (KServe v2)
     web_security.init_app(app, config)  # after the blueprints: see its docstring
+    cors.init_app(app, config)  # preflights answered before any key is asked for
+    auth.init_app(app, config, keys, trail)  # API keys and scopes (off without keys)
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app

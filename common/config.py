@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -66,6 +67,33 @@ def _host_list(raw: str) -> tuple[str, ...]:
     return items
 
 
+def _origins(raw: str) -> tuple[str, ...]:
+    """``https://a.example,http://localhost:3000``: scheme://host[:port] each, no path, no
+    ``*`` (an allowlist is what CORS_ORIGINS is)."""
+    items = tuple(p.strip().rstrip("/") for p in raw.split(",") if p.strip())
+    for item in items:
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", item):
+            raise ValueError(f"{item!r} is not an origin (scheme://host[:port]; no '*')")
+    return items
+
+
+def _api_keys(raw: str) -> str:
+    """API_KEYS, checked (``common.keys.parse_inline``) and kept as given. A malformed entry
+    raises ``KeyConfigError`` (a ValueError naming the entry, never a key); the field is
+    ``secret``, so ``Config.from_env`` does not quote its value either."""
+    from common.keys import parse_inline
+    parse_inline(raw)
+    return raw
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    """Addresses or networks (``10.0.0.0/8``, ``127.0.0.1``), comma-separated."""
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for item in items:
+        ipaddress.ip_network(item, strict=False)  # raises ValueError when malformed
+    return items
+
+
 def _level(raw: str) -> str:
     value = raw.strip().lower()
     if value not in ("debug", "info", "warning", "error", "critical"):
@@ -116,9 +144,10 @@ def _score(raw: str) -> float:
     return value
 
 
-def env(name: str, parse: Callable[[str], Any] = str, **kwargs):
-    """A config field read from environment variable ``name`` and parsed with ``parse``."""
-    return field(metadata={"env": name, "parse": parse}, **kwargs)
+def env(name: str, parse: Callable[[str], Any] = str, *, secret: bool = False, **kwargs):
+    """A config field read from environment variable ``name`` and parsed with ``parse``;
+    ``secret``: its value is never quoted in an error."""
+    return field(metadata={"env": name, "parse": parse, "secret": secret}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -192,6 +221,14 @@ class Config:
     feedback_max_mb: float = env("FEEDBACK_MAX_MB", _float(), default=1024.0)
     review_below_score: float | None = env("REVIEW_BELOW_SCORE", _optional(_score),
                                            default=None)
+    # -- access (README "Access control"): off unless keys are set --------------------------
+    api_keys: str | None = env("API_KEYS", _optional(_api_keys), default=None, secret=True)
+    api_keys_file: str | None = env("API_KEYS_FILE", _optional(str), default=None)
+    metrics_auth: bool = env("METRICS_AUTH", _bool, default=False)
+    cors_origins: tuple[str, ...] = env("CORS_ORIGINS", _origins, default=())
+    trusted_proxies: tuple[str, ...] = env("TRUSTED_PROXIES", _networks, default=())
+    fair_share: bool = env("FAIR_SHARE", _bool, default=True)
+    audit_log: str | None = env("AUDIT_LOG", _optional(str), default="-")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -245,7 +282,8 @@ class Config:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+                shown = name if f.metadata.get("secret") else f"{name}={raw!r}"
+                raise ConfigError(f"{shown} is invalid: {exc}") from None
         return cls(**values)
 
     @classmethod

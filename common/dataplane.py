@@ -10,7 +10,9 @@ Protocol's ``infer`` call it directly and write its scores in their shapes. A re
 1. ``parse_options``: ``top_k`` / ``threshold`` checked before any work (400 when bad; our API);
 2. the manager's precheck: the served version must be ready and its batcher must expect to
    start the request within ``QUEUE_MAX_WAIT_MS`` (503 + Retry-After otherwise), before the
-   body is read or a URL downloaded: a refused request does no work;
+   body is read or a URL downloaded: a refused request does no work; then the client's fair
+   share (``fairshare.py``): while the model is pressed, a client holding its share already
+   beside other clients is refused (429 + Retry-After), also before any work;
 3. the body is read (parsed by the adapter), or the URL downloaded under ``fetch.py``'s rules,
    in one of ``BODIES_IN_FLIGHT`` slots and holding no room in the model's queue;
 4. the images it holds are counted (``MAX_IMAGES_PER_REQUEST``) and the manager leases room
@@ -44,11 +46,12 @@ from common.errors import (
     Overloaded,
     TooManyImages,
 )
+from common.fairshare import FairShare
 from common.feedback import Feedback
 from common.fetch import UrlFetcher
 from common.inference.classifier import Classifier, Options
 from common.inference.images import DecodeBudget, DecodeLimits
-from common.modelfolder import ONNX
+from common.modelfolder import ONNX, file_sha256
 from common.storage import ImageStore
 from common.versions.manager import Lease, Manager, Route
 from common.versions.served import ServedVersion
@@ -147,6 +150,8 @@ class DataPlane:
                                           DecodeBudget(config.decode_memory_bytes))
         self.bodies = Slots(config.body_slots, "request bodies are being received",
                             "BODIES_IN_FLIGHT")
+        #: Each client's requests in flight in this worker (FAIR_SHARE; None when off).
+        self.share = FairShare() if config.fair_share else None
         #: Under gunicorn, says which sibling workers are still loading (None: all warm);
         #: gunicorn.conf.py sets it (``WarmWorkers.waiting``).
         self.workers_waiting: Callable[[], str | None] = lambda: None
@@ -166,10 +171,12 @@ class DataPlane:
 
     # -- classification -------------------------------------------------------------------------
     def classify(self, read: Callable[[], list[bytes]], args: Mapping[str, str],
-                 route: Route = Route(), started: float | None = None) -> dict:
+                 route: Route = Route(), started: float | None = None,
+                 client: str | None = None) -> dict:
         """Our API: the images ``read()`` returns (an upload's body, its multipart ``image``
         parts, or a URL's download) -> DESIGN.md's 200 answer, ranked by the ``top_k`` and
-        ``threshold`` in ``args``; ``elapsed_ms`` counts from ``started``.
+        ``threshold`` in ``args``; ``elapsed_ms`` counts from ``started``. ``client`` (see
+        :meth:`infer`) is who asks, for the fair share.
 
         One image gets the single-image answer; several get one result per image, in order:
         the single-image answer's ``filename``/``predictions``/``labels``, or ``{"error":
@@ -177,7 +184,7 @@ class DataPlane:
         """
         started = time.perf_counter() if started is None else started
         options = parse_options(args, self.config.top_k)
-        done = self.infer(lambda: Images(read()), route, options)
+        done = self.infer(lambda: Images(read()), route, options, client)
         model = done.classifier.describe()
         if len(done.results) > 1:
             return {"model": model, "results": done.results, "elapsed_ms": _since(started)}
@@ -187,7 +194,7 @@ class DataPlane:
                 "elapsed_ms": _since(started)}
 
     def infer(self, read: Callable[[], Images], route: Route = Route(),
-              options: Options | None = None) -> Inference:
+              options: Options | None = None, client: str | None = None) -> Inference:
         """The pipeline every classification runs: ``read()`` the request's images when
         :meth:`_leased` allows, preprocess them, submit them to the batcher, and, with
         ``options`` (our API), postprocess: rank each image and keep an uncertain one for
@@ -197,8 +204,12 @@ class DataPlane:
         :attr:`Inference.results`); without (the protocols), one bad image fails the request
         (400/413/415/422, as a tensor call would), and so does a tensor whose shape does not
         fit the model (400).
+
+        ``client`` is who asks (``common/web/clients.py``: ``"key:<name>"`` or
+        ``"addr:<ip>"``): while the model is pressed, a client over its fair share is refused
+        (429) before its body is read. None: no share (scripts, tests).
         """
-        with self._leased(route, read) as (lease, request):
+        with self._leased(route, read, client) as (lease, request):
             classifier = lease.classifier
             if isinstance(request.inputs, list):
                 one_by_one = options is not None and len(request.inputs) > 1
@@ -213,11 +224,14 @@ class DataPlane:
         return Inference(request, classifier, stacked, results)
 
     @contextmanager
-    def _leased(self, route: Route, read: Callable[[], Images]) -> Iterator[tuple[Lease, Images]]:
+    def _leased(self, route: Route, read: Callable[[], Images],
+                client: str | None = None) -> Iterator[tuple[Lease, Images]]:
         """Admit -> read -> count -> lease, the way every classification gets its images.
 
         First the route is checked as the lease would check it (404; 503 when the version is
-        not ready or its queue would refuse), so a refused request reads nothing. ``read()``
+        not ready or its queue would refuse), then the client's fair share (429 while the model
+        is pressed and the client holds its share already), so a refused request reads
+        nothing; the request then counts in its client's share until it is answered. ``read()``
         then reads the body (or downloads the URL) in one of ``BODIES_IN_FLIGHT`` slots (503
         when all are taken), holding no room in the model's queue: a slow upload or download
         delays only itself. The images it holds are counted (400 for none, or past
@@ -225,16 +239,33 @@ class DataPlane:
         fit) until the context ends.
         """
         self.manager.precheck(route)
-        with self.bodies:
-            request = read()
-        count = len(request.inputs)
-        if count == 0:
-            raise InvalidParameter("no images in the request")
-        if count > self.config.max_images_per_request:
-            raise TooManyImages(f"at most {self.config.max_images_per_request} images in one "
-                                f"request (MAX_IMAGES_PER_REQUEST), got {count}")
-        with self.manager.lease(route, count) as lease:
-            yield lease, request
+        with self._fair_share(route, client):
+            with self.bodies:
+                request = read()
+            count = len(request.inputs)
+            if count == 0:
+                raise InvalidParameter("no images in the request")
+            if count > self.config.max_images_per_request:
+                raise TooManyImages(f"at most {self.config.max_images_per_request} images in "
+                                    f"one request (MAX_IMAGES_PER_REQUEST), got {count}")
+            with self.manager.lease(route, count) as lease:
+                yield lease, request
+
+    @contextmanager
+    def _fair_share(self, route: Route, client: str | None) -> Iterator[None]:
+        """Count the request in ``client``'s share while it runs; refuse it first (429,
+        paced by the version's batcher) when that version's model is pressed and the client
+        holds its share already. Nothing without a client or with FAIR_SHARE off."""
+        if client is None or self.share is None:
+            yield
+            return
+        batcher = self.manager.find(route).running().batcher
+        if not self.share.enter(client, batcher.pressed()):
+            batcher.refuse_over_share()
+        try:
+            yield
+        finally:
+            self.share.leave(client)
 
     def _preprocess(self, classifier: Classifier, inputs: list[bytes],
                     one_by_one: bool) -> tuple[list[dict], list[np.ndarray]]:
@@ -327,7 +358,8 @@ class DataPlane:
         return {**clf.describe(), "labels": list(clf.labels), "input_size": list(clf.input_size),
                 "metrics": clf.metadata.get("metrics", {}),
                 "evaluation": clf.folder.evaluation_summary() if clf.folder else None,
-                "runtime": clf.runtime, "onnx": self.onnx_export()}
+                "runtime": clf.runtime, "input": clf.describe_input(),
+                "preprocessing": clf.spec.as_dict(), "onnx": self.onnx_export()}
 
     def onnx_export(self) -> dict | None:
         """The folder's verified model.onnx for the page's in-browser mode: its URL (versioned
@@ -336,17 +368,27 @@ class DataPlane:
         if found is None:
             return None
         path, sha256 = found
+        clf = self.model.classifier
         return {"url": f"/model/{ONNX}?v={sha256[:16]}", "bytes": os.path.getsize(path),
                 "sha256": sha256, "integrity": "sha256-" + digest_b64(sha256),
-                "outputs": self.model.classifier.outputs}
+                "outputs": clf.outputs, "preprocessing": clf.spec.as_dict(),
+                "input": clf.describe_input()}
 
     def onnx_file(self, required: bool = True) -> tuple[str, str] | None:
-        """(path, sha256) of the verified model.onnx; 404 (or None) when there is none."""
+        """(path, sha256) of the model.onnx the page may run: our own verified export, or an
+        imported ONNX model whose weights are inside the file (an external data file is not
+        handed out); 404 (or None) when there is none."""
         clf = self.model.classifier
-        found = clf.folder.verified_export("onnx") if clf.folder and clf.folder.folder else None
+        folder = clf.folder if clf.folder and clf.folder.folder else None
+        found = folder.verified_export("onnx") if folder else None
+        if found is not None:
+            found = (found[0], found[1]["sha256"])
+        elif folder is not None and folder.format == "onnx" and not folder.external_data():
+            path = folder.public_file(ONNX)
+            found = (path, file_sha256(path)) if path else None
         if found is None and required:
-            raise NotFound(f"this model has no verified {ONNX}")
-        return None if found is None else (found[0], found[1]["sha256"])
+            raise NotFound(f"this model has no {ONNX} a browser can run")
+        return found
 
     def model_file(self, name: str) -> str:
         """Path of one of the model folder's public files (404 when it has none)."""
@@ -361,14 +403,20 @@ class DataPlane:
 
 
 def _tensor_rows(classifier: Classifier, inputs: np.ndarray) -> list[np.ndarray]:
-    """A float ``[n, h, w, 3]`` batch -> its rows, float32; 400 when its shape does not fit
-    ``classifier``'s input size."""
-    batch = np.asarray(inputs, dtype=np.float32)
-    expected = (*classifier.input_size, 3)
+    """A tensor batch as the model takes it (``[n, *input_shape]``: for our own models float
+    ``[n, h, w, 3]`` in [0, 1]; an imported model's own layout and scaling, as its metadata
+    says) -> its rows in the model's dtype; 400 when its shape does not fit, or a uint8
+    model's values are not whole numbers 0..255."""
+    batch = np.asarray(inputs)
+    expected = classifier.input_shape
     if batch.ndim != 4 or batch.shape[1:] != expected:
-        raise InvalidParameter(f"expected a float tensor [n, {expected[0]}, "
-                               f"{expected[1]}, 3], got shape {list(batch.shape)}")
-    return list(batch)
+        raise InvalidParameter(f"expected a tensor [n, {', '.join(map(str, expected))}] "
+                               f"({classifier.spec.layout}), got shape {list(batch.shape)}")
+    dtype = classifier.spec.numpy_dtype
+    if dtype == np.uint8 and (np.any(batch < 0) or np.any(batch > 255)
+                              or np.any(np.rint(batch) != batch)):
+        raise InvalidParameter("this model takes uint8 pixels: whole numbers 0..255")
+    return list(batch.astype(dtype, copy=False))
 
 
 def _since(started: float) -> float:

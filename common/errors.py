@@ -71,6 +71,27 @@ class ForbiddenUrl(ApiError):
     plain = "That address is not allowed. Use a public http(s) address."
 
 
+class Unauthorized(ApiError):
+    """No API key, or one the server does not know (API_KEYS, API_KEYS_FILE)."""
+
+    status, code, message = 401, "unauthorized", "an API key is needed"
+    plain = "This service needs an API key."
+
+    def __init__(self, message: str | None = None, *, headers: dict | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="classifier"',
+                                           **(headers or {})})
+
+
+class InvalidKey(Unauthorized):
+    code, message = "invalid_key", "the API key is not valid"
+    plain = "The API key was not accepted."
+
+
+class ScopeForbidden(ApiError):
+    status, code, message = 403, "forbidden_scope", "the API key's scopes do not cover this route"
+    plain = "Your API key is not allowed to do this."
+
+
 class NotFound(ApiError):
     status, code, message = 404, "not_found", "no such route"
     plain = "That was not found."
@@ -122,6 +143,12 @@ class CrossSiteRequest(ApiError):
     status, code = 403, "cross_site_request"
     message = "a post from another site is refused on this route"
     plain = "That request came from another website, so it was refused."
+
+
+class OriginNotAllowed(ApiError):
+    status, code = 403, "origin_not_allowed"
+    message = "cross-origin requests from this origin are not allowed (CORS_ORIGINS)"
+    plain = "This website is not allowed to use the service."
 
 
 class TooManyImages(BadRequest):
@@ -179,6 +206,15 @@ class ServiceUnavailable(ApiError):
     def __init__(self, message: str | None = None, *, retry_after: int = 1,
                  headers: dict | None = None):
         super().__init__(message, headers={"Retry-After": str(retry_after), **(headers or {})})
+
+
+class OverShare(ServiceUnavailable):
+    """429: under overload, this client holds more than its fair share of the queue (a
+    refusal to retry later, as the 503s, with ``Retry-After``)."""
+
+    status, code, message = 429, "over_fair_share", \
+        "you have more requests waiting than your share while the service is busy; retry later"
+    plain = "You are sending more than your share while the service is busy. Try again shortly."
 
 
 class ModelNotReady(ServiceUnavailable):

@@ -59,7 +59,7 @@ class Metrics:
                                  "Images waiting for the model, summed over live workers", mv,
                                  multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
-                                mv + ["reason"], registry=r)  # overloaded | model_timeout
+                                mv + ["reason"], registry=r)  # overloaded | over_fair_share | model_timeout
         self.load_seconds = Gauge("classifier_model_load_seconds",
                                   "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)

@@ -8,12 +8,92 @@
   const canvas = $("canvas"), ctx = canvas.getContext("2d");
   const preview = $("preview"), statusEl = $("status"), errorEl = $("error");
   const bars = $("bars"), meta = $("meta");
-  const buttons = document.querySelectorAll("button");
+  const buttons = document.querySelectorAll("main button");  // not the key form's
 
   // API error codes in plain words, from the server's own list (common/errors.py: catalogue(),
   // in this script tag's data-error-messages: the page has no inline script, see its CSP);
   // the server's technical message is the fallback for a code the list lacks.
   const MESSAGES = JSON.parse(document.currentScript.dataset.errorMessages || "{}");
+
+  // API keys (README "Access control"). Every API call of the page goes through apiFetch,
+  // which sends the key this tab holds (sessionStorage: gone with the tab, never in
+  // localStorage, a URL or the page beyond the form's field) as X-API-Key. A 401 shows the key
+  // form and waits: the request is sent again with the key typed there, and again while the
+  // service answers 401 (then the form says the key was not accepted). 403 forbidden_scope is
+  // for the caller to show (the key lacks the scope).
+  const KEY_ITEM = "classifier-api-key";
+  const keyForm = $("key-form"), keyInput = $("api-key"), keyNote = $("key-note");
+  const keyState = $("key-state"), keyForget = $("key-forget");
+  let keyWaiters = [];  // resolve() of each request waiting for a key
+
+  function storedKey() {
+    try { return sessionStorage.getItem(KEY_ITEM); } catch (e) { return null; }
+  }
+  function showKeyState(text) {
+    keyForget.hidden = !storedKey();
+    keyState.textContent = text;
+  }
+  function askForKey(message) {
+    keyNote.textContent = message;
+    if (keyForm.hidden) {
+      keyForm.hidden = false;
+      keyInput.focus();
+    }
+    return new Promise((resolve) => keyWaiters.push(resolve));
+  }
+  keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const key = keyInput.value.trim();
+    keyInput.value = "";
+    if (!key) { keyNote.textContent = "Type or paste your API key first."; return; }
+    if (!/^[\x21-\x7e]+$/.test(key)) {  // what a header can carry, and every key is
+      keyNote.textContent = "An API key has letters, digits and punctuation only, no spaces.";
+      return;
+    }
+    try { sessionStorage.setItem(KEY_ITEM, key); } catch (err) { /* storage off: no retry */ }
+    keyForm.hidden = true;
+    showKeyState("Using your API key in this tab.");
+    const waiting = keyWaiters;
+    keyWaiters = [];
+    waiting.forEach((resolve) => resolve());
+  });
+  keyForget.addEventListener("click", () => {
+    try { sessionStorage.removeItem(KEY_ITEM); } catch (e) { /* nothing stored */ }
+    showKeyState("The key is forgotten; the page asks again when the service needs one.");
+  });
+  if (storedKey()) showKeyState("Using your API key in this tab.");
+
+  async function apiFetch(url, options) {
+    const send = (key) => {
+      const headers = Object.assign({}, (options && options.headers) || {});
+      if (key) headers["X-API-Key"] = key;
+      return fetch(url, Object.assign({}, options || {}, { headers: headers }));
+    };
+    let key = storedKey();
+    let response = await send(key);
+    while (response.status === 401) {
+      let message = "This service needs an API key. Enter it to go on.";
+      if (key) {  // sent and refused: forget it, unless another key came meanwhile
+        if (storedKey() === key) sessionStorage.removeItem(KEY_ITEM);
+        showKeyState("");
+        message = "The API key was not accepted. Check it and try again.";
+      }
+      if (!storedKey()) await askForKey(message);
+      key = storedKey();
+      if (!key) return response;  // sessionStorage unusable: show the 401 as it is
+      response = await send(key);
+    }
+    return response;
+  }
+  window.ClassifierFetch = apiFetch;
+
+  // What a refusal means in the page's words: the catalogue's, with the scope a 403 missed.
+  function refusal(err, scopeWords) {
+    if (err && err.code === "forbidden_scope" && scopeWords) {
+      return "Your API key does not allow " + scopeWords + ". Ask for a key that does.";
+    }
+    return (err && MESSAGES[err.code]) || (err && err.message) || null;
+  }
 
   function setBusy(busy, text) {
     buttons.forEach((b) => { b.disabled = busy; });
@@ -97,7 +177,7 @@
     done.textContent = "Sending…";
     let answer = null, ok = false;
     try {
-      const response = await fetch("/feedback", {
+      const response = await apiFetch("/feedback", {
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ filename: body.filename, label: label,
           predicted: top ? top.label : null, score: top ? top.score : null }),
@@ -113,8 +193,7 @@
         folder + " for the next retraining.";
       return;
     }
-    const err = answer && answer.error;
-    done.textContent = (err && MESSAGES[err.code]) || (err && err.message) ||
+    done.textContent = refusal(answer && answer.error, "sending feedback") ||
       "Could not send your answer. Try again.";
     group.querySelectorAll("button").forEach((b) => { b.disabled = false; });
   }
@@ -128,8 +207,7 @@
       if (response.ok && body) {
         showResult(body);
       } else {
-        const err = body && body.error;
-        showError((err && MESSAGES[err.code]) || (err && err.message) ||
+        showError(refusal(body && body.error, "classifying pictures") ||
                   "The server answered " + response.status + ".");
       }
     } catch (e) {
@@ -146,7 +224,7 @@
     if (inBrowserTakes(blob)) return;
     const form = new FormData();
     form.append("image", blob, name || "image");
-    call(fetch("/classify", { method: "POST", body: form }), "Classifying…");
+    call(apiFetch("/classify", { method: "POST", body: form }), "Classifying…");
   }
 
   // The in-browser mode (inbrowser.js) classifies instead of the server while it is switched on.
@@ -192,7 +270,7 @@
     const address = urlInput.value.trim();
     if (!address) { showError("Type or paste an image address first."); return; }
     preview.hidden = true;
-    call(fetch("/classify?image_url=" + encodeURIComponent(address)), "Downloading and classifying…");
+    call(apiFetch("/classify?image_url=" + encodeURIComponent(address)), "Downloading and classifying…");
   });
 
   // Drawing canvas: pointer events cover mouse, pen and touch.
@@ -249,7 +327,7 @@
   });
 
   // The model's evaluation summary, when its folder has one.
-  fetch("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
+  apiFetch("/model").then((r) => (r.ok ? r.json() : null)).then((model) => {
     if (!model) return;
     if (window.InBrowser) window.InBrowser.offer(model);
     modelLabels = model.labels;
@@ -263,11 +341,61 @@
       (ev.extra_tests || []).filter((t) => t.accuracy != null).map((t) =>
         "; " + (t.accuracy * 100).toFixed(1) + "% on " + t.images + " " + t.name +
         (t.description ? " (" + t.description + ")" : "")).join("") + ".";
-    if (ev.confusion_matrix_png) {
-      const img = $("confusion");
-      img.src = "/model/confusion_matrix.png";
-      img.hidden = false;
+    if (ev.confusion_matrix) {
+      showConfusion(ev.confusion_matrix);
+    } else if (ev.confusion_matrix_png) {  // fetched with the key, shown from a blob: URL
+      apiFetch("/model/confusion_matrix.png").then((r) => (r.ok ? r.blob() : null)).then((png) => {
+        if (!png) return;
+        const img = $("confusion");
+        img.src = URL.createObjectURL(png);
+        img.hidden = false;
+      }).catch(() => {});
     }
     $("evaluation").hidden = false;
   }).catch(() => {});
+
+  // The confusion matrix as a table: rows the true labels, columns the predicted ones; each
+  // cell shaded by its share of the row (blue on the diagonal, red off it), as the PNG was.
+  // A column's label is one line read bottom to top (style.css; cut short with "…" when long,
+  // whole in its title and in the row headers).
+  function showConfusion(matrix) {
+    const labels = matrix.labels, rows = matrix.rows_true_columns_predicted;
+    const cell = (tag, text, className) => Object.assign(document.createElement(tag),
+      { textContent: text, className: className || "" });
+    const table = document.createElement("table");
+    table.className = "confusion";
+    table.append(cell("caption", "Test images by true label (rows) and predicted label (columns)"));
+    const head = document.createElement("tr");
+    head.append(cell("th", "true ↓ predicted →", "corner"));  // wraps: the columns are narrow
+    for (const label of labels) {
+      const th = cell("th", "", "predicted");
+      th.scope = "col";
+      th.title = "predicted " + label;
+      th.append(cell("span", label, "col-label"));
+      head.append(th);
+    }
+    table.createTHead().append(head);
+    const body = table.createTBody();
+    rows.forEach((counts, i) => {
+      const tr = document.createElement("tr");
+      const th = cell("th", labels[i], "truth");
+      th.scope = "row";
+      tr.append(th);
+      const total = counts.reduce((a, b) => a + b, 0);
+      counts.forEach((count, j) => {
+        const share = total ? count / total : 0;
+        const td = cell("td", String(count), i === j ? "diagonal" : "");
+        td.title = labels[i] + " predicted as " + labels[j] + ": " + count;
+        td.style.backgroundColor = i === j
+          ? "rgb(" + Math.round(255 - 200 * share) + "," + Math.round(255 - 120 * share) + ",255)"
+          : "rgb(255," + Math.round(255 - 200 * share) + "," + Math.round(255 - 200 * share) + ")";
+        if (share >= 0.6) td.classList.add("deep");
+        tr.append(td);
+      });
+      body.append(tr);
+    });
+    const box = $("confusion-table");
+    box.replaceChildren(table);
+    box.hidden = false;
+  }
 })();

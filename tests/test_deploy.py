@@ -43,12 +43,18 @@ from tiny_models import TRAP, save_colour_model
 
 from common import errors
 from common.config import Config
+from common.keys import file_line, parse_file_text
+from common.web.auth import scope_for
 from common.web.routes import blueprint
 
 K8S = os.path.join(ROOT, "deploy", "k8s")
 COMPOSE = os.path.join(ROOT, "deploy", "compose", "docker-compose.yml")
 COMPOSE_NGINX = os.path.join(ROOT, "deploy", "compose", "nginx")
+COMPOSE_KEYS = os.path.join(ROOT, "deploy", "compose", "api-keys")
 STAR = os.path.join(ROOT, "docs", "examples", "star.png")
+#: The key the docker tests' pod and compose stack accept (a test value, not a secret).
+TEST_KEY = "deploy-test-key-not-a-secret-0123456789"
+KEY = {"X-API-Key": TEST_KEY}
 DEFAULTS = Config.from_env({})
 
 
@@ -194,7 +200,7 @@ def test_the_kustomization_lists_every_manifest_and_the_proxy_configuration():
     assert set(kustomization()["resources"]) == on_disk
     assert sorted(doc["kind"] for doc in manifests()) == sorted([
         "Deployment", "Service", "PersistentVolumeClaim", "PersistentVolumeClaim",
-        "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy"])
+        "PodDisruptionBudget", "HorizontalPodAutoscaler", "NetworkPolicy", "Secret"])
     config_map = generated_config_map()
     volume = next(v for v in pod()["volumes"] if v["name"] == "proxy-config")
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
@@ -325,6 +331,78 @@ def test_hpa_pdb_and_service_select_the_deployment():
         hpa["spec"]["minReplicas"] <= deployment["spec"]["replicas"]
 
 
+# ---------------------------------------------------------------- API keys
+
+#: What a key made by scripts/api_key.py looks like (secrets.token_urlsafe(32): 43 characters).
+KEY_LIKE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])")
+
+
+def deploy_texts() -> dict[str, str]:
+    """Every file under deploy/, by path."""
+    found = {}
+    for folder, _, names in os.walk(os.path.join(ROOT, "deploy")):
+        for name in names:
+            found[os.path.join(folder, name)] = open(os.path.join(folder, name)).read()
+    return found
+
+
+def test_api_keys_come_from_the_secret_mounted_read_only():
+    """API_KEYS_FILE is the api-keys Secret's file, mounted as a read-only folder (not a
+    subPath, which the kubelet never updates: rotation needs the file to change in place);
+    the Secret is part of the kustomization and holds a key file the service accepts."""
+    env = container_env()
+    assert "API_KEYS" not in env  # keys in plain text in the manifest: never
+    path = env["API_KEYS_FILE"]
+    folder, name = os.path.split(path)
+    (mount,) = [m for m in container()["volumeMounts"] if m["mountPath"] == folder]
+    assert mount["readOnly"] is True and "subPath" not in mount
+    (volume,) = [v for v in pod()["volumes"] if v["name"] == mount["name"]]
+    secret = resource("Secret", volume["secret"]["secretName"])
+    assert secret["metadata"]["name"] == "api-keys"
+    assert [(i["key"], i["path"]) for i in volume["secret"]["items"]] == [(name, name)]
+    assert volume["secret"]["defaultMode"] & 0o222 == 0  # nobody writes it
+    assert secret["metadata"]["labels"].items() <= \
+        resource("Deployment")["metadata"]["labels"].items()
+    # The placeholder is a valid key file (the service starts) with no key in it.
+    assert parse_file_text(secret["stringData"][name]) == []
+    # Nothing else of the pod mounts or names the key file.
+    assert all(m["mountPath"] != folder for m in proxy()["volumeMounts"])
+
+
+def test_the_probes_and_healthchecks_need_no_key():
+    """With keys on, the kubelet's probes and Docker's HEALTHCHECK ask paths that stay open."""
+    box = container()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert scope_for(probe_url(box[probe])[2]) is None, probe
+    (health,) = re.findall(r"HEALTHCHECK[^\n]*\n[^\n]*?http://[^/]+(/\w+)", dockerfile())
+    assert scope_for(health) is None
+
+
+def test_the_compose_file_mounts_its_key_folder_read_only():
+    service = load_yaml(COMPOSE)[0]["services"]["classifier"]
+    assert "API_KEYS" not in service["environment"]
+    path = service["environment"]["API_KEYS_FILE"]
+    folder, name = os.path.split(path)
+    (volume,) = [v for v in service["volumes"] if v.rsplit(":", 2)[1:] == [folder, "ro"]]
+    assert volume.rsplit(":", 2)[0] == "${KEYS_DIR:-./api-keys}"
+    shipped = os.path.join(COMPOSE_KEYS, name)
+    assert os.path.join(os.path.dirname(COMPOSE), "api-keys") == COMPOSE_KEYS
+    assert parse_file_text(open(shipped).read()) == []  # valid, and no key
+    assert os.stat(shipped).st_mode & 0o004 and os.stat(COMPOSE_KEYS).st_mode & 0o005 == 0o005
+
+
+def test_no_key_is_written_in_the_deploy_files():
+    """No file under deploy/ holds a key: no API_KEYS value, nothing shaped like a key, and
+    every entry of a key file a digest line (whose format alone cannot hold a key)."""
+    for path, text in deploy_texts().items():
+        assert not re.search(r"API_KEYS\s*[:=]\s*[^\s/$]", text), path
+        assert not KEY_LIKE.search(text), (path, KEY_LIKE.search(text).group())
+    for text in (resource("Secret", "api-keys")["stringData"]["api_keys"],
+                 open(os.path.join(COMPOSE_KEYS, "api_keys")).read()):
+        assert [line for line in text.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")] == []
+
+
 def test_the_compose_file_uses_only_real_settings():
     compose = load_yaml(COMPOSE)[0]
     service = compose["services"]["classifier"]
@@ -426,6 +504,21 @@ def test_both_nginx_configurations_pass_nginx_t(tmp_path):
            *[a for a in proxy()["args"] if a not in ("-g", "daemon off;")], "-t")
 
 
+def keys_folder(folder, *keys: tuple[str, str]) -> str:
+    """A folder holding the key file ``api_keys`` with these ``(name, key)`` entries (scopes
+    classify and feedback), readable by the service's user, as the Secret or compose mounts
+    it; replaced atomically, as an editor or the kubelet does."""
+    os.makedirs(folder, exist_ok=True)
+    os.chmod(folder, 0o755)
+    part = os.path.join(folder, ".api_keys.part")
+    with open(part, "w") as fh:
+        fh.write("".join(file_line(name, key, ["classify", "feedback"]) + "\n"
+                         for name, key in keys))
+    os.chmod(part, 0o644)
+    os.replace(part, os.path.join(folder, "api_keys"))
+    return str(folder)
+
+
 def config_map_folder(tmp_path) -> str:
     """The generated ConfigMap's files in a folder, as the pod mounts them."""
     folder = tmp_path / "proxy-config"
@@ -453,9 +546,11 @@ def pod_run(tmp_path_factory):
     public, metrics_port = named_port(proxy(), "http"), named_port(proxy(), "metrics")
     hardening = ("--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
                  "--security-opt", "no-new-privileges")
+    keys = keys_folder(tmp_path_factory.mktemp("pod-keys") / "api-keys", ("test", TEST_KEY))
     service = Container(image, *hardening, "--tmpfs", "/tmp",
                         "--mount", "type=volume,dst=/app/temp",
-                        "--mount", "type=volume,dst=/app/feedback", env=env,
+                        "--mount", "type=volume,dst=/app/feedback",
+                        "-v", f"{keys}:{os.path.dirname(env['API_KEYS_FILE'])}:ro", env=env,
                         ports=(public, metrics_port, Config.from_env(env).port))
     sidecar = None
     try:
@@ -482,7 +577,8 @@ def test_the_pod_is_reached_through_its_proxy_and_metrics_on_their_own_port(pod_
     public, metrics_port = named_port(proxy(), "http"), named_port(proxy(), "metrics")
     url = pod_run.urls[public]
     with open(STAR, "rb") as fh:
-        r = requests.post(url + "/classify", files={"image": ("star.png", fh)}, timeout=30)
+        r = requests.post(url + "/classify", files={"image": ("star.png", fh)}, headers=KEY,
+                          timeout=30)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "star", r.text
     for path in METRICS_SPELLINGS:
         r = requests.get(url + path, timeout=10)
@@ -496,6 +592,23 @@ def test_the_pod_is_reached_through_its_proxy_and_metrics_on_their_own_port(pod_
     # gunicorn itself listens on 127.0.0.1 inside the pod: its port, published, leads nowhere.
     with pytest.raises(requests.ConnectionError):
         requests.get(pod_run.urls[Config.from_env(container_env()).port] + "/healthz", timeout=5)
+
+
+@pytest.mark.docker
+def test_the_pod_wants_a_key_and_its_probes_and_page_do_not(pod_run):
+    """Keys on, from the mounted key file: through the proxy, /classify without a key or with a
+    wrong one is 401 in the envelope with WWW-Authenticate; the probes' paths and the page
+    answer without one."""
+    url = pod_run.urls[named_port(proxy(), "http")]
+    data = open(STAR, "rb").read()
+    for key, code in ((None, "unauthorized"), ("not-the-key", "invalid_key")):
+        r = requests.post(url + "/classify", files={"image": ("star.png", data)},
+                          headers={"X-API-Key": key} if key else {}, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == code, r.text
+        assert r.headers["WWW-Authenticate"].startswith('Bearer realm="classifier"')
+    for path in ("/healthz", "/readyz", "/"):
+        assert requests.get(url + path, timeout=10).status_code == 200, path
+    assert classify(url, data).status_code == 200
 
 
 def raw(url: str) -> socket.socket:
@@ -601,10 +714,12 @@ def stack(tmp_path_factory):
     for folder in (repo, repo / "colours"):
         os.chmod(folder, 0o755)
     port = free_port()
+    keys = keys_folder(repo.parent / "api-keys", ("test", TEST_KEY))
     compose = Compose(f"clstest{os.getpid()}", {
         "IMAGE": image, "BASE_IMAGE": base_image(), "MODELS": str(repo), "PROXY_PORT": str(port),
-        "DEFAULT_MODEL": "colours", "MODEL_POLL_SECONDS": "1"})
+        "DEFAULT_MODEL": "colours", "MODEL_POLL_SECONDS": "1", "KEYS_DIR": keys})
     compose.repo = repo
+    compose.keys = keys
     compose.url = f"http://127.0.0.1:{port}"
     try:
         compose("up", "-d", "--build", "--scale", "classifier=3", timeout=900)
@@ -645,8 +760,9 @@ def replica_requests(container_id: str) -> float:
                          status="200")
 
 
-def classify(url: str, data: bytes) -> requests.Response:
-    return requests.post(url + "/classify", files={"image": ("star.png", data)}, timeout=60)
+def classify(url: str, data: bytes, key: str = TEST_KEY) -> requests.Response:
+    return requests.post(url + "/classify", files={"image": ("star.png", data)},
+                         headers={"X-API-Key": key}, timeout=60)
 
 
 @pytest.mark.docker
@@ -675,8 +791,9 @@ def test_a_new_version_reaches_every_replica_without_a_failed_request(stack):
     assert versions[0] == "1" and versions[-20:] == ["2"] * 20
     for replica in stack.replicas():
         models = json.loads(docker("exec", replica, "python", "-c",
-                                   "import urllib.request; print(urllib.request.urlopen("
-                                   "'http://127.0.0.1:8000/models').read().decode())"))
+                                   "import urllib.request as u; print(u.urlopen(u.Request("
+                                   "'http://127.0.0.1:8000/models', headers={'X-API-Key': "
+                                   f"'{TEST_KEY}'}})).read().decode())"))
         (colours,) = [m for m in models["models"] if m["name"] == "colours"]
         assert (2, "ready") in [(v["version"], v["state"]) for v in colours["versions"]], models
 
@@ -694,6 +811,28 @@ def test_the_public_port_has_no_metrics_and_nginx_errors_are_json(stack):
     s.close()
     assert head.startswith(b"HTTP/1.1 413") and b"X-Request-ID" in head, head
     assert json.loads(body)["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.docker
+def test_a_key_added_to_the_compose_key_folder_works_without_a_restart(stack):
+    """The key file replaced in the mounted folder (a new inode, as an editor or the kubelet
+    writes it): every replica takes the new key within seconds, and drops a removed one."""
+    data = open(STAR, "rb").read()
+    new_key = "deploy-test-second-key-0123456789"
+    assert classify(stack.url, data, new_key).status_code == 401
+
+    def all_answer(key: str, status: int) -> bool:  # 9 in a row: each replica more than once
+        return all(classify(stack.url, data, key).status_code == status for _ in range(9))
+
+    try:
+        keys_folder(stack.keys, ("test", TEST_KEY), ("second", new_key))
+        wait_until(lambda: all_answer(new_key, 200), 15)
+        keys_folder(stack.keys, ("second", new_key))
+        wait_until(lambda: all_answer(TEST_KEY, 401), 15)
+        assert classify(stack.url, data, new_key).status_code == 200
+    finally:
+        keys_folder(stack.keys, ("test", TEST_KEY))
+        wait_until(lambda: all_answer(TEST_KEY, 200), 15)
 
 
 # What nginx answers for a request in flight on a replica that died: the connection reset (502)
@@ -738,7 +877,7 @@ def test_a_post_in_flight_on_a_replica_that_dies_is_not_resent(stack):
     answer: list = []
     poster = threading.Thread(target=lambda: answer.append(requests.post(
         stack.url + "/classify", files={"image": ("trap.png", ig.png(TRAP, (32, 32)))},
-        timeout=60)))
+        headers=KEY, timeout=60)))
     poster.start()
     deadline = time.monotonic() + 3
     victim = None
@@ -766,6 +905,7 @@ def closed_loop(url: str, data: bytes, clients: int, seconds: float, action, at:
 
     def client():
         with requests.Session() as session:
+            session.headers.update(KEY)
             while time.monotonic() < stop:
                 try:
                     r = session.post(url + "/classify", files={"image": ("s.png", data)},

@@ -1,6 +1,7 @@
 """The web page in real headless Chromium (Debian's chromium + chromedriver, via Selenium),
 against the real gunicorn server serving the demo model."""
 import html
+import json
 import os
 
 import imagegen as ig
@@ -14,7 +15,7 @@ from browsers import (  # noqa: F401 (browser is a fixture)
     shape_points,
     wait_for_result,
 )
-from helpers import ROOT, post_image
+from helpers import DEMO, ROOT, post_image
 from webservers import Recorder, body
 
 ORT = os.path.join(ROOT, "static", "vendor", "onnxruntime-web", "ort.wasm.min.js")
@@ -37,10 +38,68 @@ def test_upload_a_demo_image(browser, demo_server):
     assert "demo v1" in browser.find_element(By.ID, "meta").text
     assert browser.find_element(By.ID, "preview").is_displayed()
     assert "%" in browser.find_element(By.CSS_SELECTOR, "#bars li .pct").text
-    # The evaluation summary of the demo model, with its confusion matrix picture.
+    # The evaluation summary of the demo model, with its confusion matrix.
     assert "Accuracy" in browser.find_element(By.ID, "eval-summary").text
-    WebDriverWait(browser, 10).until(lambda d: d.execute_script(
-        "const i = document.getElementById('confusion'); return i.complete && i.naturalWidth > 0"))
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.confusion"))
+
+
+def test_before_any_picture_the_result_panel_shows_no_broken_image(browser, demo_server):
+    """The preview is hidden (and has no address) until there is a picture: before, its CSS
+    display rule beat ``hidden`` and the panel showed a broken image with its alt text."""
+    open_page(browser, demo_server)
+    preview = browser.find_element(By.ID, "preview")
+    assert not preview.is_displayed()
+    assert preview.get_attribute("src") in (None, "")
+    assert preview.size["height"] == 0 and preview.size["width"] == 0
+    # No picture on the page is broken: each shown one has loaded with real pixels.
+    broken = browser.execute_script(
+        "return [...document.images].filter((i) => i.getClientRects().length &&"
+        " !(i.complete && i.naturalWidth > 0)).map((i) => i.id || i.src)")
+    assert broken == []
+    browser.find_element(By.ID, "file").send_keys(os.path.join(ROOT, "docs", "examples",
+                                                               "star.png"))
+    assert wait_for_result(browser)[0] == "star"
+    assert preview.is_displayed() and browser.execute_script(
+        "return arguments[0].complete && arguments[0].naturalWidth > 0", preview)
+
+
+@pytest.mark.parametrize("width", [1200, 375])
+def test_the_confusion_matrix_labels_are_readable(browser, demo_server, width):
+    """The confusion matrix is a table of the report's counts whose column labels each stay
+    on one line (the picture had them one letter a line), and it never makes the page scroll
+    sideways."""
+    report = json.load(open(os.path.join(DEMO, "report.json")))["confusion_matrix"]
+    open_page(browser, demo_server, width=width)
+    WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.confusion"))
+    table = browser.find_element(By.CSS_SELECTOR, "table.confusion")
+    columns = table.find_elements(By.CSS_SELECTOR, "thead th.predicted")
+    assert [c.get_attribute("title") for c in columns] == [
+        "predicted " + label for label in report["labels"]]
+    assert [r.text for r in table.find_elements(By.CSS_SELECTOR, "tbody th.truth")] == \
+        report["labels"]
+    counts = [[int(td.text) for td in row.find_elements(By.TAG_NAME, "td")]
+              for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    assert counts == report["rows_true_columns_predicted"]
+    # One line of each label: the row headers' text (a Range over each), written across.
+    lines = browser.execute_script(
+        "return [...document.querySelectorAll('table.confusion tbody th.truth')].map((th) => {"
+        " const r = document.createRange(); r.selectNodeContents(th);"
+        " const b = r.getBoundingClientRect(); return [b.width, b.height]; })")
+    line = lines[0][1]
+    assert line > 5
+    for column, label, (across, _) in zip(columns, report["labels"], lines):
+        span = column.find_element(By.CLASS_NAME, "col-label")
+        # Its text's line boxes (a Range's client rects): one, one line thick (written
+        # across or upwards), not a line per letter.
+        rects = browser.execute_script(
+            "const r = document.createRange(); r.selectNodeContents(arguments[0]);"
+            "return [...r.getClientRects()].map((b) => [b.width, b.height])", span)
+        assert len(rects) == 1, (label, rects)
+        assert min(rects[0]) < 1.5 * line, (label, rects, line)
+        assert abs(max(rects[0]) - across) < 0.2 * across + 2, (label, rects, across)
+        assert span.get_attribute("textContent") == label
+    inner = browser.execute_script("return window.innerWidth")
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= inner
 
 
 @pytest.mark.parametrize("shape", ["star", "circle"])
@@ -103,7 +162,7 @@ def test_labels_and_keyboard(browser, demo_server):
 
 
 def test_the_page_runs_under_its_policy_without_a_violation(browser, demo_server):
-    """Upload (preview from an object URL), the evaluation picture, the error words, and the
+    """Upload (preview from an object URL), the confusion matrix, the error words, and the
     in-browser mode (onnxruntime-web compiling its WebAssembly) all work under the page's
     Content-Security-Policy, and the browser reports no violation; the listener does see one
     when something the policy forbids is tried."""
@@ -113,9 +172,8 @@ def test_the_page_runs_under_its_policy_without_a_violation(browser, demo_server
         browser.find_element(By.ID, "file").send_keys(os.path.join(ROOT, "docs", "examples",
                                                                    "star.png"))
         assert wait_for_result(browser)[0] == "star"
-        WebDriverWait(browser, 10).until(lambda d: d.execute_script(
-            "const i = document.getElementById('confusion');"
-            "return i.complete && i.naturalWidth > 0"))
+        WebDriverWait(browser, 10).until(  # the matrix, its cells shaded through the CSSOM
+            lambda d: d.find_elements(By.CSS_SELECTOR, "table.confusion td.diagonal"))
         preview = browser.execute_script("return document.getElementById('preview').src")
         assert preview.startswith("blob:")
         browser.find_element(By.ID, "draw-classify").click()  # nothing drawn: the page's own words

@@ -36,12 +36,17 @@ from typing import Callable
 
 import numpy as np
 
-from common.errors import ModelFailed, ModelTimeout, Overloaded, ServiceUnavailable
+from common.errors import ModelFailed, ModelTimeout, Overloaded, OverShare, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 _EWMA = 0.3  # weight of the newest measurement in a batch-time estimate
+#: The model thread's busy fraction (over about a second) from which the model counts as
+#: pressed and a client's fair share applies: near saturation, where queues grow.
+PRESSED_BUSY = 0.5
+#: The 429s over a fair share answered at once, as a fraction of MAX_REFUSALS_PER_SECOND.
+SHARE_REFUSALS = 0.25
 
 
 def bucket_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -65,6 +70,29 @@ def efficient_batch_size(batch_seconds: dict[int, float], limit: int,
         return limit
     best = max(rates.values())
     return min(b for b, rate in rates.items() if rate >= within * best)
+
+
+class BusyFraction:
+    """The share of recent time a model thread spent in model calls, exponentially averaged
+    with a time constant of ``tau`` seconds (1.0: it has been busy for a long while; 0.0: idle).
+
+    One writer (the model thread: :meth:`change`), any readers (:meth:`value`); the state is
+    one tuple, swapped whole."""
+
+    def __init__(self, tau: float = 1.0, now: float | None = None):
+        self.tau = tau
+        self._state = (0.0, time.monotonic() if now is None else now, False)
+
+    def change(self, busy: bool, now: float | None = None) -> None:
+        """The model thread starts (``busy``) or ends a call."""
+        now = time.monotonic() if now is None else now
+        self._state = (self.value(now), now, busy)
+
+    def value(self, now: float | None = None) -> float:
+        value, since, busy = self._state
+        now = time.monotonic() if now is None else now
+        keep = math.exp(-max(0.0, now - since) / self.tau)
+        return value * keep + (1.0 - keep if busy else 0.0)
 
 
 @dataclass
@@ -145,6 +173,8 @@ class Batcher:
             budget, only the hard cap).
         refusals_per_second: refusals answered at once per second (after a burst of a tenth
             of it); past that, a refusal sleeps until its turn, at most 1 s (0: never wait).
+            The 429s of :meth:`refuse_over_share` are paced apart, at ``SHARE_REFUSALS`` of
+            that rate.
         timeout: seconds a request may wait for its result before it is answered 503.
         batch_seconds: measured seconds of one call per padded batch size (the warm-up's), the
             first estimates of the batch times.
@@ -167,9 +197,16 @@ class Batcher:
         self.timeout = timeout
         self.pacer = (Pacer(refusals_per_second, burst=int(refusals_per_second // 10))
                       if refusals_per_second > 0 else None)
+        # 429s over a client's fair share are paced apart from the 503s, at a quarter of their
+        # rate: only a client over its share waits its turn, and the fewer refusals it gets
+        # (held up to 1 s) the less CPU they take from the others (docs/BENCHMARKS.md)
+        self.share_pacer = (Pacer(refusals_per_second * SHARE_REFUSALS,
+                                  burst=int(refusals_per_second * SHARE_REFUSALS // 10))
+                            if refusals_per_second > 0 else None)
         self.buckets = bucket_sizes(max_batch_size)
         self.metrics = metrics
         self.busy_since: float | None = None  # monotonic start of the running model call
+        self.busy = BusyFraction()
         self._running_bucket = 0
         self._estimates = {b: s for b, s in (batch_seconds or {}).items() if b in self.buckets}
         self._lock = threading.Lock()
@@ -221,6 +258,23 @@ class Batcher:
         if self.pacer is not None:
             time.sleep(self.pacer.delay())
         raise Overloaded(retry_after=max(1, math.ceil(self.drain_seconds())))
+
+    def pressed(self) -> bool:
+        """Whether the model is near saturation: its thread spent at least ``PRESSED_BUSY``
+        of the last second or so in model calls. A client's fair share then applies
+        (``common/fairshare.py``); below it every request is taken as it comes."""
+        return self.busy.value() >= PRESSED_BUSY
+
+    def refuse_over_share(self) -> None:
+        """Refuse a request whose client is over its fair share: OverShare (429,
+        ``Retry-After`` = the expected drain time), counted as ``over_fair_share`` and paced
+        like a 503 (at most ``SHARE_REFUSALS`` x ``refusals_per_second`` at once; past that
+        held back, at most 1 s),
+        so that a client resending at once cannot keep the request threads busy refusing it."""
+        self._event("rejected_request", "over_fair_share")
+        if self.share_pacer is not None:
+            time.sleep(self.share_pacer.delay())
+        raise OverShare(retry_after=max(1, math.ceil(self.drain_seconds())))
 
     def expected_wait(self) -> float:
         """Seconds until a new request's first batch would start: the running call's rest plus
@@ -351,6 +405,7 @@ class Batcher:
         images = _padded_batch([j.image for j in jobs], size)
         self._running_bucket = size
         self.busy_since = started = time.monotonic()
+        self.busy.change(True, started)
         try:
             scores = self.predict_fn(images)[:n]
         except Exception as exc:  # every waiting request must hear about it, as a 503
@@ -358,6 +413,7 @@ class Batcher:
             return None, ModelFailed(f"the model failed on this batch: {type(exc).__name__}")
         finally:
             self.busy_since = None
+            self.busy.change(False)
         seconds = time.monotonic() - started
         old = self._estimates.get(size)
         self._estimates[size] = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds

@@ -95,12 +95,17 @@ class Manager:
             any failure in a repository, are only reported.
         classifier: serve this in-memory classifier (or zero-argument loader) as the only
             model instead of reading any folder (tests).
+        audit: ``common.audit.Audit`` (or None): ``model_loaded`` when a version found in the
+            source has loaded, ``model_unloaded`` when one is retired (one record per worker,
+            each loads its own).
     """
 
     def __init__(self, config: Config, load: Callable[[ModelFolder], Classifier], *,
                  metrics=None, on_hung=None, on_failure=None,
-                 classifier: Classifier | Callable[[], Classifier] | None = None):
+                 classifier: Classifier | Callable[[], Classifier] | None = None,
+                 audit=None):
         self.config = config
+        self.audit = audit
         self._load = load
         self.metrics = metrics
         self.on_hung = on_hung
@@ -217,16 +222,24 @@ class Manager:
         (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by their server
         path. The log keeps the full message."""
         try:
-            return self._load(self.source.open(folder))
+            loaded = self._load(self.source.open(folder))
         except Exception as exc:
             message = str(exc) or type(exc).__name__
             log.error("model %s version %d failed to load: %s", folder.name, folder.version,
                       message)
             raise ModelLoadError(without_paths(message, self.source.shown_roots)) from None
+        self._audit("model_loaded", folder.name, folder.version)
+        return loaded
 
     def _retire(self, served: ServedVersion) -> None:
         served.retire(self.config.request_timeout + 5.0)
+        if served.identity is not None:
+            self._audit("model_unloaded", *served.identity)
         gc.collect()  # the graph's memory goes back only once nothing refers to it
+
+    def _audit(self, event: str, name: str, version: int) -> None:
+        if self.audit is not None:
+            self.audit.record(event, model=name, version=version)
 
     def _served(self, classifier, identity, initial: bool = False) -> ServedVersion:
         return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,

@@ -72,20 +72,34 @@ def as_api_error(exc: BaseException) -> ApiError:
     return ApiError()
 
 
+#: Paths whose errors take the protocols' shape (``"message"``), routed or not.
+PROTOCOL_PREFIXES = ("/v1/", "/v2/")
+
+
+def envelope_for(path: str) -> str:
+    """The envelope an error on ``path`` is written in, for code that answers before a route
+    is chosen (request hooks: keys, CORS): the protocols' on ``/v1`` and ``/v2`` paths."""
+    return "message" if path in ("/v1", "/v2") or path.startswith(PROTOCOL_PREFIXES) else "api"
+
+
+def render(err: ApiError, envelope: str = "api"):
+    """``err`` as a Flask response in ``ENVELOPES[envelope]``, with its status and headers."""
+    from flask import jsonify
+
+    response = jsonify(ENVELOPES[envelope](err))
+    response.status_code = err.status
+    for key, value in err.headers.items():
+        response.headers[key] = value
+    return response
+
+
 def install_handler(target, envelope: str = "api") -> None:
     """Install the error handler on a Flask app (every route) or a blueprint (its routes
     only, e.g. a standard protocol's), writing errors as ``ENVELOPES[envelope]``."""
-    from flask import jsonify
-
-    shape = ENVELOPES[envelope]
+    ENVELOPES[envelope]  # noqa: B018 - an unknown envelope fails here, not per request
 
     def handle(exc):
-        err = as_api_error(exc)
-        response = jsonify(shape(err))
-        response.status_code = err.status
-        for key, value in err.headers.items():
-            response.headers[key] = value
-        return response
+        return render(as_api_error(exc), envelope)
 
     target.register_error_handler(Exception, handle)
 

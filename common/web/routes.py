@@ -27,7 +27,9 @@ from common.dataplane import DataPlane, digest_b64
 from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
 from common.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from common.versions.manager import Route
+from common.web import auth
 from common.web.binding import Views
+from common.web.clients import client_id
 
 log = logging.getLogger("classifier.access")
 views = Views()
@@ -91,7 +93,7 @@ def _finish_request(dataplane: DataPlane, response: Response) -> Response:
         "latency_ms": round(seconds * 1e3, 1), "bytes_in": request.content_length or 0,
         "bytes_out": response.content_length or 0,
         "model": f"{model['name']}/{model['version']}" if model else None,
-        "source": g.get("source"), "worker": os.getpid(),
+        "source": g.get("source"), "key": g.get("key_name"), "worker": os.getpid(),
     })
     return response
 
@@ -114,7 +116,8 @@ def classify_upload(dataplane: DataPlane, **route):
         raise UnsupportedMediaType(
             f"send multipart/form-data with an 'image' field, or a raw image/* body "
             f"(got {mimetype or 'no Content-Type'})")
-    answer = dataplane.classify(read, request.args, Route(**route), g.started)
+    answer = dataplane.classify(read, request.args, Route(**route), g.started,
+                                client_id(dataplane.config.trusted_proxies))
     g.model = answer["model"]
     return jsonify(answer)
 
@@ -142,7 +145,8 @@ def classify_url(dataplane: DataPlane, **route):
     if url is None:
         raise InvalidParameter("give image_url=..., or POST the image as the field 'image'")
     answer = dataplane.classify(lambda: [dataplane.fetcher.fetch(url)], request.args,
-                                Route(**route), g.started)
+                                Route(**route), g.started,
+                                client_id(dataplane.config.trusted_proxies))
     g.model = answer["model"]
     return jsonify(answer)
 
@@ -158,6 +162,10 @@ def feedback(dataplane: DataPlane):
     DataPlane's ``BODIES_IN_FLIGHT`` slots."""
     answer, created = dataplane.record_feedback(_feedback_fields)
     g.model = answer["model"]
+    if created:  # 200: this image already had this label, nothing changed
+        auth.audit("feedback_written", filename=answer.get("filename"),
+                   label=answer.get("label"), model=answer["model"].get("name"),
+                   version=answer["model"].get("version"), moved_from=answer.get("moved_from"))
     return jsonify(answer), 201 if created else 200
 
 

@@ -13,8 +13,8 @@
   ``Host`` is not allowed is answered 400, except the probes, which Kubernetes sends with the
   pod's IP; a path no route matches is 404 whatever the ``Host``.
 - **Cross-site posts refused** (CSRF): a browser's post to a state-changing route from another
-  origin is answered 403; a request with neither ``Origin`` nor ``Sec-Fetch-Site`` is not a
-  browser's and passes.
+  origin is answered 403, unless ``CORS_ORIGINS`` allows that origin (``cors.py``); a request
+  with neither ``Origin`` nor ``Sec-Fetch-Site`` is not a browser's and passes.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from werkzeug.routing import RequestRedirect
 
 from common.config import Config
 from common.errors import CrossSiteRequest, HostNotAllowed, NotFound
+from common.web.cors import Origins
 
 #: The page: everything from this origin only; onnxruntime-web compiles its .wasm
 #: ('wasm-unsafe-eval'), the preview shows the picked file as an object URL (blob:).
@@ -60,6 +61,7 @@ def init_app(app: Flask, config: Config) -> None:
     counted and logged."""
     app.url_map.merge_slashes = False  # its 308 would name the client's Host
     hosts = HostAllowlist(config.allowed_hosts, loopback_only=is_loopback(config.host))
+    origins = Origins(config.cors_origins)
     scripts = static_integrity(app.static_folder)
     app.jinja_env.globals["integrity"] = lambda filename: scripts.get(filename, "")
 
@@ -72,7 +74,8 @@ def init_app(app: Flask, config: Config) -> None:
         if request.path not in PROBES and not hosts.allows(request.host):
             raise HostNotAllowed()
         if (request.path in SAME_ORIGIN_ONLY and request.method not in SAFE_METHODS
-                and is_cross_site(request.headers, request.host)):
+                and is_cross_site(request.headers, request.host)
+                and not origins.allows(request.headers.get("Origin"))):
             raise CrossSiteRequest()
 
     @app.after_request

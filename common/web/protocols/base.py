@@ -17,6 +17,7 @@ from flask import g
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
+from common.web.clients import client_id
 from common.web.routes import body_bytes
 
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
@@ -168,8 +169,10 @@ def run(dataplane: DataPlane, target: Route, parse: Callable[[bytes, Limits], Im
         source: str) -> Inference:
     """One protocol request through the data plane's pipeline: ``parse(body, limits)`` reads
     the body only once the request is admitted, within ``target``'s limits; the access log
-    notes the version that served it (``source``: the protocol's name)."""
-    done = dataplane.infer(lambda: parse(body_bytes(), limits_for(dataplane, target)), target)
+    notes the version that served it (``source``: the protocol's name). The request counts
+    in its client's fair share (``clients.client_id``)."""
+    done = dataplane.infer(lambda: parse(body_bytes(), limits_for(dataplane, target)), target,
+                           client=client_id(dataplane.config.trusted_proxies))
     note(done.classifier, source)
     return done
 
