@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import os
 import secrets
 import statistics
@@ -184,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run(args.rounds, args.classify_rounds, args.inproc, args.model)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        cli.write_json(args.json, result)
     print(table(result))
     return 0
 

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scripts import cli  # noqa: E402
 from scripts.liveserver import LiveServer  # noqa: E402
 from scripts.loadgen import photo_jpeg  # noqa: E402
 
@@ -277,9 +278,7 @@ def main(argv=None) -> int:
                             env=dict(item.split("=", 1) for item in args.env))
     result = run(params)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        cli.write_json(args.json, result)
     print(markdown(result))
     return 0
 

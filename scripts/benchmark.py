@@ -894,9 +894,7 @@ def main(argv=None) -> int:
         text = markdown(result)
     result["command"] = "python scripts/benchmark.py " + " ".join(argv or sys.argv[1:])
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+        cli.write_json(args.json, result)
     print(text)
     return 0
 

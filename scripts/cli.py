@@ -152,3 +152,13 @@ class filtered_stderr:
             sys.stderr.write("".join(kept))
             sys.stderr.flush()
         return False
+
+
+def write_json(path: str, data) -> None:
+    """A script's result as indented JSON at ``path`` (its folder made when missing)."""
+    import json
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
