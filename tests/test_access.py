@@ -306,6 +306,12 @@ def test_feedback_written_is_audited_with_the_key_name(guarded):
 
 
 def test_rejections_are_audited_and_rate_limited(guarded):
+    # one rejection of each kind first, before the flood fills this minute's allowance
+    requests.get(guarded.url + "/models", timeout=10)  # missing
+    requests.get(guarded.url + "/models", headers={"Authorization": "Basic Y2k6c2VjcmV0"},
+                 timeout=10)  # malformed
+    requests.get(guarded.url + "/models", headers={"X-API-Key": WRONG_KEY}, timeout=10)
+    requests.get(guarded.url + "/metrics", headers=bearer(CI_KEY), timeout=10)  # scope
     before = len(read_audit(guarded))
     for i in range(80):
         classify_headers = {"X-API-Key": f"{WRONG_KEY}{i}", "X-Request-ID": f"flood-{i}"}
@@ -329,8 +335,15 @@ def test_model_loaded_is_audited(guarded):
 
 
 def test_no_key_appears_in_the_log_the_audit_trail_or_the_metrics(guarded):
-    # every kind of request has been made above (the tests of this module run in order)
-    classify(guarded, CI_KEY)
+    # every kind of key and request, made here so that this test stands alone
+    for key in (CI_KEY, OPS_KEY, FILE_KEY):
+        answer = classify(guarded, key)
+        assert answer.status_code == 200, answer.text
+    requests.post(guarded.url + "/feedback", json={
+        "filename": answer.json()["filename"], "label": "green"}, headers=bearer(OPS_KEY),
+        timeout=10)
+    requests.post(guarded.url + "/feedback", json={"filename": "x.png", "label": "green"},
+                  headers=bearer(CI_KEY), timeout=10)  # out of scope
     requests.get(guarded.url + "/models", headers={"X-API-Key": WRONG_KEY}, timeout=10)
     metrics = requests.get(guarded.url + "/metrics", headers=bearer(SCRAPER_KEY), timeout=10)
     time.sleep(0.5)
