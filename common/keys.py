@@ -168,6 +168,25 @@ def read_file(path: str) -> list[KeyEntry]:
     return parse_file_text(text)
 
 
+def presented_key(bearer: list[str], plain: list[str]) -> tuple[str | None, str | None]:
+    """(the key, None), (None, "missing") or (None, "malformed"), from the values of every
+    ``Authorization`` header (``bearer``) and every ``X-API-Key`` header (``plain``) a request
+    carried (HTTP headers, or gRPC metadata ``authorization`` / ``x-api-key``): exactly one
+    ``Bearer <key>`` or one plain key; two of them, another scheme, a scheme without a key, or
+    anything after the key is malformed."""
+    if not bearer and not plain:
+        return None, "missing"
+    if len(bearer) + len(plain) != 1:
+        return None, "malformed"
+    if plain:
+        key = plain[0].strip()
+        return (key, None) if key and " " not in key else (None, "malformed")
+    parts = bearer[0].strip().split(" ")
+    if len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1]:
+        return None, "malformed"
+    return parts[1], None
+
+
 class KeyRing:
     """The keys the service accepts: ``API_KEYS``'s and ``API_KEYS_FILE``'s.
 

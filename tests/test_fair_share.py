@@ -13,7 +13,8 @@ from tiny_models import save_colour_model
 
 from common.fairshare import FairShare
 from common.inference.batcher import BusyFraction
-from common.web.clients import MAX_HOPS, client_address, client_id, networks
+from common.clients import MAX_HOPS, client_address, networks
+from common.web.clients import client_id
 
 # -- the share ---------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from common.keys import (
     parse_inline,
 )
 from common.web.auth import presented_key, scope_for
-from common.web.clients import client_address
+from common.clients import client_address
 from scripts import api_key
 
 SECRET = "s3cret-Qw8Er5Ty2Ui9Op"

@@ -24,6 +24,7 @@ from common.audit import Audit
 from common.config import Config
 from common.errors import ApiError, InvalidKey, ScopeForbidden, Unauthorized
 from common.keys import KeyRing
+from common.keys import presented_key as keys_presented
 from common.web.clients import request_address
 from common.web.cors import is_preflight
 from common.web.error_handlers import envelope_for, render
@@ -55,22 +56,8 @@ def scope_for(path: str, metrics_auth: bool = False) -> str | None:
 
 
 def presented_key(headers) -> tuple[str | None, str | None]:
-    """(the key, None), (None, "missing") or (None, "malformed"): the key from one
-    ``Authorization: Bearer <key>`` or one ``X-API-Key`` header; two of them, another scheme,
-    a scheme without a key, or anything after the key is malformed."""
-    bearer = headers.getlist("Authorization")
-    plain = headers.getlist("X-API-Key")
-    if not bearer and not plain:
-        return None, "missing"
-    if len(bearer) + len(plain) != 1:
-        return None, "malformed"
-    if plain:
-        key = plain[0].strip()
-        return (key, None) if key and " " not in key else (None, "malformed")
-    parts = bearer[0].strip().split(" ")
-    if len(parts) != 2 or parts[0].lower() != "bearer" or not parts[1]:
-        return None, "malformed"
-    return parts[1], None
+    """The key a request's headers carry, by :func:`common.keys.presented_key`'s rules."""
+    return keys_presented(headers.getlist("Authorization"), headers.getlist("X-API-Key"))
 
 
 def audit(event: str, **details) -> None:
