@@ -184,6 +184,17 @@ class UnsupportedMediaType(ApiError):
     plain = "That file is not an image. Try a JPEG, PNG, GIF, BMP, WebP or TIFF."
 
 
+class UnsupportedEncoding(UnsupportedMediaType):
+    code = "unsupported_encoding"
+    message = "the body's Content-Encoding is not one of identity, gzip or deflate"
+    plain = "The request was compressed in a way this service does not read."
+
+
+class CorruptEncoding(BadRequest):
+    code, message = "corrupt_encoding", "the compressed body is truncated or corrupt"
+    plain = "The compressed request was damaged or incomplete."
+
+
 class UndecodableImage(ApiError):
     status, code, message = 422, "undecodable_image", "the image is truncated or corrupt"
     plain = "That image is damaged or incomplete, so it could not be read."

@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager
 
+import numpy as np
+
 from common.config import Config
 from common.errors import ModelNotReady, ModelTimeout, ServiceUnavailable
-from common.inference.batcher import Batcher, bucket_sizes, efficient_batch_size
+from common.inference.batcher import Batcher, Ticket, bucket_sizes, efficient_batch_size
 from common.inference.classifier import Classifier
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,146 @@ class Running:
     batcher: Batcher
 
 
+class Statistics:
+    """One served version's inference statistics, the counters of the Open Inference
+    Protocol's statistics extension (``common/oip.py`` writes them in Triton's shape).
+
+    Counted in this process only: under gunicorn each worker counts the requests it served.
+    Per request (one :class:`TimedTicket`, from its lease to its answer): ``success`` or
+    ``fail`` (count, total ns), and for a success ``compute_input`` (lease to the model queue:
+    decoding and preprocessing), ``queue`` and ``compute_infer`` (in the model queue: the
+    model call that answered it, the rest waiting; a request whose images spanned several
+    calls counts the last one as its compute time) and ``compute_output`` (the answer to the
+    release: ranking). Per model call (the batcher's ``batch_done``): ``execution_count``,
+    ``inference_count`` (images) and, by its batch size, the calls and their ns.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference_ms = 0
+        #: The last model call's duration (ns), read by the request it answered.
+        self.last_batch_ns = 0
+        self._durations: dict[str, list[int]] = {}
+        self._batches: dict[int, list[int]] = {}
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        """One model call of ``size`` images (not counting padding) that took ``seconds``."""
+        ns = int(seconds * 1e9)
+        with self._lock:
+            self.execution_count += 1
+            self.inference_count += size
+            self.last_batch_ns = ns
+            entry = self._batches.setdefault(size, [0, 0])
+            entry[0] += 1
+            entry[1] += ns
+
+    def request_done(self, ok: bool, **durations_ns: int) -> None:
+        """One request answered (``ok``) or failed, with its durations in ns by Triton's
+        names (``success``/``fail``, ``queue``, ``compute_input``, ...)."""
+        with self._lock:
+            if ok:
+                self.last_inference_ms = int(time.time() * 1000)
+            for key, ns in durations_ns.items():
+                entry = self._durations.setdefault(key, [0, 0])
+                entry[0] += 1
+                entry[1] += max(0, int(ns))
+
+    def snapshot(self) -> dict:
+        """``{"inference_count", "execution_count", "last_inference" (ms since the epoch, 0
+        before the first), "durations": {name: {"count", "ns"}}, "batches": {size: (count,
+        ns)}}``, read under one lock."""
+        with self._lock:
+            return {"inference_count": self.inference_count,
+                    "execution_count": self.execution_count,
+                    "last_inference": self.last_inference_ms,
+                    "durations": {k: {"count": c, "ns": ns}
+                                  for k, (c, ns) in self._durations.items()},
+                    "batches": {size: (c, ns) for size, (c, ns) in self._batches.items()}}
+
+
+class TimedTicket:
+    """A :class:`~common.inference.batcher.Ticket` that times its request for
+    :class:`Statistics`: made when the request is admitted, submitted once its images are
+    preprocessed, released when the request ends (the lease's exit), answered or not."""
+
+    def __init__(self, ticket: Ticket, statistics: Statistics):
+        self._ticket = ticket
+        self._statistics = statistics
+        self._admitted = time.perf_counter_ns()
+        self._submitted: int | None = None
+        self._answered: int | None = None
+        self._infer_ns = 0
+        self._counted = False
+
+    @property
+    def left(self) -> int:
+        return self._ticket.left
+
+    def submit(self, images: list[np.ndarray], timeout: float | None = None) -> list[np.ndarray]:
+        """As :meth:`Ticket.submit` (each image as the model takes it -> its ``[labels]``
+        scores), timed."""
+        self._submitted = time.perf_counter_ns()
+        scores = self._ticket.submit(images, timeout)
+        self._answered = time.perf_counter_ns()
+        self._infer_ns = self._statistics.last_batch_ns if images else 0
+        return scores
+
+    def release(self) -> None:
+        """Give back the room not used, and count the request (once)."""
+        self._ticket.release()
+        if self._counted:
+            return
+        self._counted = True
+        now = time.perf_counter_ns()
+        if self._answered is None:  # failed: preprocessing, the model, or its deadline
+            self._statistics.request_done(False, fail=now - self._admitted)
+            return
+        waited = self._answered - self._submitted
+        infer = min(self._infer_ns, waited)
+        self._statistics.request_done(
+            True, success=now - self._admitted, compute_input=self._submitted - self._admitted,
+            queue=waited - infer, compute_infer=infer, compute_output=now - self._answered)
+
+    def __enter__(self) -> "TimedTicket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class CountingBatcher(Batcher):
+    """A :class:`~common.inference.batcher.Batcher` whose tickets are timed and whose model
+    calls are counted in ``statistics`` (the metrics hooks, if any, still get every event)."""
+
+    def __init__(self, predict_fn, *, statistics: Statistics, metrics=None, **settings):
+        self.statistics = statistics
+        super().__init__(predict_fn, metrics=_Hooks(statistics, metrics), **settings)
+
+    def admit(self, images: int = 1) -> TimedTicket:
+        return TimedTicket(super().admit(images), self.statistics)
+
+
+class _Hooks:
+    """The batcher's event hooks: ``batch_done`` counted in the statistics, then every event
+    passed on to the version's metrics hooks (none: dropped)."""
+
+    def __init__(self, statistics: Statistics, metrics):
+        self._statistics = statistics
+        self._metrics = metrics
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self._statistics.batch_done(size, seconds)
+        if self._metrics is not None:
+            self._metrics.batch_done(size, seconds)
+
+    def __getattr__(self, name: str):
+        if self._metrics is None:
+            return lambda *args: None
+        return getattr(self._metrics, name)
+
+
 class ServedVersion:
     """Loads a classifier (in the background when given a loader), warms it up, batches it.
 
@@ -103,6 +245,8 @@ class ServedVersion:
         self.on_hung = on_hung
         self.load_seconds = 0.0
         self.warmup_seconds = 0.0
+        #: This worker's inference statistics of this version (the statistics extension).
+        self.statistics = Statistics()
         self._running: Running | None = None
         self._error: str | None = None
         self._stopped = False
@@ -131,13 +275,14 @@ class ServedVersion:
             if self.metrics is not None:
                 self.version_metrics = self.metrics.for_version(clf.name, clf.version)
             batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)
-            batcher = Batcher(clf.predict, max_batch_size=batch_size,
-                              batch_wait_ms=self.config.batch_max_wait_ms,
-                              max_queue=self.config.queue_limit(clf.image_bytes),
-                              max_wait_ms=self.config.queue_max_wait_ms,
-                              refusals_per_second=self.config.max_refusals_per_second,
-                              timeout=self.config.request_timeout,
-                              batch_seconds=clf.batch_seconds, metrics=self.version_metrics)
+            batcher = CountingBatcher(
+                clf.predict, statistics=self.statistics, max_batch_size=batch_size,
+                batch_wait_ms=self.config.batch_max_wait_ms,
+                max_queue=self.config.queue_limit(clf.image_bytes),
+                max_wait_ms=self.config.queue_max_wait_ms,
+                refusals_per_second=self.config.max_refusals_per_second,
+                timeout=self.config.request_timeout, batch_seconds=clf.batch_seconds,
+                metrics=self.version_metrics)
             if self._stopped:  # retired while it loaded
                 batcher.close()
                 return

@@ -1,10 +1,11 @@
 """Errors leaving the service: the one place an ``ApiError`` becomes an HTTP response.
 
-``init_app`` installs the app-wide handler, writing the envelope of
-``common.errors``; a protocol's blueprint installs the same handler with its own envelope
-(``install_handler(bp, "message")``: TF Serving and the Open Inference Protocol answer
-``{"error": "<message>"}``). werkzeug's own HTTP errors are mapped onto the hierarchy;
-anything unexpected is logged with the request id and answered 500 without details.
+``init_app`` installs the app-wide handler, writing the envelope of ``common.errors``, or on
+any ``/v1`` or ``/v2`` path (routed or not: an unknown route, a method a route does not take)
+the protocols' ``{"error": "<message>"}``; a protocol's blueprint installs the same handler
+with its own envelope (``install_handler(bp, "message")``: TF Serving and the Open Inference
+Protocol answer ``{"error": "<message>"}``). werkzeug's own HTTP errors are mapped onto the
+hierarchy; anything unexpected is logged with the request id and answered 500 without details.
 ``wire_response`` writes the same envelope straight to a socket, for the gunicorn worker's
 refusals of malformed requests.
 """
@@ -106,6 +107,14 @@ def install_handler(target, envelope: str = "api") -> None:
 
 def init_app(app) -> None:
     """Install the app-wide error handler: every error leaves as our API's envelope, except on
-    the routes of a blueprint that installs its own (the protocols': ``install_handler``)."""
-    install_handler(app, "api")
+    the routes of a blueprint that installs its own (the protocols': ``install_handler``) and
+    on any other ``/v1`` or ``/v2`` path, routed or not (:func:`envelope_for`): an unknown
+    route (404), a method a route does not take (405) or an error before routing there is
+    answered ``{"error": "<message>"}``, as TF Serving's and Triton's clients read it."""
+    from flask import request
+
+    def handle(exc):
+        return render(as_api_error(exc), envelope_for(request.path))
+
+    app.register_error_handler(Exception, handle)
 

@@ -10,6 +10,7 @@ import os
 import re
 import time
 import uuid
+import zlib
 
 from flask import (
     Blueprint,
@@ -24,7 +25,14 @@ from flask import (
 
 from common import errors
 from common.dataplane import DataPlane, digest_b64
-from common.errors import InvalidParameter, MissingImage, PayloadTooLarge, UnsupportedMediaType
+from common.errors import (
+    CorruptEncoding,
+    InvalidParameter,
+    MissingImage,
+    PayloadTooLarge,
+    UnsupportedEncoding,
+    UnsupportedMediaType,
+)
 from common.modelfolder import CONFUSION_MATRIX, ONNX, PUBLIC_FILES
 from common.versions.manager import Route
 from common.web import auth
@@ -52,17 +60,92 @@ def body_bytes(limit: int | None = None) -> bytes:
     its transfer encoding; 413 past it. A Content-Length over the limit is refused before
     reading; a chunked body has none, and werkzeug stops reading it at the limit without a
     word, so one byte more is read and a body that has it is refused rather than used cut
-    short. The body is cached for ``request.form`` and ``request.get_json``."""
+    short. The body is cached for ``request.form`` and ``request.get_json``.
+
+    A body sent with ``Content-Encoding: gzip`` or ``deflate`` is inflated (:func:`inflate`),
+    the limit applying to the inflated bytes too (413 once inflating passes it, having
+    inflated no more than the limit); another encoding is 415, corrupt data 400. The
+    inflated body is kept for the rest of the request, so a second call inflates nothing."""
     limit = request.max_content_length if limit is None else limit
+    inflated = g.get("inflated_body")
+    if inflated is not None:
+        if limit is not None and len(inflated) > limit:
+            raise PayloadTooLarge(f"the inflated body is larger than the limit ({limit} bytes)")
+        return inflated
+    encoding = content_encoding()
     if limit is None:
-        return request.get_data(cache=True)
-    if (request.content_length or 0) > limit:
-        raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
-    request.max_content_length = limit + 1
-    data = request.get_data(cache=True)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
-    return data
+        data = request.get_data(cache=True)
+    else:
+        if (request.content_length or 0) > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
+        request.max_content_length = limit + 1
+        data = request.get_data(cache=True)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"the body is larger than the limit ({limit} bytes)")
+    if encoding == "identity":
+        return data
+    g.inflated_body = inflate(data, encoding, limit)
+    return g.inflated_body
+
+
+#: Content-Encodings a request body may have -> zlib's ``wbits`` for them (``deflate`` is
+#: zlib-wrapped, RFC 9110; a raw deflate stream, as some clients send it, is read too).
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+             "deflate": zlib.MAX_WBITS}
+
+
+#: Most bytes one step of :func:`inflate` makes: what a refused bomb costs past the limit.
+INFLATE_STEP = 1 << 20
+
+
+def content_encoding() -> str:
+    """The request's ``Content-Encoding`` (lower case, ``identity`` when none); 415
+    ``unsupported_encoding`` for anything but identity, gzip or deflate (one coding)."""
+    given = request.headers.get("Content-Encoding", "").strip().lower()
+    if given in ("", "identity"):
+        return "identity"
+    if given not in ENCODINGS:
+        raise UnsupportedEncoding(f"Content-Encoding {given[:40]!r} is not supported: send "
+                                  f"identity, gzip or deflate")
+    return given
+
+
+def inflate(data: bytes, encoding: str, limit: int | None) -> bytes:
+    """A gzip (``gzip``, ``x-gzip``; members one after another) or deflate body -> its bytes,
+    inflated ``INFLATE_STEP`` bytes at a time, never past what is left under ``limit`` (None:
+    no limit), so that a compression bomb costs no more than ``limit`` + 1 bytes before it is
+    refused (413);
+    truncated or corrupt data is 400 ``corrupt_encoding``."""
+    wbits = ENCODINGS[encoding]
+    if encoding == "deflate" and data[:1] and (data[0] & 0x0F != 8 or
+                                               int.from_bytes(data[:2], "big") % 31):
+        wbits = -zlib.MAX_WBITS  # no zlib header: a raw deflate stream
+    out, total, pending = [], 0, data
+    try:
+        while True:
+            inflater = zlib.decompressobj(wbits)
+            while not inflater.eof:
+                room = INFLATE_STEP if limit is None else min(INFLATE_STEP, limit + 1 - total)
+                chunk = inflater.decompress(pending, room)
+                total += len(chunk)
+                if limit is not None and total > limit:
+                    raise PayloadTooLarge(f"the inflated body is larger than the limit "
+                                          f"({limit} bytes)")
+                out.append(chunk)
+                tail = inflater.unconsumed_tail
+                if not chunk and len(tail) == len(pending):
+                    break  # no progress: the data ends before the stream does
+                pending = tail
+            if not inflater.eof:
+                raise CorruptEncoding(f"the {encoding} body ends before its compressed data")
+            pending = inflater.unused_data
+            if not pending or wbits != ENCODINGS["gzip"]:
+                break  # one deflate stream; or the last gzip member
+    except zlib.error as exc:
+        raise CorruptEncoding(f"the body is not valid {encoding} data ({exc})") from None
+    if pending:
+        raise CorruptEncoding(f"{len(pending)} bytes follow the {encoding} data")
+    return b"".join(out)
 
 
 def blueprint(dataplane: DataPlane) -> Blueprint:

@@ -1,35 +1,31 @@
 """What both protocol adapters need: the model a URL names, the bounds a
-body is checked against before it is parsed, base64 and JSON-number tensors checked into numpy,
-and the request and response plumbing. Names and versions from a URL are looked up in the
+body is checked against before it is parsed (and the input names it may use), base64 and
+JSON-number tensors checked into numpy, and the request and response plumbing (answers
+compressed as ``Accept-Encoding`` asks). Names and versions from a URL are looked up in the
 manager, never used as paths."""
 from __future__ import annotations
 
 import base64
 import binascii
 import json
-import re
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from flask import g
+from flask import Response, g, request
 
+from common import oip
 from common.dataplane import DataPlane, Images, Inference
-from common.errors import BadRequest, ImageTooLarge, InvalidParameter, ModelNotFound, TooManyImages
+from common.errors import BadRequest, ImageTooLarge, InvalidParameter, TooManyImages
 from common.versions.manager import Route
 from common.web.clients import client_id
 from common.web.routes import body_bytes
 
-_NUMBER = re.compile(r"^[0-9]{1,18}$")
-
 
 def route(name: str, version: str | None = None, label: str | None = None) -> Route:
     """The Route a protocol URL names. A version that is not a number names no version (404)."""
-    if version is None:
-        return Route(name, None, label)
-    if not _NUMBER.match(version):
-        raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}")
-    return Route(name, int(version), label)
+    return oip.route(name, version, label)
 
 
 #: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``).
@@ -55,6 +51,18 @@ class Limits:
     max_images: int
     input_size: tuple[int, int]
     max_upload_bytes: int
+    #: The names an input may be given under: the model's own input tensor's, and
+    #: ``image_bytes`` (encoded images); empty: any name (in-process callers that do not
+    #: know the model).
+    input_names: tuple[str, ...] = ()
+
+    def check_input_name(self, name, where: str) -> None:
+        """400 naming the expected inputs when ``name`` is not one of ``input_names``, as TF
+        Serving and Triton refuse an input the signature does not have."""
+        if self.input_names and name not in self.input_names:
+            expected = " or ".join(repr(n) for n in self.input_names)
+            raise InvalidParameter(f"{where}: unexpected input {str(name)[:60]!r}; the model's "
+                                   f"inputs are {expected}")
 
     @property
     def max_tensor_values(self) -> int:
@@ -80,9 +88,10 @@ class Limits:
 def limits_for(dataplane: DataPlane, target: Route) -> Limits:
     """The limits of a request to ``target``: the settings, and the model's input size."""
     config = dataplane.config
-    return Limits(config.max_images_per_request,
-                  tuple(dataplane.served(target).classifier.input_size),
-                  config.max_upload_bytes)
+    classifier = dataplane.served(target).classifier
+    return Limits(config.max_images_per_request, tuple(classifier.input_size),
+                  config.max_upload_bytes,
+                  tuple(dict.fromkeys((classifier.input_name, oip.BYTES_INPUT))))
 
 
 def check_image_count(count: int, limits: Limits, what: str) -> None:
@@ -177,6 +186,27 @@ def run(dataplane: DataPlane, target: Route, parse: Callable[[bytes, Limits], Im
     return done
 
 
+#: Content-Encodings an answer may be compressed with, as the client's Accept-Encoding asks
+#: (Triton compresses its answers the same way): zlib's ``wbits`` for each.
+ANSWER_ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def compressed(response: Response) -> Response:
+    """``response`` compressed with the first of gzip or deflate that the request's
+    ``Accept-Encoding`` takes (by its quality; none: unchanged), with ``Content-Encoding``
+    and ``Vary: Accept-Encoding``. Headers that count bytes of the body
+    (``Inference-Header-Content-Length``) keep counting the uncompressed bytes, as Triton's."""
+    accepted = request.accept_encodings
+    choice = max(ANSWER_ENCODINGS, key=lambda e: accepted[e])
+    response.vary.add("Accept-Encoding")
+    if accepted[choice] <= 0 or response.direct_passthrough:
+        return response
+    packer = zlib.compressobj(6, zlib.DEFLATED, ANSWER_ENCODINGS[choice])
+    response.set_data(packer.compress(response.get_data()) + packer.flush())
+    response.headers["Content-Encoding"] = choice
+    return response
+
+
 def note(classifier, source: str) -> None:
     """What the access log line says about this request (``routes._finish_request``)."""
     g.model = classifier.describe()
@@ -185,4 +215,4 @@ def note(classifier, source: str) -> None:
 
 __all__ = ["route", "Limits", "limits_for", "check_image_count",
            "check_json_size", "read_json", "decode_b64", "is_b64", "float_tensor", "note", "run",
-           "body_bytes", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]
+           "body_bytes", "compressed", "MAX_RANK", "MAX_FEATURES", "MAX_OUTPUTS"]

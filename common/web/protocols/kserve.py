@@ -11,35 +11,50 @@ classification extensions, over the DataPlane that ``blueprint(dataplane)`` is h
   Triton's clients send them). Output ``probabilities`` FP32 ``[N, labels]``, or with the
   output parameter ``"classification": k`` BYTES ``[N, k]`` of ``"score:index:label"``.
 * Binary tensor data (``Inference-Header-Content-Length``): inputs with ``binary_data_size``
-  are read from the bytes after the JSON header; outputs asked for with ``"binary_data": true``
-  (or the request's ``"binary_data_output": true``) are written after the JSON answer. A
-  header length of 0 is a raw binary request: the whole body is one encoded image.
+  are read from the bytes after the JSON header (FP32 little-endian / UINT8, row-major, in
+  the JSON's shape; BYTES as Triton's length-prefixed elements); outputs asked for with
+  ``"binary_data": true`` (or the request's ``"binary_data_output": true``) are written after
+  the JSON answer. A header length of 0 is a raw binary request: the whole body is one
+  encoded image.
+* The input's ``name`` is the model's own input tensor's (its metadata's first input) or
+  ``image_bytes`` (BYTES only); another is 400 naming them. ``outputs`` absent or ``[]``: every
+  output.
+* Compression: a body with ``Content-Encoding: gzip`` or ``deflate`` is inflated within the
+  upload limit (``routes.body_bytes``; another encoding 415); the answer is compressed when
+  ``Accept-Encoding`` asks for gzip or deflate (``base.compressed``), as Triton does.
+* Extensions beside inference: ``GET /v2/models/{m}[/versions/{v}]/config`` (Triton's model
+  configuration, ``common.oip.model_config``) and ``GET /v2/models[/{m}[/versions/{v}]]/stats``
+  (the statistics extension, this worker's counts: ``common.oip.model_stats``).
 
 * Bounds (``base.Limits``): a body holds no more JSON than ``MAX_IMAGES_PER_REQUEST`` images
   can (counted on its bytes before parsing), one input whose shape has 1 to ``MAX_RANK``
   dimensions with a product (exact) within the limits and equal to its data, and ``outputs``
   naming ``probabilities`` once; all checked before inference.
 
-Errors are ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422, 503).
+Errors are ``{"error": "message"}`` with our statuses (400, 404, 405, 413, 415, 422, 503), on
+every ``/v2`` path, routed or not (``error_handlers.envelope_for``).
 """
 from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 from flask import Blueprint, Response, jsonify, request
 
+from common import oip
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, TooManyImages
+from common.oip import (BYTES_INPUT, DATATYPES, OUTPUT, classes, deserialize_bytes,
+                        serialize_bytes)
 from common.web import error_handlers
 from common.web.binding import Views
 from common.web.protocols.base import (
     MAX_OUTPUTS,
     MAX_RANK,
     Limits,
+    compressed,
     decode_b64,
     float_tensor,
     read_json,
@@ -49,14 +64,9 @@ from common.web.protocols.base import (
 
 SERVER_NAME = "image-classifier"
 SERVER_VERSION = "2"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics",
+              "model_repository", "model_repository(unload_dependents)"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
-OUTPUT = "probabilities"
-#: The input metadata lists beside the model's own tensor input: encoded images, decoded and
-#: preprocessed by the model's spec (any input given as BYTES is taken as images).
-BYTES_INPUT = "image_bytes"
-#: The spec's input dtype -> the protocol's datatype.
-DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 
 views = Views()
 
@@ -115,6 +125,23 @@ def model_ready(dataplane: DataPlane, name, version=None):
     return jsonify({"name": name, "ready": ok}), 200 if ok else 503
 
 
+# -- model configuration and statistics extensions -------------------------------------------
+@views.get("/models/<name>/config")
+@views.get("/models/<name>/versions/<version>/config")
+def model_config(dataplane: DataPlane, name, version=None):
+    """Triton's model configuration (model_config.proto's JSON; ``common.oip.model_config``)."""
+    return jsonify(oip.model_config(dataplane, name, version))
+
+
+@views.get("/models/stats")
+@views.get("/models/<name>/stats")
+@views.get("/models/<name>/versions/<version>/stats")
+def model_stats(dataplane: DataPlane, name=None, version=None):
+    """The statistics extension: ``{"model_stats": [...]}`` of every loaded version, of one
+    model's, or of one version (``common.oip.model_stats``: this worker's counts)."""
+    return jsonify(oip.model_stats(dataplane, name, version))
+
+
 # -- inference -------------------------------------------------------------------------------
 @views.post("/models/<name>/infer")
 @views.post("/models/<name>/versions/<version>/infer")
@@ -125,7 +152,7 @@ def model_infer(dataplane: DataPlane, name, version=None):
     header_length = request.headers.get(HEADER_LENGTH)
     done = run(dataplane, target, lambda raw, limits: parse_infer(raw, header_length, limits),
                "kserve")
-    return _response(name, done)
+    return compressed(_response(name, done))
 
 
 def _response(name: str, done: Inference) -> Response:
@@ -191,7 +218,12 @@ def _input(body: dict, binary: bytes, limits: Limits):
         raise InvalidParameter("'inputs' must be a list of one input (FP32 images [N, h, w, 3] "
                                "or BYTES encoded images [N])")
     spec = inputs[0]
+    limits.check_input_name(spec.get("name"), "'inputs'[0].name")
     datatype = spec.get("datatype")
+    if spec.get("name") == BYTES_INPUT and datatype != "BYTES" and \
+            limits.input_names[:1] != (BYTES_INPUT,):  # unless the model's own is so named
+        raise InvalidParameter(f"input {BYTES_INPUT!r} holds encoded images: its datatype is "
+                               f"BYTES, got {str(datatype)[:20]!r}")
     if datatype not in ("FP32", "UINT8", "BYTES"):
         raise InvalidParameter(f"input datatype must be FP32 or UINT8 (the model's input "
                                f"tensor, as its metadata shows) or BYTES (encoded images), got "
@@ -220,10 +252,9 @@ def _input(body: dict, binary: bytes, limits: Limits):
                 raise InvalidParameter(f"shape {shape} needs {count} values, got {array.size}")
         return array.reshape(shape)
     if size is not None:
-        images = _deserialize_bytes(binary, count)
-    else:
-        images = [decode_b64(v, f"input 'data'[{i}]", limits.max_upload_bytes)
-                  for i, v in enumerate(_flatten(spec.get("data"), count))]
+        return deserialize_bytes(binary, count)
+    images = [decode_b64(v, f"input 'data'[{i}]", limits.max_upload_bytes)
+              for i, v in enumerate(_flatten(spec.get("data"), count))]
     if len(images) != count:
         raise InvalidParameter(f"shape {shape} needs {count} elements, got {len(images)}")
     return images
@@ -276,34 +307,17 @@ def _binary_size(spec: dict) -> int | None:
     return size
 
 
-def _deserialize_bytes(data: bytes, most: int) -> list[bytes]:
-    """Triton's BYTES tensor: each element a 4-byte little-endian length, then its bytes; 400
-    past ``most`` elements (the shape's count), before the rest is read."""
-    items, offset = [], 0
-    while offset < len(data):
-        if len(items) == most:
-            raise InvalidParameter(f"BYTES data has more elements than its shape ({most})")
-        if offset + 4 > len(data):
-            raise InvalidParameter("BYTES data ends inside an element's length")
-        (length,) = struct.unpack_from("<I", data, offset)
-        offset += 4
-        if offset + length > len(data):
-            raise InvalidParameter("BYTES data ends inside an element")
-        items.append(data[offset:offset + length])
-        offset += length
-    return items
-
-
 def _outputs(body: dict) -> list[dict]:
     """The outputs asked for: name, classification count (0: the scores), binary or JSON.
     The model has one output, so at most ``MAX_OUTPUTS`` entries are read and each name may
-    appear once: the answer never grows with the number of entries."""
+    appear once: the answer never grows with the number of entries. No ``outputs``, or an
+    empty list, asks for every output (the protocol's rule)."""
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidParameter("'parameters' must be an object")
     binary_default = parameters.get("binary_data_output", False) is True
     asked = body.get("outputs")
-    if asked is None:
+    if asked is None or asked == []:  # the spec: none named, every output
         return [{"name": OUTPUT, "classification": 0, "binary": binary_default}]
     if not isinstance(asked, list) or len(asked) > MAX_OUTPUTS or not all(
             isinstance(o, dict) for o in asked):
@@ -332,11 +346,8 @@ def _output(spec: dict, scores: np.ndarray, labels: list[str]) -> dict:
     n = scores.shape[0]
     if spec["classification"]:
         k = min(spec["classification"], len(labels))
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        # Triton's format: the score as C's "%f", the index, the label
-        strings = [f"{scores[i, j]:f}:{j}:{labels[j]}" for i in range(n) for j in top[i]]
-        data = b"".join(struct.pack("<I", len(s.encode())) + s.encode() for s in strings) \
-            if spec["binary"] else strings
+        strings = classes(scores, labels, k)  # Triton's "score:index:label"
+        data = serialize_bytes(strings) if spec["binary"] else strings
         return {"name": OUTPUT, "datatype": "BYTES", "shape": [n, k], "data": data}
     data = scores.astype("<f4").tobytes() if spec["binary"] else scores.reshape(-1).tolist()
     return {"name": OUTPUT, "datatype": "FP32", "shape": list(scores.shape), "data": data}

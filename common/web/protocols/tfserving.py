@@ -6,8 +6,9 @@ Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model nam
 * ``GET /v1/models/{m}``: ``{"model_version_status": [{"version", "state", "status":
   {"error_code", "error_message"}}]}`` (GetModelStatusResponse); states AVAILABLE, LOADING,
   END (a failed load: its error in ``error_message``);
-* ``GET /v1/models/{m}/metadata``: the ``serving_default`` signature (``images`` DT_FLOAT
-  ``[-1, h, w, 3]`` -> ``probabilities`` DT_FLOAT ``[-1, labels]``);
+* ``GET /v1/models/{m}/metadata``: the ``serving_default`` signature (the model's real input,
+  e.g. ``images`` DT_FLOAT ``[-1, h, w, 3]``, and ``image_bytes`` DT_STRING ``[-1]`` ->
+  ``probabilities`` DT_FLOAT ``[-1, labels]``);
 * ``POST /v1/models/{m}:predict``: ``instances`` (row) or ``inputs`` (columnar); each image
   as ``{"b64": ...}`` (alone or under an input name) or as a float ``[h, w, 3]`` tensor in
   [0, 1], as a client of a float-input SavedModel sends it -> ``{"predictions": [[score per
@@ -15,12 +16,18 @@ Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model nam
 * ``POST /v1/models/{m}:classify``: ``examples`` whose image feature is ``{"b64": ...}``
   (``image/encoded``, ``image``, ...) -> ``{"results": [[[label, score], ...], ...]}`` ranked.
 
+An input given under a name (``{"inputs": {name: ...}}``, ``{"instances": [{name: ...}]}``)
+must name one the signature has: the model's own input tensor's (``images`` for our own
+models) or ``image_bytes`` (400 otherwise, naming them). A body with ``Content-Encoding: gzip``
+or ``deflate`` is inflated within the upload limit; answers are compressed when
+``Accept-Encoding`` asks (``base.compressed``).
+
 Bodies are bounded (``base.Limits``): no more JSON than ``MAX_IMAGES_PER_REQUEST`` images can
 hold (counted on the bytes before parsing), at most that many rows or examples (counted before
 any is built), at most ``MAX_FEATURES`` features in ``context`` and in each example.
 
-Errors are TF Serving's ``{"error": "message"}`` with our statuses (400, 404, 413, 415, 422,
-503 with Retry-After).
+Errors are TF Serving's ``{"error": "message"}`` with our statuses (400, 404, 405, 413, 415,
+422, 503 with Retry-After), on every ``/v1`` path, routed or not.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from werkzeug.routing import BaseConverter
 
 from common.dataplane import DataPlane, Images
 from common.errors import InvalidParameter, ModelNotFound
+from common.oip import BYTES_INPUT
 from common.versions.served import State
 from common.web import error_handlers
 from common.web.binding import Views
@@ -38,6 +46,7 @@ from common.web.protocols.base import (
     MAX_FEATURES,
     Limits,
     check_image_count,
+    compressed,
     decode_b64,
     float_tensor,
     is_b64,
@@ -114,7 +123,8 @@ def model_metadata(dataplane: DataPlane, name, version=None, label=None):
         "model_spec": {"name": name, "signature_name": "",
                        "version": str(served.version)},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
-            "inputs": {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"])},
+            "inputs": {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"]),
+                       BYTES_INPUT: _tensor_info([-1], BYTES_INPUT, "string")},
             "outputs": {OUTPUT: _tensor_info([-1, len(clf.labels)],
                                              "StatefulPartitionedCall:0")},
             "method_name": "tensorflow/serving/predict",
@@ -122,9 +132,11 @@ def model_metadata(dataplane: DataPlane, name, version=None, label=None):
 
 
 def _tensor_info(shape: list[int], tensor: str, dtype: str = "float32") -> dict:
-    return {"dtype": {"float32": "DT_FLOAT", "uint8": "DT_UINT8"}[dtype], "tensor_shape": {
-        "dim": [{"size": str(size), "name": ""} for size in shape], "unknown_rank": False},
-        "name": tensor}
+    """A signature's TensorInfo: ``dtype`` (float32, uint8 or string), shape (-1: any)."""
+    return {"dtype": {"float32": "DT_FLOAT", "uint8": "DT_UINT8", "string": "DT_STRING"}[dtype],
+            "tensor_shape": {"dim": [{"size": str(size), "name": ""} for size in shape],
+                             "unknown_rank": False},
+            "name": tensor}
 
 
 # -- predict and classify --------------------------------------------------------------------
@@ -136,7 +148,7 @@ def model_predict(dataplane: DataPlane, name, version=None, label=None):
     The body is read once the request is admitted (as every protocol route's)."""
     target = route(name, version, label)
     done = run(dataplane, target, parse_predict, "tfserving")
-    return jsonify({done.request.key: done.scores.tolist()})
+    return compressed(jsonify({done.request.key: done.scores.tolist()}))
 
 
 @views.post("/<segment:name>:classify")
@@ -146,8 +158,9 @@ def model_classify(dataplane: DataPlane, name, version=None, label=None):
     """``examples`` with an encoded image feature -> ranked ``[label, score]`` pairs each."""
     target = route(name, version, label)
     done = run(dataplane, target, parse_classify, "tfserving")
-    return jsonify({"results": [[[p.label, p.score] for p in done.classifier.rank(row)]
-                                for row in done.scores]})
+    return compressed(jsonify({"results": [[[p.label, p.score]
+                                            for p in done.classifier.rank(row)]
+                                           for row in done.scores]}))
 
 
 @dataclass(frozen=True)
@@ -170,10 +183,10 @@ def parse_predict(raw: bytes, limits: Limits) -> PredictRequest:
         if not isinstance(rows, list) or not rows:
             raise InvalidParameter("'instances' must be a non-empty list")
         check_image_count(len(rows), limits, "instances")
-        rows = [_unname(row, f"instances[{i}]") for i, row in enumerate(rows)]
+        rows = [_unname(row, f"instances[{i}]", limits) for i, row in enumerate(rows)]
         return PredictRequest(_rows(rows, "predictions", limits), "predictions")
     if "inputs" in body:
-        rows = _unname(body["inputs"], "inputs")
+        rows = _unname(body["inputs"], "inputs", limits)
         rows = [rows] if is_b64(rows) else rows
         if not isinstance(rows, list) or not rows:
             raise InvalidParameter("'inputs' must be a non-empty list, or one {\"b64\": ...}")
@@ -216,14 +229,17 @@ def _check_features(features, where: str) -> None:
                                f"(the model reads one image feature)")
 
 
-def _unname(value, where: str):
-    """A value given under the model's one input name (any name: TF Serving clients use
-    ``images``, ``image_bytes``, ``input``...) -> the value; others pass unchanged."""
+def _unname(value, where: str, limits: Limits):
+    """A value given under an input name -> the value; others pass unchanged. The name must be
+    one the signature has (the model's own input tensor's, or ``image_bytes`` for encoded
+    images: what the metadata lists), else 400 naming them, as TF Serving answers."""
     if isinstance(value, dict) and not is_b64(value):
         if len(value) != 1:
             raise InvalidParameter(f"{where}: the model has one input, got "
                                    f"{len(value)} keys")
-        return next(iter(value.values()))
+        (name, inner), = value.items()
+        limits.check_input_name(name, where)
+        return inner
     return value
 
 

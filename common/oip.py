@@ -1,0 +1,175 @@
+"""The Open Inference Protocol's model configuration and statistics extensions as plain dicts,
+in Triton's own JSON field names, shared by the REST adapter (``web/protocols/kserve.py``) and
+the gRPC server (which builds ``ModelConfigResponse`` / ``ModelStatisticsResponse`` from these
+dicts with ``google.protobuf.json_format.ParseDict``). No web framework here.
+
+* :func:`model_config`: ``model_config.proto``'s ``ModelConfig`` of one served version: name,
+  platform and backend (the runtime that really runs it), ``max_batch_size`` (the batcher's
+  largest model call), the model's own input tensor and the ``image_bytes`` BYTES input,
+  the ``probabilities`` output, ``dynamic_batching`` and the model's ``version_policy``.
+* :func:`model_stats`: the statistics extension's ``{"model_stats": [...]}``, one entry per
+  loaded version, from the version's counters (:class:`~common.versions.served.Statistics`).
+  The counters are **per gunicorn worker**: a request is counted by the worker that served it,
+  and each worker answers with its own counts (as ``/metrics`` is not: it sums the workers).
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+
+from common.errors import InvalidParameter, ModelNotFound
+from common.versions.manager import Route
+from common.versions.served import ServedVersion, State
+
+#: The output every model answers (``[N, labels]`` scores).
+OUTPUT = "probabilities"
+#: The input beside the model's own tensor: encoded images, decoded and preprocessed by the
+#: model's spec.
+BYTES_INPUT = "image_bytes"
+#: The spec's input dtype -> the protocol's datatype, and Triton's config ``data_type``.
+DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+#: The spec's layout -> Triton's ``ModelInput.Format``.
+FORMATS = {"NHWC": "FORMAT_NHWC", "NCHW": "FORMAT_NCHW"}
+#: Triton's platform -> its backend.
+BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorflow_savedmodel": "tensorflow",
+            "tensorflow_graphdef": "tensorflow", "tensorflow_keras": "tensorflow",
+            "tflite": "tflite"}
+#: The statistics each entry of ``inference_stats`` has (``{"count", "ns"}`` each).
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+             "cache_hit", "cache_miss")
+
+_NUMBER = re.compile(r"^[0-9]{1,18}$")
+
+
+def route(name: str, version: str | None = None, label: str | None = None) -> Route:
+    """The Route a protocol names (a URL's segments, a gRPC request's fields): ``version``
+    ``None`` or ``""`` names the model's latest ready version; one that is not a number names
+    no version (404 ``model_not_found``)."""
+    if version is None or version == "":
+        return Route(name, None, label)
+    if not _NUMBER.match(version):
+        raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}")
+    return Route(name, int(version), label)
+
+
+def model_config(dataplane, name: str, version: str | None = None) -> dict:
+    """Triton's ``ModelConfig`` (model_config.proto, as its JSON) of the version that
+    ``name`` / ``version`` names: 404 unknown, 503 while it is not ready.
+
+    ``input[0]`` is the model's own tensor (``dims`` without the batch dimension, e.g.
+    ``[h, w, 3]`` float32 in [0, 1] for our own models), ``input[1]`` ``image_bytes`` (one
+    encoded image per batch row); ``output[0]`` ``probabilities`` FP32 ``[labels]``."""
+    served: ServedVersion = dataplane.served(route(name, version))
+    clf = served.classifier  # 503 while it is not ready
+    batcher = served.running().batcher
+    real = clf.describe_input()
+    platform = clf.platform
+    model = dataplane.model_status(name)[0]
+    return {
+        "name": name,
+        "platform": platform,
+        "backend": BACKENDS.get(platform, ""),
+        "version_policy": model["version_policy"],
+        "max_batch_size": batcher.max_batch_size,
+        "input": [
+            {"name": real["name"], "data_type": "TYPE_" + DATATYPES[real["dtype"]],
+             "format": FORMATS.get(real["layout"], "FORMAT_NONE"),
+             "dims": list(real["shape"][1:])},
+            {"name": BYTES_INPUT, "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
+             "dims": [1]},
+        ],
+        "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [len(clf.labels)],
+                    "label_filename": "labels.txt" if clf.folder is not None else ""}],
+        "dynamic_batching": {
+            "preferred_batch_size": [b for b in batcher.buckets],
+            "max_queue_delay_microseconds": int(round(batcher.batch_wait * 1e6)),
+        },
+    }
+
+
+def model_stats(dataplane, name: str | None = None, version: str | None = None) -> dict:
+    """The statistics extension's answer: ``{"model_stats": [...]}`` for every loaded version
+    of every model (``name`` None), of one model, or of one version (404 for an unknown model
+    or version). Counts and nanoseconds are this worker's (see the module's docstring)."""
+    if name is None:
+        wanted = [(m["name"], v["version"]) for m in dataplane.model_status()
+                  for v in m["versions"]]
+    elif version is None or version == "":
+        wanted = [(name, v["version"]) for v in dataplane.model_status(name)[0]["versions"]]
+    else:
+        number = route(name, version).version
+        wanted = [(name, number)]
+    entries = []
+    for model, number in wanted:
+        try:
+            served: ServedVersion = dataplane.served(Route(model, number))
+        except ModelNotFound:
+            if version:
+                raise
+            continue  # unloaded since the listing
+        if not version and served.health().state not in (State.READY, State.HUNG):
+            continue  # Triton lists the versions it has loaded
+        entries.append(version_stats(model, number, served.statistics.snapshot()))
+    return {"model_stats": entries}
+
+
+def version_stats(name: str, version: int, snapshot: dict) -> dict:
+    """One entry of ``model_stats`` from a :meth:`Statistics.snapshot` (Triton's field
+    names; every ``ns`` a total in nanoseconds, every ``count`` a number of requests, or of
+    model calls in ``batch_stats``)."""
+    return {
+        "name": name,
+        "version": str(version),
+        "last_inference": snapshot["last_inference"],
+        "inference_count": snapshot["inference_count"],
+        "execution_count": snapshot["execution_count"],
+        "inference_stats": {key: dict(snapshot["durations"].get(key, {"count": 0, "ns": 0}))
+                            for key in DURATIONS},
+        "batch_stats": [{"batch_size": size,
+                         "compute_input": {"count": 0, "ns": 0},
+                         "compute_infer": {"count": count, "ns": ns},
+                         "compute_output": {"count": 0, "ns": 0}}
+                        for size, (count, ns) in sorted(snapshot["batches"].items())],
+    }
+
+
+__all__ = ["route", "model_config", "model_stats", "version_stats", "OUTPUT", "BYTES_INPUT",
+           "DATATYPES", "FORMATS", "BACKENDS", "DURATIONS"]
+
+
+# -- Triton's BYTES tensors and classification strings (REST binary data and gRPC) -------
+def deserialize_bytes(data: bytes, count: int) -> list[bytes]:
+    """Triton's BYTES tensor: each element a 4-byte little-endian length, then its bytes; 400
+    unless exactly ``count`` elements (the shape's) fill the data."""
+    items, offset = [], 0
+    while offset < len(data):
+        if len(items) == count:
+            raise InvalidParameter(f"BYTES data has more elements than its shape ({count})")
+        if offset + 4 > len(data):
+            raise InvalidParameter("BYTES data ends inside an element's length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise InvalidParameter("BYTES data ends inside an element")
+        items.append(data[offset:offset + length])
+        offset += length
+    if len(items) != count:
+        raise InvalidParameter(f"the shape needs {count} BYTES elements, got {len(items)}")
+    return items
+
+
+def serialize_bytes(items: list[str]) -> bytes:
+    """Strings -> Triton's BYTES tensor data (4-byte little-endian length, then UTF-8)."""
+    encoded = [item.encode() for item in items]
+    return b"".join(struct.pack("<I", len(e)) + e for e in encoded)
+
+
+def classes(scores: np.ndarray, labels: list[str], k: int) -> list[str]:
+    """Triton's classification output for float32 ``[n, labels]`` scores: ``n * k`` strings
+    ``"score:index:label"`` (score as C's ``%f``), each row highest first, ties in label
+    order."""
+    k = min(k, len(labels))
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [f"{scores[i, j]:f}:{j}:{labels[j]}" for i in range(scores.shape[0]) for j in top[i]]
