@@ -28,7 +28,7 @@ from common.versions.manager import Manager
 from common.web import auth, cors, error_handlers, routes
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
-from common.web.protocols import kserve, tfserving
+from common.web.protocols import kserve, repository, tfserving
 from common.web.routes import InMemoryUploadRequest
 
 WORKER_BOOT_ERROR = 3  # gunicorn halts the whole server when a worker exits with this
@@ -86,6 +86,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     app.register_blueprint(routes.blueprint(dataplane))
     app.register_blueprint(tfserving.blueprint(dataplane))  # TF Serving's REST API, /v1
     app.register_blueprint(kserve.blueprint(dataplane))  # Open Inference Protocol (KServe v2)
+    app.register_blueprint(repository.blueprint(dataplane))  # /v2/repository (admin scope)
     web_security.init_app(app, config)  # after the blueprints: see its docstring
     cors.init_app(app, config)  # preflights answered before any key is asked for
     auth.init_app(app, config, keys, trail)  # API keys and scopes (off without keys)

@@ -8,7 +8,9 @@ writes nothing. Each record::
     {"time": "2024-05-01T12:00:00.123Z", "event": "feedback_written", "key": "ci",
      "client": "10.0.0.7", "request_id": "3f2c...", "details": {...}}
 
-Events: ``feedback_written``, ``model_loaded``, ``model_unloaded``, ``key_rejected`` and
+Events: ``feedback_written``, ``model_loaded``, ``model_unloaded`` (one per worker, by the
+manager), ``model_load_requested`` and ``model_unload_requested`` (one per request of the
+repository extension, with its ``outcome``: ``ok`` or the error's code), ``key_rejected`` and
 ``key_rejected_suppressed``. ``key`` is a key's *name*, never a key. Rejections are
 rate-limited per process (``REJECTIONS_PER_MINUTE``); past the limit they are counted, and
 one ``key_rejected_suppressed`` record with the count follows when the minute ends, so a flood
@@ -30,8 +32,8 @@ from typing import Callable
 
 log = logging.getLogger("classifier.audit")
 
-EVENTS = ("feedback_written", "model_loaded", "model_unloaded", "key_rejected",
-          "key_rejected_suppressed")
+EVENTS = ("feedback_written", "model_loaded", "model_unloaded", "model_load_requested",
+          "model_unload_requested", "key_rejected", "key_rejected_suppressed")
 #: key_rejected records written per process and minute; the rest are counted.
 REJECTIONS_PER_MINUTE = 60
 #: A file past this size is rotated once (``<path>.1``).

@@ -339,6 +339,22 @@ class DataPlane:
         classifying goes through :meth:`infer`."""
         return self.manager.find(route)
 
+    # -- the repository extension ---------------------------------------------------------------
+    def repository_index(self) -> list[dict]:
+        """Every version on disk or served, ``{"name", "version": int, "state", "reason"}``
+        (``Manager.index``)."""
+        return self.manager.index()
+
+    def load_model(self, name: str) -> None:
+        """Serve model ``name`` again in every worker; returns once it has loaded (404 unknown,
+        400 failed to load: ``Manager.request_load``)."""
+        self.manager.request_load(name)
+
+    def unload_model(self, name: str) -> None:
+        """Stop serving model ``name`` in every worker until it is loaded again
+        (``Manager.request_unload``)."""
+        self.manager.request_unload(name)
+
     # -- the model ------------------------------------------------------------------------------
     def readiness(self) -> dict:
         """``/readyz``'s answer when the default model is ready; its 503 error otherwise."""

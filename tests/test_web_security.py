@@ -157,6 +157,10 @@ def test_no_route_answers_a_redirect(app, guarded):
     checked, wrong = 0, []
     paths = {concrete(rule.rule): sorted(rule.methods - {"HEAD", "OPTIONS"})
              for rule in app.url_map.iter_rules()}
+    # The repository extension's load and unload change what the server serves: ask them for a
+    # model it does not have (404), so that the tests after this one still find "demo" served.
+    paths = {path.replace("/repository/models/demo/", "/repository/models/no-such-model/"): m
+             for path, m in paths.items()}
     paths["/static//etc/passwd"] = ["GET"]
     paths["///evil.example/x"] = ["GET"]
     for path, methods in paths.items():

@@ -11,13 +11,15 @@ The order is TF Serving's availability-preserving one:
   is unloaded only once every aspired version has settled (loaded or failed) and one of them
   is ready, so a model that has a ready version never goes without one. Until then the newest
   ready one of them keeps serving and the others go. A model the source no longer offers at
-  all goes at once.
+  all goes at once;
+* a model unloaded by request is offered nothing (:func:`offered_models`), so it goes at once
+  too and stays unloaded until a load request.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 from common.versions.served import State
 from common.versions.settings import VersionPolicy
@@ -45,6 +47,15 @@ class Serving:
 
     fingerprint: tuple | None
     state: State
+
+
+def offered_models(found: Mapping[str, Mapping[int, object]],
+                   unloaded: Collection[str]) -> dict[str, Mapping[int, object]]:
+    """What the source offers the manager: its scan (name -> version -> folder) less the
+    models unloaded by request (Triton's repository extension), which are then offered
+    nothing, so that :func:`next_action` unloads every version of them at once and loads
+    none until they are loaded again."""
+    return {name: versions for name, versions in found.items() if name not in unloaded}
 
 
 def aspired_versions(offered: Mapping[int, tuple], policy: VersionPolicy) -> set[int]:
