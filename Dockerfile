@@ -8,12 +8,14 @@
 # passes it as --build-arg BASE_IMAGE. `scripts/docker_base.sh --pin` writes the digest that
 # python:3.11-slim has now into the default below (docs/DEPLOY.md, "Updating the base image").
 #
-# Stage 1 installs requirements.txt (serving only: one TensorFlow, tensorflow-cpu, no TF Hub,
-# no training or test tools) into a venv, checks it (`pip check`), and drops what serving never
-# loads: TensorFlow's C++ headers (for building custom ops), the static symbol tables of its
-# shared libraries (the dynamic symbols stay), libclang's 63 MB library (TensorFlow lists
-# libclang for its build tools; nothing in TensorFlow, Keras or the service imports `clang`),
-# the packages' own test suites, and pip itself (nothing is installed at run time).
+# Stage 1 installs requirements.txt (serving only: one TensorFlow, tensorflow-cpu, no TF Hub, no
+# training or test tools) into a venv, checks it (`pip check`), adds TF Serving's gRPC stubs
+# (tensorflow-serving-api's package folder alone: its wheel requires the full `tensorflow`, so it
+# is installed without its requirements and unregistered, as `make venv` does), and drops what
+# serving never loads: TensorFlow's C++ headers (for building custom ops), the static symbol
+# tables of its shared libraries (the dynamic symbols stay), libclang's 63 MB library (TensorFlow
+# lists libclang for its build tools; nothing in TensorFlow, Keras or the service imports
+# `clang`), the packages' own test suites, and pip itself (nothing is installed at run time).
 # Stage 2 carries that venv and the service's files, nothing else.
 # A default of @sha256:UNPINNED means no digest is recorded yet (the checkout was made where no
 # registry is reachable, so the real one could not be read): a plain `docker build .` then fails
@@ -33,6 +35,10 @@ COPY requirements.txt /tmp/requirements.txt
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -q -r /tmp/requirements.txt \
     && /opt/venv/bin/pip check \
+    && /opt/venv/bin/pip install -q --no-deps --no-compile --target /tmp/tfserving-api \
+        tensorflow-serving-api==2.21.0 \
+    && cp -r /tmp/tfserving-api/tensorflow_serving /opt/venv/lib/python3.11/site-packages/ \
+    && rm -rf /tmp/tfserving-api \
     && /opt/venv/bin/pip uninstall -q -y pip \
     && cd /opt/venv/lib/python3.11/site-packages \
     && rm -rf tensorflow/include clang/native/libclang.so \
@@ -82,7 +88,8 @@ RUN python -m compileall -q /app \
 VOLUME ["/app/temp", "/app/feedback"]
 
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP (PORT); 8500: gRPC (GRPC_PORT), TF Serving's and Triton's port for it.
+EXPOSE 8000 8500
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"
 

@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 .PHONY: bench-attacks bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.installed $(VENV)/.tfserving-api
 
 # onnxruntime-web for the page's "run in this browser" (static/vendor/, not committed; npm,
 # pinned version and integrity). Without npm the page just does not offer the switch.
@@ -19,6 +19,20 @@ $(VENV)/.installed: requirements.txt requirements-train.txt requirements-dev.txt
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -r requirements-train.txt -r requirements-dev.txt
+	$(BIN)/pip check
+	touch $@
+
+# TF Serving's gRPC stubs (tensorflow_serving.apis: the PredictionService and ModelService that
+# common/rpc/tfserving.py serves and tests/test_grpc.py calls). Its wheel requires the full
+# `tensorflow`, which must never sit beside tensorflow-cpu, so only its package folder is copied
+# into the venv, without its dist-info: pip neither installs its requirements nor lists it, and
+# `pip check` stays clean. Its modules import their TensorFlow protos from tensorflow-cpu.
+TFSERVING_API = tensorflow-serving-api==2.21.0
+$(VENV)/.tfserving-api: $(VENV)/.installed
+	rm -rf build/tfserving-api
+	$(BIN)/pip install --quiet --no-deps --no-compile --target build/tfserving-api $(TFSERVING_API)
+	site=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") && \
+	    rm -rf "$$site/tensorflow_serving" && cp -r build/tfserving-api/tensorflow_serving "$$site/"
 	$(BIN)/pip check
 	touch $@
 

@@ -118,6 +118,20 @@ def post_worker_init(worker):
     dataplane.workers_waiting = warm.waiting
     from common.web.gunicorn_worker import OneLoadAtATime
     dataplane.manager.load_turn = OneLoadAtATime(os.path.join(_run_dir, "load.lock"))
+    _start_grpc(worker, dataplane)
+
+
+def _start_grpc(worker, dataplane):
+    """This worker's gRPC server on GRPC_PORT (shared by the workers: SO_REUSEPORT), made here,
+    after the fork and once the worker is warm (common/rpc/server.py); off with GRPC_PORT=0.
+    It checks the same keys and writes the same audit records as the app."""
+    if dataplane.config.grpc_port is None:
+        return
+    from common.rpc import server as rpc
+
+    app = worker.wsgi
+    worker.rpc_server = rpc.start(dataplane.config, dataplane, app.extensions["keyring"],
+                                  app.extensions.get("audit"))
 
 
 _request_thread = threading.local()
@@ -140,9 +154,13 @@ def pre_request(worker, req):
 
 
 def worker_exit(server, worker):
-    """On a graceful stop, answer what is still queued before the worker goes."""
+    """On a graceful stop, finish the gRPC calls running (new ones are refused) and answer
+    what is still queued before the worker goes."""
     from common.dataplane import DataPlane
 
+    rpc_server = getattr(worker, "rpc_server", None)
+    if rpc_server is not None:
+        rpc_server.stop(grace=max(1, graceful_timeout - 5))
     app = getattr(worker, "wsgi", None)
     if app is not None and hasattr(app, "extensions"):
         DataPlane.of(app).close()

@@ -137,6 +137,16 @@ def _feedback_dir(raw: str) -> str | None:
     return None if raw.strip().lower() == "off" else raw
 
 
+def _grpc_port(raw: str) -> int | None:
+    """A port for the gRPC server, or ``0`` / ``off`` (any case) for none."""
+    if raw.strip().lower() in ("0", "off"):
+        return None
+    value = int(raw)
+    if not 0 < value < 65536:
+        raise ValueError("must be a port 1..65535, or 0 / off for no gRPC server")
+    return value
+
+
 def _score(raw: str) -> float:
     value = float(raw)
     if not 0.0 < value <= 1.0:  # refuses nan
@@ -221,6 +231,10 @@ class Config:
     feedback_max_mb: float = env("FEEDBACK_MAX_MB", _float(), default=1024.0)
     review_below_score: float | None = env("REVIEW_BELOW_SCORE", _optional(_score),
                                            default=None)
+    # -- gRPC (README "gRPC"): each worker serves the port (SO_REUSEPORT) ----------------
+    grpc_port: int | None = env("GRPC_PORT", _grpc_port, default=8500)
+    grpc_max_workers: int | None = env("GRPC_MAX_WORKERS", _auto(_int(1)), default=None)
+    grpc_tfserving: bool | None = env("GRPC_TFSERVING", _auto(_bool), default=None)
     # -- access (README "Access control"): off unless keys are set --------------------------
     api_keys: str | None = env("API_KEYS", _optional(_api_keys), default=None, secret=True)
     api_keys_file: str | None = env("API_KEYS_FILE", _optional(str), default=None)
@@ -241,6 +255,22 @@ class Config:
         if self.bodies_in_flight is not None:
             return self.bodies_in_flight
         return max(1, self.threads - max(2, self.threads // 8))
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body (or gRPC message) taken: the upload limit and 64 KiB of
+        room for framing (multipart, a protocol's JSON header or protobuf fields)."""
+        return self.max_upload_bytes + 64 * 1024
+
+    @property
+    def grpc_threads(self) -> int:
+        """GRPC_MAX_WORKERS, or by default a quarter of THREADS (at least 4): RPCs a worker
+        handles at once. gRPC holds each received message in memory, so at most twice this
+        many are taken at once (the rest are refused RESOURCE_EXHAUSTED): a worker's gRPC
+        bodies stay within ``2 * grpc_threads * max_body_bytes``."""
+        if self.grpc_max_workers is not None:
+            return self.grpc_max_workers
+        return max(4, self.threads // 4)
 
     def queue_limit(self, image_bytes: int) -> int:
         """Most admitted images whose batch has not started, for a model whose input tensor

@@ -40,6 +40,12 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), **env}
+        # The gRPC port too: never the default 8500, which every worker binds with SO_REUSEPORT,
+        # so two servers started side by side (tests, benchmark peers) would share it.
+        if str(self.env.get("GRPC_PORT", "")).strip().lower() in ("", "8500"):
+            self.env["GRPC_PORT"] = str(free_port())
+        self.grpc_port = (None if self.env["GRPC_PORT"].strip().lower() in ("0", "off")
+                          else int(self.env["GRPC_PORT"]))
         self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
         self.env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.cwd = cwd

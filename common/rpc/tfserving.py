@@ -1,0 +1,281 @@
+"""TensorFlow Serving's gRPC API (``tensorflow_serving/apis``: ``PredictionService`` and
+``ModelService``), over the DataPlane, with TF Serving's own stubs (tensorflow-serving-api's
+files, copied into the venv by ``make venv`` without its requirements; see the Makefile).
+Importing them imports all of TensorFlow: ``server.py`` imports this module only when it
+starts, and serves without it when it does not import.
+
+* ``Predict``: one input (any name) of DT_STRING ``[N]`` encoded images (``string_val``), or
+  the model's tensor DT_FLOAT (DT_UINT8 for a uint8 model) ``[N, *input shape]`` (for our
+  models ``[N, h, w, 3]`` in [0, 1]) in ``tensor_content`` or ``float_val`` / ``int_val``
+  (one value is repeated over the shape, as TensorFlow reads a TensorProto) -> output
+  ``probabilities`` DT_FLOAT ``[N, labels]``; ``output_filter`` may name only it.
+* ``Classify``: ``tf.Example``s (``example_list``, or ``example_list_with_context``) each with
+  an encoded image as a bytes feature (``image/encoded``, ``image``, ... as REST's
+  ``:classify``) -> per example every label with its score, highest first.
+* ``GetModelMetadata`` (``metadata_field: "signature_def"``): the ``serving_default``
+  signature, as REST's ``/metadata`` shows it. ``ModelService.GetModelStatus``: each version's
+  state (AVAILABLE, LOADING, END) and error, as REST's ``GET /v1/models/{m}``.
+* ``model_spec``: ``name`` (empty: the default model), ``version`` or ``version_label``;
+  ``signature_name`` empty or ``serving_default``. Regress, MultiInference and
+  HandleReloadConfigRequest are ``UNIMPLEMENTED``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf import any_pb2
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
+
+from common.dataplane import DataPlane, Images
+from common.errors import InvalidParameter, ModelNotFound, TooManyImages
+from common.rpc import calls
+from common.rpc.tensors import (
+    MAX_RANK,
+    Limits,
+    check_shape,
+    limits_for,
+    listed_numbers,
+    raw_numbers,
+    route,
+)
+from common.versions.manager import Route
+from common.versions.served import State
+
+SERVICES = ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"]
+SIGNATURE = "serving_default"
+OUTPUT = "probabilities"
+#: Feature names an Example's encoded image may have (as REST's ``:classify`` reads them).
+IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",
+                  "b64", "input", "inputs")
+#: Features an Example (or its context) may have: an image and a few more, not thousands.
+MAX_FEATURES = 8
+SCOPES = {f"/tensorflow.serving.PredictionService/{name}": "classify"
+          for name in ("Predict", "Classify", "GetModelMetadata")}
+SCOPES["/tensorflow.serving.ModelService/GetModelStatus"] = "classify"
+_DTYPES = {"float32": types_pb2.DT_FLOAT, "uint8": types_pb2.DT_UINT8}
+#: Our states -> (ModelVersionStatus.State, tensorflow.error.Code), as REST's status route.
+_STATES = {State.LOADING: (20, 0), State.READY: (30, 0), State.HUNG: (30, 4),
+           State.FAILED: (50, 2), State.STOPPED: (50, 0)}
+
+
+def target(spec) -> Route:
+    """The Route a ``ModelSpec`` names (404 for a version or label it does not have); 400 for
+    a signature other than ``serving_default``."""
+    if spec.signature_name not in ("", SIGNATURE):
+        raise InvalidParameter(f"the model has one signature, {SIGNATURE!r}; got "
+                               f"{spec.signature_name[:40]!r}")
+    if spec.HasField("version"):
+        return route(spec.name, spec.version.value)
+    return route(spec.name, None, spec.version_label)
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """Thin adapter: each method parses its message and makes one DataPlane call."""
+
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    def Predict(self, request, context):
+        where = target(request.model_spec)
+        for name in request.output_filter:
+            if name != OUTPUT:
+                raise InvalidParameter(f"unknown output {name[:40]!r}: the model's output is "
+                                       f"{OUTPUT!r}")
+        done = self.dataplane.infer(
+            lambda: parse_predict(request, limits_for(self.dataplane, where)), where,
+            client=calls.current().client)
+        calls.current().note(done.classifier, "grpc-tfserving")
+        answer = predict_pb2.PredictResponse(model_spec=spec_of(done.classifier))
+        answer.outputs[OUTPUT].CopyFrom(float_tensor(done.scores))
+        return answer
+
+    def Classify(self, request, context):
+        where = target(request.model_spec)
+        done = self.dataplane.infer(
+            lambda: parse_classify(request, limits_for(self.dataplane, where)), where,
+            client=calls.current().client)
+        calls.current().note(done.classifier, "grpc-tfserving")
+        answer = classification_pb2.ClassificationResponse(
+            model_spec=spec_of(done.classifier))
+        for row in done.scores:
+            answer.result.classifications.add().classes.extend(
+                classification_pb2.Class(label=p.label, score=p.score)
+                for p in done.classifier.rank(row))
+        return answer
+
+    def GetModelMetadata(self, request, context):
+        if list(request.metadata_field) != ["signature_def"]:
+            raise InvalidParameter("metadata_field must be ['signature_def'], got "
+                                   f"{[f[:40] for f in request.metadata_field[:4]]}")
+        served = self.dataplane.served(target(request.model_spec))
+        clf = served.classifier  # 503 while it is not ready
+        real = clf.describe_input()
+        tensor = (f"serving_default_{real['name']}:0" if clf.platform == "tensorflow_savedmodel"
+                  else real["name"])
+        signature = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+        signature.inputs[real["name"]].CopyFrom(
+            tensor_info(tensor, _DTYPES[real["dtype"]], real["shape"]))
+        signature.outputs[OUTPUT].CopyFrom(
+            tensor_info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT,
+                        [-1, len(clf.labels)]))
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        signatures.signature_def[SIGNATURE].CopyFrom(signature)
+        packed = any_pb2.Any()
+        packed.Pack(signatures)
+        answer = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=spec_of(clf))
+        answer.metadata["signature_def"].CopyFrom(packed)
+        return answer
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+
+    def GetModelStatus(self, request, context):
+        """Every version of the model (or the one asked for): state, error code, message."""
+        spec = request.model_spec
+        model = self.dataplane.model_status(spec.name or self.dataplane.manager.default_name)[0]
+        versions = model["versions"]
+        wanted = spec.version.value if spec.HasField("version") else None
+        if spec.version_label:
+            if spec.version_label not in model["labels"]:
+                raise ModelNotFound(f"model {model['name']!r} has no version labelled "
+                                    f"{spec.version_label[:40]!r}")
+            wanted = model["labels"][spec.version_label]
+        if wanted is not None:
+            versions = [v for v in versions if v["version"] == wanted]
+            if not versions:
+                raise ModelNotFound(f"Could not find version {wanted} of model "
+                                    f"{model['name']}")
+        answer = get_model_status_pb2.GetModelStatusResponse()
+        for v in versions:
+            state, code = _STATES[State(v["state"])]
+            answer.model_version_status.add(
+                version=v["version"], state=state,
+                status=status_pb2.StatusProto(error_code=code,
+                                              error_message=v["error"] or ""))
+        return answer
+
+
+# -- parsing and answers -----------------------------------------------------------------------
+def parse_predict(request, limits: Limits) -> Images:
+    """A PredictRequest's one input -> encoded images (DT_STRING) or a float32 tensor
+    ``[N, *input shape]`` (DT_FLOAT, DT_UINT8), or 400; counts checked before anything is
+    built per element."""
+    if len(request.inputs) != 1:
+        raise InvalidParameter(f"give one input (DT_STRING encoded images [N], or the "
+                               f"model's DT_FLOAT tensor), got {len(request.inputs)}")
+    (tensor,) = request.inputs.values()
+    if tensor.tensor_shape.unknown_rank:
+        raise InvalidParameter("the input's shape must be known")
+    shape = [d.size for d in tensor.tensor_shape.dim]
+    if tensor.dtype == types_pb2.DT_STRING:
+        shape = shape or [1]  # a scalar string: one image
+        count = check_shape(shape, True, limits)
+        if len(tensor.string_val) != count:
+            raise InvalidParameter(f"shape {shape} needs {count} strings, got "
+                                   f"{len(tensor.string_val)}")
+        return Images(list(tensor.string_val))
+    if tensor.dtype not in (types_pb2.DT_FLOAT, types_pb2.DT_UINT8):
+        raise InvalidParameter(f"input dtype must be DT_STRING (encoded images) or DT_FLOAT / "
+                               f"DT_UINT8 (the model's tensor), got {_dtype_name(tensor.dtype)}")
+    count = check_shape(shape, False, limits)
+    floats = tensor.dtype == types_pb2.DT_FLOAT
+    if tensor.tensor_content:
+        return Images(raw_numbers(tensor.tensor_content, "<f4" if floats else "u1", shape,
+                                  count))
+    values = tensor.float_val if floats else tensor.int_val
+    if len(values) == 1 and count > 1:  # TensorFlow repeats the last value over the shape
+        return Images(np.full(shape, listed_numbers(values, [1], 1, None if floats else 255)[0],
+                              np.float32))
+    return Images(listed_numbers(values, shape, count, None if floats else 255))
+
+
+def parse_classify(request, limits: Limits) -> Images:
+    """A ClassificationRequest's Examples -> one encoded image each, or 400."""
+    kind = request.input.WhichOneof("kind")
+    if kind is None:
+        raise InvalidParameter("give input.example_list or input.example_list_with_context")
+    listed = getattr(request.input, kind)
+    if len(listed.examples) > limits.max_images:
+        raise TooManyImages(f"at most {limits.max_images} images in one request "
+                            f"(MAX_IMAGES_PER_REQUEST), got {len(listed.examples)} examples")
+    context = listed.context.features.feature if kind == "example_list_with_context" else {}
+    if len(context) > MAX_FEATURES:
+        raise InvalidParameter(f"the context has {len(context)} features; at most "
+                               f"{MAX_FEATURES}")
+    return Images([example_image(e.features.feature, context, i)
+                   for i, e in enumerate(listed.examples)])
+
+
+def example_image(features, context, index: int) -> bytes:
+    """The encoded image of one Example: a known feature name holding one bytes value, else
+    the one bytes feature there is (with its context's features)."""
+    where = f"examples[{index}]"
+    if len(features) > MAX_FEATURES:
+        raise InvalidParameter(f"{where} has {len(features)} features; at most {MAX_FEATURES}")
+    shared = set(features) & set(context)
+    if shared:
+        raise InvalidParameter(f"{where}: features in the context must not appear in examples "
+                               f"({sorted(shared)[:3]})")
+    binary = {name: feature.bytes_list.value
+              for source in (context, features) for name, feature in source.items()
+              if feature.WhichOneof("kind") == "bytes_list"}
+    known = [name for name in IMAGE_FEATURES if name in binary]
+    chosen = known[0] if known else next(iter(binary)) if len(binary) == 1 else None
+    if chosen is None:
+        raise InvalidParameter(f"{where}: give the image as one bytes feature, e.g. "
+                               f"'image/encoded' (found {len(binary)} bytes features)")
+    if len(binary[chosen]) != 1:
+        raise InvalidParameter(f"{where}.{chosen[:40]} must hold one image, got "
+                               f"{len(binary[chosen])} values")
+    return binary[chosen][0]
+
+
+def _dtype_name(dtype: int) -> str:
+    return types_pb2.DataType.Name(dtype) if dtype in types_pb2.DataType.values() else str(dtype)
+
+
+def float_tensor(scores: np.ndarray) -> tensor_pb2.TensorProto:
+    """float32 ``[n, labels]`` -> a DT_FLOAT TensorProto (``tensor_content``, little-endian,
+    as ``tf.make_tensor_proto`` writes it; ``tf.make_ndarray`` reads it back)."""
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in scores.shape]),
+        tensor_content=np.ascontiguousarray(scores, dtype="<f4").tobytes())
+
+
+def tensor_info(name: str, dtype: int, shape: list[int]) -> meta_graph_pb2.TensorInfo:
+    return meta_graph_pb2.TensorInfo(
+        name=name, dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape]))
+
+
+def spec_of(classifier):
+    """The ModelSpec an answer names: the model and the version that served it."""
+    spec = predict_pb2.PredictResponse().model_spec
+    spec.name = classifier.name
+    spec.version.value = int(classifier.version)
+    spec.signature_name = SIGNATURE
+    return spec
+
+
+def add_to(server, dataplane: DataPlane) -> dict[str, str]:
+    """Serve both services on ``server``; returns their methods' scopes for ``calls.Calls``."""
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(dataplane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(dataplane), server)
+    return SCOPES
+
+
+__all__ = ["PredictionServicer", "ModelServicer", "add_to", "SERVICES", "SCOPES", "MAX_RANK"]
