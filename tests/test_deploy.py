@@ -218,7 +218,10 @@ def test_probes_port_and_variables_are_ones_the_service_has():
     assert set(env) <= config_variables(), set(env) - config_variables()
     config = Config.from_env(env)  # every value is one the service accepts
     assert box["ports"][0]["containerPort"] == config.port
-    assert f"EXPOSE {config.port}" in dockerfile()
+    assert named_port(box, "grpc-local") == config.grpc_port
+    assert re.search(rf"^EXPOSE {config.port} {config.grpc_port}$", dockerfile(), re.M)
+    # The pod is ready once gRPC answers through the proxy (grpc.health.v1 of a warm worker).
+    assert proxy()["readinessProbe"]["grpc"]["port"] == named_port(proxy(), "grpc")
     paths = routes()
     # The probes ask gunicorn where it listens (on 127.0.0.1, inside the pod).
     for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"),
@@ -236,16 +239,23 @@ def test_gunicorn_is_reachable_only_through_the_proxy():
     config = Config.from_env(container_env())
     assert config.host == "127.0.0.1"
     text = nginx_text("pod")
-    assert re.findall(r"^\s*server\s+([^;{\s]+);", text, re.M) == [f"127.0.0.1:{config.port}"]
+    assert re.findall(r"^\s*server\s+([^;{\s]+);", text, re.M) == [
+        f"127.0.0.1:{config.port}", f"127.0.0.1:{config.grpc_port}"]
     public, metrics_port = named_port(proxy(), "http"), named_port(proxy(), "metrics")
+    grpc_port = named_port(proxy(), "grpc")
     servers = nginx_servers("pod")
-    assert set(servers) == {public, metrics_port}
+    assert set(servers) == {public, metrics_port, grpc_port}
+    assert re.search(r"location / \{\s*grpc_pass grpc://classifier_grpc;", servers[grpc_port])
+    assert "classifier_grpc" not in servers[public] + servers[metrics_port]
     assert re.search(r"location = /metrics \{\s*add_header[^;]*;\s*return 404", servers[public])
     assert re.search(r"location = /metrics \{\s*proxy_pass http://classifier;",
                      servers[metrics_port])
     assert re.search(r"location / \{\s*add_header[^;]*;\s*return 404", servers[metrics_port])
-    (service_port,) = resource("Service")["spec"]["ports"]
-    assert service_port["targetPort"] in (public, "http")
+    service_ports = {p["name"]: p for p in resource("Service")["spec"]["ports"]}
+    assert set(service_ports) == {"http", "grpc"}
+    assert service_ports["http"]["targetPort"] in (public, "http")
+    assert service_ports["grpc"]["targetPort"] == grpc_port
+    assert service_ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
     annotations = resource("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == metrics_port
 
@@ -260,8 +270,9 @@ def test_the_network_policy_opens_the_public_port_to_all_and_metrics_to_monitori
         for port in rule["ports"]:
             opened[port["port"]] = rule.get("from")
     public, metrics_port = named_port(proxy(), "http"), named_port(proxy(), "metrics")
-    assert set(opened) == {public, metrics_port}          # never gunicorn's port
-    assert opened[public] is None                         # from anywhere
+    grpc_port = named_port(proxy(), "grpc")
+    assert set(opened) == {public, metrics_port, grpc_port}   # never gunicorn's ports
+    assert opened[public] is None and opened[grpc_port] is None  # from anywhere
     assert opened[metrics_port] == [{"namespaceSelector": {
         "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     dns, web = policy["egress"]
@@ -414,9 +425,10 @@ def test_the_compose_file_uses_only_real_settings():
     # FEEDBACK_DIR on a named volume (writable on the read-only root, kept, shared).
     assert f"feedback:{dockerfile_env('FEEDBACK_DIR')}" in service["volumes"]
     assert "feedback" in compose["volumes"]
-    # Only the proxy is published; the replicas (and their /metrics) are not.
+    # Only the proxy is published (HTTP and gRPC); the replicas (and their /metrics) are not.
     assert "ports" not in service
-    assert compose["services"]["proxy"]["ports"] == ["${PROXY_PORT:-8080}:8080"]
+    assert compose["services"]["proxy"]["ports"] == ["${PROXY_PORT:-8080}:8080",
+                                                     "${GRPC_PROXY_PORT:-8500}:8500"]
 
 
 # ---------------------------------------------------------------- nginx configurations
@@ -442,6 +454,26 @@ def test_the_proxies_have_the_services_deadlines_and_limits():
     assert seconds(directive(block, "proxy_read_timeout")) > DEFAULTS.request_timeout
 
 
+def test_the_proxies_pass_grpc_with_the_services_deadlines_and_limits():
+    """Each proxy has one gRPC server (HTTP/2 without TLS) passing every call to the service's
+    GRPC_PORT, with the same deadlines in both and a body bound above the service's own
+    (MAX_UPLOAD_MB + 64 KiB), so the service refuses an oversized message in gRPC's terms."""
+    blocks = {}
+    for which in NGINX_CONFS:
+        (block,) = [b for b in nginx_servers(which).values() if "grpc_pass" in b]
+        assert re.search(r"\blisten\s+\d+\s+http2;", block), which
+        assert directive(block, "grpc_next_upstream") == "off", which
+        blocks[which] = block
+    assert re.search(r"upstream classifier_grpc \{\s*server classifier:8500\b",
+                     nginx_text("compose"))
+    for name in ("client_header_timeout", "client_body_timeout", "send_timeout",
+                 "client_max_body_size", "grpc_read_timeout"):
+        assert directive(blocks["compose"], name) == directive(blocks["pod"], name), name
+    block = blocks["pod"]
+    assert DEFAULTS.max_upload_mb + 0.0625 < megabytes(directive(block, "client_max_body_size"))
+    assert seconds(directive(block, "grpc_read_timeout")) > DEFAULTS.request_timeout
+
+
 def test_no_proxy_resends_a_request_that_reached_the_service():
     """Retries only for what nginx may repeat (it never resends a POST once sent without
     `non_idempotent`), and not on the service's own 502/504 (an image URL's server failed)."""
@@ -459,7 +491,8 @@ def test_nginx_errors_are_the_apis_envelope():
     assert open(os.path.join(K8S, "api-errors.conf")).read() == compose_errors
     for which in NGINX_CONFS:
         for block in nginx_servers(which).values():
-            assert "include api-errors.conf;" in block, which
+            # (a gRPC client reads nginx's own failures as gRPC statuses, not JSON pages)
+            assert "include api-errors.conf;" in block or "grpc_pass" in block, which
     known = {(cls.code, cls.status) for cls in _subclasses(errors.ApiError)}
     bodies = re.findall(r"return (\d+) '([^']*)'", compose_errors + nginx_text("pod"))
     assert len(bodies) >= 8
@@ -544,6 +577,7 @@ def pod_run(tmp_path_factory):
     env = {k: v for k, v in container_env().items()
            if k not in ("MODEL_REPOSITORY", "DEFAULT_MODEL")}
     public, metrics_port = named_port(proxy(), "http"), named_port(proxy(), "metrics")
+    grpc_port = named_port(proxy(), "grpc")
     hardening = ("--read-only", "--user", "10001:10001", "--cap-drop", "ALL",
                  "--security-opt", "no-new-privileges")
     keys = keys_folder(tmp_path_factory.mktemp("pod-keys") / "api-keys", ("test", TEST_KEY))
@@ -551,7 +585,7 @@ def pod_run(tmp_path_factory):
                         "--mount", "type=volume,dst=/app/temp",
                         "--mount", "type=volume,dst=/app/feedback",
                         "-v", f"{keys}:{os.path.dirname(env['API_KEYS_FILE'])}:ro", env=env,
-                        ports=(public, metrics_port, Config.from_env(env).port))
+                        ports=(public, metrics_port, Config.from_env(env).port, grpc_port))
     sidecar = None
     try:
         sidecar = Container(nginx, *hardening, "--network", f"container:{service.id}",
@@ -609,6 +643,48 @@ def test_the_pod_wants_a_key_and_its_probes_and_page_do_not(pod_run):
     for path in ("/healthz", "/readyz", "/"):
         assert requests.get(url + path, timeout=10).status_code == 200, path
     assert classify(url, data).status_code == 200
+
+
+def grpc_top_label(address: str, model: str, key: str | None = TEST_KEY) -> str:
+    """The top label tritonclient.grpc gets for the star image from ``model`` at ``address``
+    (host:port), with ``key`` in the metadata; raises InferenceServerException on a refusal."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(address)
+    image = grpcclient.InferInput("image_bytes", [1], "BYTES")
+    image.set_data_from_numpy(np.array([open(STAR, "rb").read()], dtype=object))
+    top = grpcclient.InferRequestedOutput("probabilities", class_count=1)
+    result = client.infer(model, [image], outputs=[top], client_timeout=60,
+                          headers={"x-api-key": key} if key else None)
+    return result.as_numpy("probabilities")[0][0].decode().split(":", 2)[2]
+
+
+def grpc_health(address: str) -> int:
+    """grpc.health.v1's status for the whole server (1: SERVING), without a key."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                         timeout=30).status
+
+
+@pytest.mark.docker
+def test_grpc_reaches_the_pod_through_its_proxy_and_wants_a_key(pod_run):
+    """Through the proxy's gRPC port (HTTP/2 to the service's 127.0.0.1:8500): the health check
+    the readiness probe makes answers SERVING without a key; ModelInfer wants one."""
+    from tritonclient.utils import InferenceServerException
+
+    address = pod_run.urls[named_port(proxy(), "grpc")].removeprefix("http://")
+    assert grpc_health(address) == 1
+    model = requests.post(pod_run.urls[named_port(proxy(), "http")] + "/classify",
+                          files={"image": ("star.png", open(STAR, "rb").read())}, headers=KEY,
+                          timeout=30).json()["model"]["name"]
+    assert grpc_top_label(address, model) == "star"
+    with pytest.raises(InferenceServerException) as refused:
+        grpc_top_label(address, model, key=None)
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
 
 
 def raw(url: str) -> socket.socket:
@@ -713,14 +789,16 @@ def stack(tmp_path_factory):
                   repo / "colours" / "1")
     for folder in (repo, repo / "colours"):
         os.chmod(folder, 0o755)
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     keys = keys_folder(repo.parent / "api-keys", ("test", TEST_KEY))
     compose = Compose(f"clstest{os.getpid()}", {
         "IMAGE": image, "BASE_IMAGE": base_image(), "MODELS": str(repo), "PROXY_PORT": str(port),
+        "GRPC_PROXY_PORT": str(grpc_port),
         "DEFAULT_MODEL": "colours", "MODEL_POLL_SECONDS": "1", "KEYS_DIR": keys})
     compose.repo = repo
     compose.keys = keys
     compose.url = f"http://127.0.0.1:{port}"
+    compose.grpc_address = f"127.0.0.1:{grpc_port}"
     try:
         compose("up", "-d", "--build", "--scale", "classifier=3", timeout=900)
         wait_until(lambda: requests.get(compose.url + "/readyz", timeout=2).status_code == 200,
@@ -775,6 +853,17 @@ def test_requests_spread_over_the_replicas(stack):
     served = {c: replica_requests(c) - before[c] for c in before}
     assert len(served) == 3 and sum(served.values()) == 60, served
     assert all(n >= 5 for n in served.values()), served
+
+
+@pytest.mark.docker
+def test_grpc_reaches_the_replicas_through_compose_nginx(stack):
+    """gRPC on the published GRPC_PROXY_PORT, HTTP/2 through nginx to the replicas' GRPC_PORT:
+    the same answer as /classify."""
+    wait_until(lambda: grpc_health(stack.grpc_address) == 1, 60)
+    rest = classify(stack.url, open(STAR, "rb").read())
+    assert rest.status_code == 200, rest.text
+    expected = rest.json()["predictions"][0]["label"]
+    assert [grpc_top_label(stack.grpc_address, "colours") for _ in range(3)] == [expected] * 3
 
 
 @pytest.mark.docker
