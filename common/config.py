@@ -264,13 +264,15 @@ class Config:
 
     @property
     def grpc_threads(self) -> int:
-        """GRPC_MAX_WORKERS, or by default a quarter of THREADS (at least 4): RPCs a worker
-        handles at once. gRPC holds each received message in memory, so at most twice this
-        many are taken at once (the rest are refused RESOURCE_EXHAUSTED): a worker's gRPC
-        bodies stay within ``2 * grpc_threads * max_body_bytes``."""
+        """GRPC_MAX_WORKERS, or by default THREADS (as many calls as HTTP requests): RPCs a
+        worker takes at once, each on a thread of its own while it waits for its batch (one
+        more is refused RESOURCE_EXHAUSTED by gRPC). gRPC holds each received message in
+        memory, so a worker's gRPC messages stay within ``grpc_threads * max_body_bytes``, as
+        HTTP bodies within BODIES_IN_FLIGHT of them. (A quarter of THREADS refused calls that
+        admission would have taken: 64 clients on 2 workers, docs/BENCHMARKS.md.)"""
         if self.grpc_max_workers is not None:
             return self.grpc_max_workers
-        return max(4, self.threads // 4)
+        return self.threads
 
     def queue_limit(self, image_bytes: int) -> int:
         """Most admitted images whose batch has not started, for a model whose input tensor

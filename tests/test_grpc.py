@@ -304,11 +304,12 @@ def test_rpcs_are_counted_and_logged(server, triton):
                                      "colours/2")]
 
 
-# -- without TensorFlow: the Open Inference Protocol alone ------------------------------------
+# -- a worker that does not run TensorFlow ------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_server(tmp_path_factory):
-    """The demo model on ONNX Runtime: the worker never imports TensorFlow, so by default
-    (GRPC_TFSERVING=auto) it serves no TF Serving service (whose stubs would import it)."""
+    """The demo model on ONNX Runtime: the worker does not import TensorFlow to serve, so by
+    default (GRPC_TFSERVING=auto) TF Serving's services, whose stubs import it, are loaded at
+    their first call (server.LazyTfServing)."""
     work = tmp_path_factory.mktemp("grpc-onnx")
     grpc_port = free_port()
     live = start_server(work, {"MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"),
@@ -320,7 +321,7 @@ def onnx_server(tmp_path_factory):
 
 
 @pytest.mark.server
-def test_onnx_worker_serves_the_open_inference_protocol_without_tensorflow(onnx_server):
+def test_onnx_worker_serves_oip_at_once_and_tf_serving_from_its_first_call(onnx_server):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from tritonclient.grpc import InferenceServerClient, InferInput, InferRequestedOutput
 
@@ -349,14 +350,29 @@ def test_onnx_worker_serves_the_open_inference_protocol_without_tensorflow(onnx_
         assert health.Check(health_pb2.HealthCheckRequest(
             service="inference.GRPCInferenceService"), timeout=30).status == \
             health_pb2.HealthCheckResponse.SERVING
-        with pytest.raises(grpc.RpcError) as caught:
-            health.Check(health_pb2.HealthCheckRequest(
-                service="tensorflow.serving.PredictionService"), timeout=30)
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-        with pytest.raises(grpc.RpcError) as caught:
-            ch.unary_unary("/tensorflow.serving.PredictionService/Predict")(b"", timeout=30)
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "TF Serving's gRPC services are off" in onnx_server.output(tail=None)
+        assert health.Check(health_pb2.HealthCheckRequest(
+            service="tensorflow.serving.PredictionService"), timeout=30).status == \
+            health_pb2.HealthCheckResponse.SERVING
+        assert "loaded at their first call" not in onnx_server.output(tail=None)
+        # The first TF Serving call loads its stubs (and TensorFlow) in the worker: a few s.
+        import tensorflow as tf
+        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "demo"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto([star]))
+        answer = prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(request,
+                                                                               timeout=120)
+        scores = tf.make_ndarray(answer.outputs["probabilities"])[0]
+        labels = [line.strip() for line in open(os.path.join(ROOT, "tf_files", "demo",
+                                                             "labels.txt")) if line.strip()]
+        for label, score in zip(labels, scores):
+            assert abs(float(score) - expected[label]) < 1e-5, (expected, scores)
+        assert "loaded at their first call" in onnx_server.output(tail=None)
+        with pytest.raises(grpc.RpcError) as caught:  # parsed by the method's own class
+            ch.unary_unary("/tensorflow.serving.PredictionService/Predict")(b"\xff\xff",
+                                                                             timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.server
@@ -397,7 +413,7 @@ def test_bad_grpc_settings_stop_start_up(name, raw):
 def test_grpc_bounds_follow_the_upload_limit_and_threads():
     config = Config.from_env({"MAX_UPLOAD_MB": "2", "THREADS": "32"})
     assert config.max_body_bytes == 2 * 1024 * 1024 + 64 * 1024
-    assert config.grpc_threads == 8 and config.grpc_tfserving is None
+    assert config.grpc_threads == 32 and config.grpc_tfserving is None
     assert dict(rpc_server.options(config))["grpc.max_receive_message_length"] == \
         config.max_body_bytes
     assert Config.from_env({"GRPC_MAX_WORKERS": "3"}).grpc_threads == 3
@@ -538,3 +554,10 @@ def test_a_refused_key_is_audited_with_the_client_a_trusted_proxy_names(server, 
     assert records["grpc-audit-2"]["client"] == "127.0.0.1"  # a malformed hop: the peer
     assert wrong not in text
 
+
+
+def test_the_lazily_served_tf_serving_methods_are_the_ones_tfserving_serves():
+    from common.rpc import tfserving
+
+    assert rpc_server.LazyTfServing(None).scopes == tfserving.SCOPES
+    assert set(rpc_server.TFSERVING_METHODS) == set(tfserving.SERVICES)

@@ -164,7 +164,7 @@ class Calls(grpc.ServerInterceptor):
         try:
             call.key_name = self._check_key(method, metadata, address, call)
             call.client = client_name(call.key_name, peer, forwarded, self.trusted_proxies)
-            request = _parse(handler.request_deserializer, raw)
+            request = parse(handler.request_deserializer, raw)
             response = handler.unary_unary(request, context)
             context.set_trailing_metadata(trailing)
             return response
@@ -226,7 +226,7 @@ class Calls(grpc.ServerInterceptor):
         })
 
 
-def _parse(deserialize: Callable[[bytes], object] | None, raw: bytes):
+def parse(deserialize: Callable[[bytes], object] | None, raw: bytes):
     """The request message, or 400 (``INVALID_ARGUMENT``) when the bytes are not one."""
     if deserialize is None:
         return raw

@@ -8,8 +8,9 @@ What it serves:
 * the Open Inference Protocol's ``inference.GRPCInferenceService`` (``oip.py``), always;
 * TF Serving's ``tensorflow.serving.PredictionService`` and ``ModelService``
   (``tfserving.py``), when its stubs (``tensorflow_serving``, installed by ``make venv``) and
-  TensorFlow import and, by default, only in a worker that runs TensorFlow already
-  (``GRPC_TFSERVING``: they import all of TensorFlow, so they are loaded only here);
+  TensorFlow are installed (``GRPC_TFSERVING``). They import all of TensorFlow (about 500 MiB),
+  so by default a worker that does not run TensorFlow already (ONNX Runtime, LiteRT) serves
+  them through :class:`LazyTfServing`, which imports them at the first TF Serving call only;
 * ``grpc.health.v1.Health`` (grpcio-health-checking): ``SERVING`` once the server is started
   (the worker is warm), ``NOT_SERVING`` while it drains; open, as the HTTP probes are.
 
@@ -17,14 +18,16 @@ Every RPC of the first two passes :class:`~common.rpc.calls.Calls` (request id, 
 access log, metrics, errors as status codes). Bounds: a message is at most
 ``Config.max_body_bytes`` (the upload limit and framing room, as an HTTP body; larger ones are
 refused ``RESOURCE_EXHAUSTED`` by gRPC before they reach a servicer), ``Config.grpc_threads``
-RPCs run at once and at most twice that many are held (the rest are refused
-``RESOURCE_EXHAUSTED``), so a worker's gRPC messages hold at most
-``2 * grpc_threads * max_body_bytes`` bytes.
+RPCs run at once, each on its own thread (one more is refused ``RESOURCE_EXHAUSTED``), so a
+worker's gRPC messages hold at most ``grpc_threads * max_body_bytes`` bytes.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -33,6 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from common.audit import Audit
 from common.config import Config
 from common.dataplane import DataPlane
+from common.errors import ServiceUnavailable
 from common.keys import KeyRing
 from common.rpc import calls, oip
 
@@ -70,16 +74,14 @@ def options(config: Config) -> list[tuple[str, int]]:
 def _tfserving(config: Config):
     """``common.rpc.tfserving`` when TF Serving's services are to be served, else None.
 
-    GRPC_TFSERVING ``auto`` (the default): when this worker runs TensorFlow already (its
-    stubs import all of TensorFlow: about 500 MiB more for a worker that runs only ONNX Runtime
-    or LiteRT) and the stubs are installed; ``on``: always (RuntimeError when they do not
-    import); ``off``: never."""
+    GRPC_TFSERVING ``auto`` (the default): loaded at start when this worker runs TensorFlow
+    already and the stubs are installed (elsewhere :class:`LazyTfServing` loads them at the
+    first call); ``on``: loaded at start always (RuntimeError when they do not import);
+    ``off``: never served."""
     if config.grpc_tfserving is False:
         return None
     if config.grpc_tfserving is None and "tensorflow" not in sys.modules:
-        log.info("TF Serving's gRPC services are off: this worker does not run TensorFlow "
-                 "(GRPC_TFSERVING=on serves them anyway)")
-        return None
+        return None  # served lazily (LazyTfServing) where installed
     try:
         from common.rpc import tfserving
     except ImportError as exc:  # no tensorflow_serving stubs, or no TensorFlow
@@ -89,6 +91,70 @@ def _tfserving(config: Config):
         log.info("TF Serving's gRPC services are off: %s", exc)
         return None
     return tfserving
+
+
+#: TF Serving's services and the methods served (``tfserving.SCOPES`` names the same ones).
+TFSERVING_METHODS = {
+    "tensorflow.serving.PredictionService": ("Predict", "Classify", "GetModelMetadata"),
+    "tensorflow.serving.ModelService": ("GetModelStatus",),
+}
+
+
+def _tfserving_installed() -> bool:
+    """Whether TF Serving's stubs and TensorFlow are installed (found, not imported)."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("tensorflow_serving", "tensorflow"))
+
+
+class LazyTfServing(grpc.GenericRpcHandler):
+    """TF Serving's services in a worker that does not run TensorFlow: its methods are
+    registered at start with raw-bytes handlers, and the first call imports ``tfserving.py``
+    (and so TensorFlow: a few seconds and about 500 MiB, once per worker); each call then
+    parses its request with the method's own message class (malformed: ``INVALID_ARGUMENT``)
+    and is answered by the same servicers as when they are loaded at start."""
+
+    def __init__(self, dataplane: DataPlane):
+        self.dataplane = dataplane
+        self.scopes = {f"/{service}/{name}": "classify"
+                       for service, names in TFSERVING_METHODS.items() for name in names}
+        self._lock = threading.Lock()
+        self._loaded: dict | None = None  # service -> (servicer, its pool descriptor)
+
+    def service(self, handler_call_details):
+        service, _, name = handler_call_details.method.lstrip("/").partition("/")
+        if name not in TFSERVING_METHODS.get(service, ()):
+            return None
+        return grpc.unary_unary_rpc_method_handler(
+            functools.partial(self._call, service, name),
+            response_serializer=lambda message: message.SerializeToString())
+
+    def _load(self) -> dict:
+        with self._lock:
+            if self._loaded is None:
+                try:
+                    from common.rpc import tfserving
+                except ImportError as exc:
+                    raise ServiceUnavailable(f"TF Serving's services cannot load here: {exc}"
+                                             ) from None
+                from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+
+                log.info("TF Serving's gRPC services loaded at their first call")
+                self._loaded = {
+                    "tensorflow.serving.PredictionService": (
+                        tfserving.PredictionServicer(self.dataplane),
+                        prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]),
+                    "tensorflow.serving.ModelService": (
+                        tfserving.ModelServicer(self.dataplane),
+                        model_service_pb2.DESCRIPTOR.services_by_name["ModelService"])}
+            return self._loaded
+
+    def _call(self, service: str, name: str, raw: bytes, context):
+        from google.protobuf import message_factory
+
+        servicer, descriptor = self._load()[service]
+        message = message_factory.GetMessageClass(descriptor.methods_by_name[name].input_type)
+        request = calls.parse(message.FromString, raw)
+        return getattr(servicer, name)(request, context)
 
 
 def start(config: Config, dataplane: DataPlane, keys: KeyRing,
@@ -103,13 +169,18 @@ def start(config: Config, dataplane: DataPlane, keys: KeyRing,
         interceptors=[interceptor := calls.Calls({}, keys, dataplane.metrics, audit,
                                                  config.trusted_proxies)],
         options=options(config),
-        maximum_concurrent_rpcs=2 * config.grpc_threads)
+        maximum_concurrent_rpcs=config.grpc_threads)
     services = [oip.SERVICE]
     interceptor.serve(oip.add_to(server, dataplane))
     tfserving = _tfserving(config)
     if tfserving is not None:
         interceptor.serve(tfserving.add_to(server, dataplane))
         services.extend(tfserving.SERVICES)
+    elif config.grpc_tfserving is None and _tfserving_installed():
+        lazy = LazyTfServing(dataplane)
+        server.add_generic_rpc_handlers((lazy,))
+        interceptor.serve(lazy.scopes)
+        services.extend(TFSERVING_METHODS)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = (f"[{config.host}]:{config.grpc_port}" if ":" in config.host
