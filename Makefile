@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-attacks bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-grpc bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed $(VENV)/.tfserving-api
@@ -128,6 +128,13 @@ SWEEP ?= 1x2,2x1,auto
 bench-peers: build/models/mobilenet_v2/saved_model.pb
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/bench_peers.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --duration 20 --json build/bench/peers.json --markdown build/bench/peers.md
+
+# REST beside gRPC on one server: the ONNX MobileNetV2 at 1, 16 and 64 clients, /classify with
+# wrk and Triton's ModelInfer with h2load (apt-get install wrk nghttp2-client; ~3 minutes;
+# docs/BENCHMARKS.md, "gRPC beside REST").
+bench-grpc: build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --large_concurrency "" --grpc 1,16,64 --duration 15 --inprocess_batches 1,8,32 --json build/bench/grpc_rest.json
 
 # Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
 # series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").

@@ -17,6 +17,11 @@ client answered 503 sends again at once (``--polite``: it waits Retry-After, at 
 They ask for ``top_k=5`` (``--top_k``), as clients of a 1000-class model do. They share the
 machine with the server, as a sidecar would; their CPU seconds are reported beside each level.
 
+``--grpc 1,16,64`` adds gRPC levels on the same server after the REST ones: Triton's
+``ModelInfer`` with the same JPEG as one BYTES element and the classification extension
+(``top_k``), sent by ``h2load`` (nghttp2-client: a C HTTP/2 client, one call in flight per
+connection), its successes counted by the server's own metrics (see :func:`grpc_level`).
+
 ``--refusal_cpu SECONDS`` adds the CPU a refused request costs the worker, answered at once and
 paced (``--refusal_rates``; see
 :func:`refused_request_cpu`); ``--profile SECONDS`` samples the worker with py-spy during one
@@ -47,7 +52,8 @@ if __package__ in (None, ""):
 
 from scripts import cli  # noqa: E402
 from scripts.liveserver import LiveServer  # noqa: E402
-from scripts.loadgen import drive, photo_jpeg, wrk_available, wrk_drive  # noqa: E402
+from scripts.loadgen import (drive, grpc_frame, h2load_drive, photo_jpeg,  # noqa: E402
+                             wrk_available, wrk_drive)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class BenchParams:
     swap_concurrency: int = 16  # clients during the swap levels
     profile: float = 0.0  # seconds of py-spy on the worker during one more level (0: skip it)
     profile_concurrency: int = 16  # clients during the profiled level
+    grpc: tuple[int, ...] = ()  # client counts of gRPC ModelInfer levels (small JPEG; h2load)
 
 
 def peak_rss_mb(pids: list[int], field: str = "VmHWM") -> dict:
@@ -207,6 +214,79 @@ def costed_level(driver: str, port: int, workers: list[int], body: bytes, body_p
     return lv
 
 
+def grpc_infer_message(port: int, body: bytes, top_k: int) -> tuple[str, bytes]:
+    """The gRPC ModelInfer request a Triton client sends for ``body`` (an encoded image, one
+    BYTES element of the ``image_bytes`` input) asking for the ``top_k`` classes (Triton's
+    classification extension; 0: every score), serialised with tritonclient's stubs; returns
+    the default model's name and the message. Names come from the REST API of the same server."""
+    from tritonclient.grpc import service_pb2
+
+    answer = requests_json(port, "POST", "/classify", body)
+    name = answer["model"]["name"]
+    output = requests_json(port, "GET", f"/v2/models/{name}")["outputs"][0]["name"]
+    request = service_pb2.ModelInferRequest(model_name=name)
+    tensor = request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(body)
+    out = request.outputs.add(name=output)
+    if top_k:
+        out.parameters["classification"].int64_param = top_k
+    return name, request.SerializeToString()
+
+
+def requests_json(port: int, method: str, path: str, body: bytes | None = None) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request(method, path, body=body,
+                 headers={"Content-Type": "image/jpeg"} if body is not None else {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
+    return json.loads(data)
+
+
+def grpc_calls(port: int, method: str = "/inference.GRPCInferenceService/ModelInfer"
+               ) -> tuple[int, int]:
+    """(calls answered OK, all calls) of the gRPC ``method`` so far, summed over the workers,
+    from the server's /metrics (gRPC answers HTTP 200 to every call, so h2load cannot tell)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    ok = total = 0.0
+    for line in text.splitlines():
+        if line.startswith("classifier_requests_total{") and f'route="{method}"' in line:
+            count = float(line.rsplit(" ", 1)[1])
+            total += count
+            ok += count if 'status="200"' in line else 0.0
+    return int(ok), int(total)
+
+
+def grpc_level(server: LiveServer, workers: list[int], body: bytes, concurrency: int,
+               params: BenchParams, log_dir: str) -> dict:
+    """``concurrency`` closed-loop gRPC clients (h2load over HTTP/2, one call in flight each)
+    send the ModelInfer request of :func:`grpc_infer_message` for ``params.duration`` s, one
+    second of warm-up first; goodput counts the calls the server answered OK (its metrics)."""
+    name, message = grpc_infer_message(server.port, body, params.top_k)
+    path = os.path.join(log_dir, "model_infer.grpc")
+    with open(path, "wb") as fh:
+        fh.write(grpc_frame(message))
+    (before_ok, before_all), before_cpu = grpc_calls(server.port), workers_cpu_s(workers)
+    lv = h2load_drive(f"http://127.0.0.1:{server.grpc_port}"
+                      "/inference.GRPCInferenceService/ModelInfer", path, concurrency,
+                      params.duration, {"content-type": "application/grpc", "te": "trailers"})
+    ok, calls = grpc_calls(server.port)  # the warm-up second's calls included
+    ok, calls = ok - before_ok, calls - before_all
+    seconds = params.duration + 1.0
+    lv.update({"image": "500x375", "protocol": "grpc ModelInfer (BYTES, classification)",
+               "model": name, "ok": ok, "goodput": round(ok / seconds, 2),
+               "not_ok": calls - ok,
+               "server_cpu_ms_per_200": round(
+                   (workers_cpu_s(workers) - before_cpu) * 1000 / max(1, ok), 2)})
+    print(json.dumps(lv), file=sys.stderr)
+    return lv
+
+
 def run(params: BenchParams, log_dir: str | None = None) -> dict:
     small = photo_jpeg(500, 375, seed=1)
     large = photo_jpeg(4000, 3000, seed=2)
@@ -246,6 +326,9 @@ def run(params: BenchParams, log_dir: str | None = None) -> dict:
                 levels.append({"image": name, **lv})
                 print(json.dumps(levels[-1]), file=sys.stderr)
         result["levels"] = levels
+        if params.grpc:
+            result["grpc_levels"] = [
+                grpc_level(server, workers, small, c, params, log_dir) for c in params.grpc]
         if params.profile:
             result["profile"] = profile_level(server, driver, small, paths["500x375"], params,
                                               log_dir)
@@ -778,6 +861,16 @@ def markdown(result: dict) -> str:
                      f"{lv['p50_ms']} | {lv['p95_ms']} | {lv['p99_ms']} | {lv['ok']} | "
                      f"{lv['shed_503']} | {lv['errors']} | {lv.get('client_cpu_s', '')} | "
                      f"{lv.get('server_cpu_ms_per_200', '')} |")
+    if result.get("grpc_levels"):
+        lines += ["", "gRPC, the same server (`ModelInfer`, the JPEG as one BYTES element, "
+                  "classification extension; h2load, one call in flight per client; the calls "
+                  "answered OK counted by the server's metrics, over the level and its "
+                  "warm-up second):", "",
+                  "| clients | goodput OK/s | p50 ms (all) | p99 ms (all) | not OK | "
+                  "client CPU s | server CPU ms per OK |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {lv['concurrency']} | {lv['goodput']} | {lv['p50_ms']} | {lv['p99_ms']} | "
+                  f"{lv['not_ok']} | {lv['client_cpu_s']} | {lv['server_cpu_ms_per_200']} |"
+                  for lv in result["grpc_levels"]]
     ip = result["in_process"]
     per_batch = ", ".join(f"{n}: {v['images_per_s']}" for n, v in ip["per_batch"].items())
     lines += ["", f"In-process, same run, on {ip.get('runtime', 'tensorflow')} (as the server): "
@@ -874,6 +967,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", metavar="WxT,...",
                         help="instead: the server at each WORKERS x RUNTIME_THREADS (e.g. "
                              "1x2,2x1,auto), small JPEG only, beside the model in-process")
+    parser.add_argument("--grpc", default="", metavar="N,N",
+                        help="also gRPC ModelInfer levels at these client counts (h2load, "
+                             "apt-get install nghttp2-client)")
     parser.add_argument("--inprocess_batches", default="1,2,4,8,16,32")
     parser.add_argument("--json", help="write the full result here")
     args = cli.parse_args(parser, argv, tensorflow=True)
@@ -885,7 +981,8 @@ def main(argv=None) -> int:
         inprocess_batches=tuple(int(c) for c in args.inprocess_batches.split(",") if c),
         driver=args.driver, polite=args.polite, refusal_cpu=args.refusal_cpu,
         refusal_rates=tuple(int(r) for r in args.refusal_rates.split(",") if r),
-        profile=args.profile, profile_concurrency=args.profile_concurrency, swap=args.swap)
+        profile=args.profile, profile_concurrency=args.profile_concurrency, swap=args.swap,
+        grpc=tuple(int(c) for c in args.grpc.split(",") if c))
     if args.sweep:
         result = sweep(params, parse_sweep(args.sweep))
         text = sweep_markdown(result)

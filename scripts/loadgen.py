@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -191,3 +192,68 @@ def wrk_drive(url: str, body_path: str, connections: int, duration: float,
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 1)
+
+
+def h2load_available() -> str | None:
+    """The h2load executable's path (Debian's nghttp2-client), or None."""
+    return shutil.which("h2load")
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message: flag 0 (not compressed), 4-byte big-endian length."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def h2load_drive(url: str, body_path: str, connections: int, duration: float,
+                 headers: dict[str, str] | None = None, warmup: int = 1) -> dict:
+    """``connections`` closed-loop HTTP/2 clients (h2load: one connection and one stream in
+    flight each, cleartext with prior knowledge, as gRPC uses) POST the file ``body_path`` to
+    ``url`` for ``duration`` s after ``warmup`` s not counted.
+
+    For gRPC, ``body_path`` holds one framed message (:func:`grpc_frame`) and ``headers`` say
+    ``content-type: application/grpc`` and ``te: trailers``. h2load reads HTTP statuses only,
+    and gRPC answers every call, failed or not, with HTTP 200 (the outcome is in the
+    ``grpc-status`` trailer): ``http_200`` here counts answers, and the caller counts the
+    successful ones from the server's own metrics. Latencies (p50/p99 of all answers) come from
+    h2load's per-request log; ``client_cpu_s`` is h2load's own CPU (user + system, from wait4).
+    """
+    exe = h2load_available()
+    if exe is None:
+        raise RuntimeError("h2load is not installed (apt-get install nghttp2-client)")
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".log", delete=False) as fh:
+        log_path = fh.name
+    cmd = [exe, "-c", str(connections), "-m", "1", "-t", "1", "-D", f"{max(1, round(duration))}",
+           "--warm-up-time", f"{max(0, round(warmup))}", "-d", os.path.abspath(body_path),
+           "--log-file", log_path]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    cmd.append(url)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    text = out.decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"h2load failed: {' '.join(cmd)}\n{text[-3000:]}")
+    statuses: dict[str, int] = {}
+    times: list[float] = []
+    with open(log_path) as fh:
+        for line in fh:
+            fields = line.split("\t")
+            if len(fields) >= 3:
+                statuses[fields[1]] = statuses.get(fields[1], 0) + 1
+                times.append(int(fields[2]) / 1e6)
+    os.unlink(log_path)
+    answers = sum(statuses.values())
+    cpu = usage.ru_utime + usage.ru_stime
+    seconds = float(max(1, round(duration)))
+    return {"driver": "h2load", "concurrency": connections, "seconds": seconds,
+            "answers": answers, "http_statuses": statuses,
+            "http_200": statuses.get("200", 0),
+            "answers_per_s": round(answers / seconds, 2),
+            "p50_ms": _ms(percentile(times, 50)), "p99_ms": _ms(percentile(times, 99)),
+            "client_cpu_s": round(cpu, 2),
+            "client_cpu_ms_per_answer": round(cpu * 1000 / answers, 3) if answers else None,
+            "wall_s": round(elapsed, 1), "h2load_summary": [
+                ln.strip() for ln in text.splitlines() if ln.startswith(("requests:", "status"))]}
