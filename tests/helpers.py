@@ -17,8 +17,8 @@ from scripts.liveserver import LiveServer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "tf_files", "demo")
 
-__all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "post_image", "assert_envelope",
-           "metric", "metric_so_far", "PeakMemory"]
+__all__ = ["ROOT", "DEMO", "LiveServer", "start_server", "start_failing", "post_image",
+           "assert_envelope", "metric", "metric_so_far", "PeakMemory"]
 
 
 def config_variables() -> set[str]:
@@ -34,6 +34,17 @@ def start_server(work, env: dict, name: str = "server", wait_ready: bool = True)
                          **env})
     server.temp_dir = str(work / "temp")
     return server.start(str(work / f"{name}.log"), wait_ready=wait_ready)
+
+
+def start_failing(work, env: dict, timeout: float = 120) -> tuple[int, str]:
+    """Start the real server with ``env`` (as :func:`start_server`) where it must stop by
+    itself (a bad setting, a port taken): its exit code and all it printed."""
+    server = start_server(work, env, wait_ready=False)
+    try:
+        code = server.proc.wait(timeout)
+    finally:
+        server.stop()
+    return code, server.output(tail=None)
 
 
 def post_image(server, data: bytes, name: str = "photo.jpg", content_type: str = "image/jpeg",

@@ -11,7 +11,7 @@ import time
 import imagegen as ig
 import pytest
 import requests
-from helpers import assert_envelope, start_server
+from helpers import assert_envelope, start_failing, start_server
 from tiny_models import save_colour_model
 
 from common.keys import hash_key
@@ -375,13 +375,8 @@ def test_malformed_keys_stop_start_up_with_a_message_that_has_no_key(tmp_path, e
     if "API_KEYS_FILE" in env:
         (tmp_path / "keys.txt").write_text(f"ci:{CI_KEY}:classify\n")
         env = {"API_KEYS_FILE": str(tmp_path / "keys.txt")}
-    server = start_server(tmp_path, {"MODEL_PATH": str(tmp_path / "none"), "WORKERS": "1",
-                                     **env}, wait_ready=False)
-    try:
-        server.proc.wait(120)
-        log = server.output(tail=None)
-    finally:
-        server.stop()
-    assert server.proc.returncode != 0
+    code, log = start_failing(tmp_path, {"MODEL_PATH": str(tmp_path / "none"), "WORKERS": "1",
+                                         **env})
+    assert code != 0
     assert "API_KEYS" in log and "ConfigError" in log
     assert CI_KEY not in log

@@ -18,7 +18,7 @@ import imagegen as ig
 import numpy as np
 import pytest
 import requests
-from helpers import metric, start_server
+from helpers import metric, start_failing, start_server
 from tiny_models import save_colour_model
 
 from common.config import Config, ConfigError
@@ -384,14 +384,9 @@ def test_a_grpc_port_taken_stops_start_up_with_the_reason(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        server = start_server(tmp_path, {"MODEL_PATH": model, "WORKERS": "1", "THREADS": "4",
-                                         "GRPC_PORT": str(port)}, wait_ready=False)
-        try:
-            server.proc.wait(120)
-            log = server.output(tail=None)
-        finally:
-            server.stop()
-    assert server.proc.returncode != 0
+        code, log = start_failing(tmp_path, {"MODEL_PATH": model, "WORKERS": "1",
+                                             "THREADS": "4", "GRPC_PORT": str(port)})
+    assert code != 0
     assert f"cannot serve gRPC on 127.0.0.1:{port} (GRPC_PORT)" in log
 
 

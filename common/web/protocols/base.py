@@ -125,6 +125,12 @@ def read_json(raw: bytes, limits: Limits) -> dict:
     :func:`check_json_size` before it is parsed. NaN and Infinity parse, as both protocols
     allow them; :func:`float_tensor` refuses them where a model would see them."""
     check_json_size(raw, limits)
+    return json_object(raw)
+
+
+def json_object(raw: bytes) -> dict:
+    """``raw`` parsed, when it is one JSON object; 400 otherwise (not JSON, nested too
+    deeply, or another JSON value). The caller bounds ``raw`` first."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

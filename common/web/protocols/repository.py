@@ -21,14 +21,13 @@ Errors are ``{"error": "message"}`` (400, 404, 413, 503).
 """
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, jsonify
 
 from common.dataplane import DataPlane
-from common.errors import ApiError, BadRequest, InvalidParameter
+from common.errors import ApiError, InvalidParameter
 from common.web import auth, error_handlers
 from common.web.binding import Views
+from common.web.protocols.base import json_object
 from common.web.routes import body_bytes
 
 #: The largest body taken (a request here carries a few parameters).
@@ -99,14 +98,7 @@ def _body(allowed: set[str]) -> dict:
     raw = body_bytes(MAX_BODY)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {str(exc)[:120]}") from None
-    except RecursionError:
-        raise BadRequest("the body's JSON is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+    body = json_object(raw)
     unknown = sorted(set(body) - allowed)
     if unknown:
         raise InvalidParameter(f"unexpected field {unknown[0][:60]!r}; expected "
