@@ -298,3 +298,24 @@ def test_sixty_four_clients_whose_wait_fits_the_budget_are_not_refused(tmp_path,
         server.stop()
     assert len(statuses) == 256 and set(statuses) <= {200, 503}, statuses
     assert (503 in statuses) == refused, statuses.count(503)
+
+
+@pytest.mark.server
+def test_a_grpc_call_refused_under_overload_is_resource_exhausted_with_retry_after(busy_server):
+    """The same admission refuses a gRPC call (ModelInfer, an encoded image) as it refuses
+    /classify: RESOURCE_EXHAUSTED, our code and a retry hint in the trailing metadata."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    name = requests.get(busy_server.url + "/model", timeout=10).json()["name"]
+    request = service_pb2.ModelInferRequest(model_name=name)
+    tensor = request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(ig.png(ig.RED))
+    with grpc.insecure_channel(f"127.0.0.1:{busy_server.grpc_port}") as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                   request_serializer=lambda m: m.SerializeToString())
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    trailing = dict(refused.value.trailing_metadata())
+    assert trailing["error-code"] == "overloaded" and int(trailing["retry-after"]) >= 1

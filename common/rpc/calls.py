@@ -65,6 +65,11 @@ STATUS_CODES = {
     503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED,
     507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+#: Our codes answered otherwise than their HTTP status says: a refusal to take more work now
+#: (admission by expected wait, the decoding budget, feedback at capacity) is the client's
+#: RESOURCE_EXHAUSTED with ``retry-after``, as the fair share's 429; the other 503s (a
+#: version loading or failed, a model that hung) stay UNAVAILABLE.
+CODE_STATUSES = {"overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 @dataclass
@@ -169,7 +174,9 @@ class Calls(grpc.ServerInterceptor):
             context.set_trailing_metadata(trailing)
             return response
         except ApiError as err:
-            status, code = err.status, STATUS_CODES.get(err.status, grpc.StatusCode.INTERNAL)
+            status = err.status
+            code = CODE_STATUSES.get(err.code) or STATUS_CODES.get(status,
+                                                                  grpc.StatusCode.INTERNAL)
             trailing.append(("error-code", err.code))
             if "Retry-After" in err.headers:
                 trailing.append(("retry-after", err.headers["Retry-After"]))
