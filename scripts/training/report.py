@@ -83,10 +83,11 @@ def draw_confusion_matrix(labels: list[str], matrix, path: str) -> None:
         draw.text((6, TOP + i * CELL + CELL // 2 - 5), labels[i], fill="black")
         for j in range(n):
             _draw_cell(draw, left + j * CELL, TOP + i * CELL, int(m[i, j]), share[i, j], i == j)
-    for j, label in enumerate(labels):  # column labels, written downwards
-        for k, ch in enumerate(label):
-            draw.text((left + j * CELL + CELL // 2 - 3, TOP + n * CELL + 4 + CHAR_WIDTH * k), ch,
-                      fill="black")
+    for j, label in enumerate(labels):  # column labels: one line each, turned to read upwards
+        line = Image.new("RGB", (CHAR_WIDTH * len(label) + 4, 12), "white")
+        ImageDraw.Draw(line).text((2, 0), label, fill="black")
+        turned = line.rotate(90, expand=True)  # [12 wide, text long]
+        img.paste(turned, (left + j * CELL + CELL // 2 - 6, TOP + n * CELL + 4))
     img.save(path)
 
 
