@@ -101,9 +101,13 @@ TFSERVING_METHODS = {
 
 
 def _tfserving_installed() -> bool:
-    """Whether TF Serving's stubs and TensorFlow are installed (found, not imported)."""
-    return all(importlib.util.find_spec(name) is not None
-               for name in ("tensorflow_serving", "tensorflow"))
+    """Whether TF Serving's stubs and TensorFlow are installed (found, not imported; an import
+    hook that refuses TensorFlow, as a TensorFlow-free image may have, counts as not)."""
+    try:
+        return all(importlib.util.find_spec(name) is not None
+                   for name in ("tensorflow_serving", "tensorflow"))
+    except (ImportError, ValueError):
+        return False
 
 
 class LazyTfServing(grpc.GenericRpcHandler):
