@@ -18,7 +18,9 @@ Protocol's ``infer`` call it directly and write its scores in their shapes. A re
 4. the images it holds are counted (``MAX_IMAGES_PER_REQUEST``) and the manager leases room
    for them in the version's queue (503 + Retry-After when they do not fit);
 5. preprocess: ``classifier.preprocess``, bytes -> float32 ``[h, w, 3]`` in [0, 1] (4xx for bad
-   bytes), the decode's memory estimated from the header and taken from ``DECODE_MEMORY_MB``;
+   bytes; a model that takes encoded images gets the bytes, once decoded and checked all the
+   same; a pixel tensor sent to it is 400), the decode's memory estimated from the header and
+   taken from ``DECODE_MEMORY_MB``;
    the bytes are stored in temp/ under their content hash (``storage.py``);
 6. inference: ``lease.ticket.submit``, through the batcher, always (503 when timed out);
 7. postprocess (our API): ``classifier.postprocess`` ranks ``[{"label", "score"}]``, and an
@@ -422,7 +424,10 @@ def _tensor_rows(classifier: Classifier, inputs: np.ndarray) -> list[np.ndarray]
     """A tensor batch as the model takes it (``[n, *input_shape]``: for our own models float
     ``[n, h, w, 3]`` in [0, 1]; an imported model's own layout and scaling, as its metadata
     says) -> its rows in the model's dtype; 400 when its shape does not fit, or a uint8
-    model's values are not whole numbers 0..255."""
+    model's values are not whole numbers 0..255, and for a model that takes encoded images
+    (it has no pixel tensor input: send the images as BYTES / base64)."""
+    if classifier.spec.encoded:
+        raise pixels_refused(classifier.input_name)
     batch = np.asarray(inputs)
     expected = classifier.input_shape
     if batch.ndim != 4 or batch.shape[1:] != expected:
@@ -433,6 +438,13 @@ def _tensor_rows(classifier: Classifier, inputs: np.ndarray) -> list[np.ndarray]
                               or np.any(np.rint(batch) != batch)):
         raise InvalidParameter("this model takes uint8 pixels: whole numbers 0..255")
     return list(batch.astype(dtype, copy=False))
+
+
+def pixels_refused(input_name: str) -> InvalidParameter:
+    """The 400 for a pixel tensor sent to a model that takes encoded images."""
+    return InvalidParameter(f"this model takes encoded images (its input {input_name!r} is a "
+                            f"string of JPEG/PNG bytes), not a tensor of pixels: send each "
+                            f"image's bytes (BYTES, or base64 as {{\"b64\": ...}})")
 
 
 def _since(started: float) -> float:

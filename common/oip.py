@@ -5,7 +5,8 @@ dicts with ``google.protobuf.json_format.ParseDict``). No web framework here.
 
 * :func:`model_config`: ``model_config.proto``'s ``ModelConfig`` of one served version: name,
   platform and backend (the runtime that really runs it), ``max_batch_size`` (the batcher's
-  largest model call), the model's own input tensor and the ``image_bytes`` BYTES input,
+  largest model call), the model's own input tensor and the ``image_bytes`` BYTES input
+  (:func:`metadata_inputs`: a model that takes encoded images has only its own, BYTES),
   the ``probabilities`` output, ``dynamic_batching`` and the model's ``version_policy``.
 * :func:`model_stats`: the statistics extension's ``{"model_stats": [...]}``, one entry per
   loaded version, from the version's counters (:class:`~common.versions.served.Statistics`).
@@ -28,8 +29,12 @@ OUTPUT = "probabilities"
 #: The input beside the model's own tensor: encoded images, decoded and preprocessed by the
 #: model's spec.
 BYTES_INPUT = "image_bytes"
-#: The spec's input dtype -> the protocol's datatype, and Triton's config ``data_type``.
-DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
+#: The spec's input dtype -> the protocol's datatype (Triton's config type: ``_CONFIG_TYPES``).
+DATATYPES = {"float32": "FP32", "uint8": "UINT8", "string": "BYTES"}
+#: What a BYTES input holds (its metadata's ``parameters``).
+BYTES_CONTENT = "encoded images (JPEG, PNG, ...)"
+#: The protocol's datatype -> Triton's config ``data_type`` (after ``TYPE_``).
+_CONFIG_TYPES = {"FP32": "FP32", "UINT8": "UINT8", "BYTES": "STRING"}
 #: The spec's layout -> Triton's ``ModelInput.Format``.
 FORMATS = {"NHWC": "FORMAT_NHWC", "NCHW": "FORMAT_NCHW"}
 #: Triton's platform -> its backend.
@@ -54,17 +59,31 @@ def route(name: str, version: str | None = None, label: str | None = None) -> Ro
     return Route(name, int(version), label)
 
 
+def metadata_inputs(classifier) -> list[dict]:
+    """The inputs the metadata of both protocols lists: ``{"name", "datatype", "shape",
+    "layout"}`` each. A pixel model: its own tensor (``[-1, h, w, 3]`` or ``[-1, 3, h, w]``,
+    FP32 or UINT8) and ``image_bytes`` BYTES ``[-1]``; a model that takes encoded images: its
+    own input only, BYTES ``[-1]`` (it has no pixel tensor; ``image_bytes`` is still accepted
+    as another name for it)."""
+    real = classifier.describe_input()
+    own = {"name": real["name"], "datatype": DATATYPES[real["dtype"]], "shape": real["shape"],
+           "layout": real["layout"]}
+    if classifier.spec.encoded:
+        return [own]
+    return [own, {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1], "layout": None}]
+
+
 def model_config(dataplane, name: str, version: str | None = None) -> dict:
     """Triton's ``ModelConfig`` (model_config.proto, as its JSON) of the version that
     ``name`` / ``version`` names: 404 unknown, 503 while it is not ready.
 
     ``input[0]`` is the model's own tensor (``dims`` without the batch dimension, e.g.
     ``[h, w, 3]`` float32 in [0, 1] for our own models), ``input[1]`` ``image_bytes`` (one
-    encoded image per batch row); ``output[0]`` ``probabilities`` FP32 ``[labels]``."""
+    encoded image per batch row; ``TYPE_STRING`` ``[1]``, the only input of a model that
+    takes encoded images); ``output[0]`` ``probabilities`` FP32 ``[labels]``."""
     served: ServedVersion = dataplane.served(route(name, version))
     clf = served.classifier  # 503 while it is not ready
     batcher = served.running().batcher
-    real = clf.describe_input()
     platform = clf.platform
     model = dataplane.model_status(name)[0]
     return {
@@ -74,12 +93,10 @@ def model_config(dataplane, name: str, version: str | None = None) -> dict:
         "version_policy": model["version_policy"],
         "max_batch_size": batcher.max_batch_size,
         "input": [
-            {"name": real["name"], "data_type": "TYPE_" + DATATYPES[real["dtype"]],
-             "format": FORMATS.get(real["layout"], "FORMAT_NONE"),
-             "dims": list(real["shape"][1:])},
-            {"name": BYTES_INPUT, "data_type": "TYPE_STRING", "format": "FORMAT_NONE",
-             "dims": [1]},
-        ],
+            {"name": tensor["name"], "data_type": "TYPE_" + _CONFIG_TYPES[tensor["datatype"]],
+             "format": FORMATS.get(tensor["layout"], "FORMAT_NONE"),
+             "dims": list(tensor["shape"][1:]) or [1]}
+            for tensor in metadata_inputs(clf)],
         "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [len(clf.labels)],
                     "label_filename": "labels.txt" if clf.folder is not None else ""}],
         "dynamic_batching": {

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--interpolation", choices=list(INTERPOLATIONS))
     spec.add_argument("--mean", type=_triple, help="r,g,b channel means in [0, 1] pixel units")
     spec.add_argument("--std", type=_triple, help="r,g,b standard deviations in [0, 1] units")
-    spec.add_argument("--dtype", choices=DTYPES, help="default: uint8 for a uint8 input")
+    spec.add_argument("--dtype", choices=DTYPES, help="default: uint8 for a uint8 input, string "
+                      "for a SavedModel taking encoded images")
     spec.add_argument("--output", choices=OUTPUTS, help="what the outputs are (default: "
                       "tested on generated images: probabilities or logits)")
     spec.add_argument("--label_offset", type=int, help="leading outputs without a label "

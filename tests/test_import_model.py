@@ -413,7 +413,8 @@ REFUSALS = {
                           "--output_name", "logits", "--labels", "imagenet"],
                          "pass --label_offset 1"),
     "unknown preset": (["--model", "onnx", "--preset", "pytorch"], "unknown preset 'pytorch'"),
-    "string input": (["--model", "string-input"], "which is not supported: re-export"),
+    "pixel settings for encoded images": (["--model", "string-input", "--layout", "NCHW"],
+                                          "decodes them itself: layout"),
     "input size": (["--model", "onnx", "--input_size", "48"], "fixed at 32x32"),
 }
 
@@ -429,6 +430,23 @@ def test_what_cannot_be_served_is_refused_in_one_sentence(made, tmp_path, case):
     assert len(ours) == 1 and phrase in ours[0], run.stderr
     assert ours[0].startswith(f"import_model.py: cannot import {args[1]}: ")
     assert run.stdout == "" and not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_a_savedmodel_taking_encoded_images_is_imported_as_such(made, tmp_path):
+    """tf.string ``[N]`` of encoded images: ``dtype: string`` in model.json, and the folder
+    answers what the SavedModel itself answers for the same bytes."""
+    import tensorflow as tf
+
+    out = tmp_path / "bytes"
+    run = cli("--model", made["string-input"], "--output_dir", str(out))
+    assert run.returncode == 0, run.stderr
+    assert ModelFolder(str(out)).read_metadata()["preprocessing"]["dtype"] == "string"
+    clf = load_classifier(str(out))
+    data = [encoded(image, fmt) for image, fmt in ((picture(1), "PNG"), (picture(2), "JPEG"))]
+    own = tf.saved_model.load(made["string-input"]).signatures["serving_default"](
+        image_bytes=tf.constant(data))["probabilities"].numpy()
+    batch = np.stack([clf.preprocess(d)[0] for d in data])
+    np.testing.assert_allclose(clf.predict(batch), own, atol=1e-6)
 
 
 def test_the_library_refuses_with_the_same_sentences(made, tmp_path):

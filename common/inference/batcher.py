@@ -434,8 +434,10 @@ def _padded_batch(rows: list[np.ndarray], size: int) -> np.ndarray:
     """``rows`` (each ``[h, w, 3]``, one dtype) as one ``[size, h, w, 3]`` batch whose rows past
     them are zeros (a warmed-up shape), written in place: one copy of each row, where stacking
     and then concatenating the zero rows copied them twice (0.11 against 0.06 ms for three
-    224x224 inputs padded to 4, in a thread like the model thread)."""
+    224x224 inputs padded to 4, in a thread like the model thread). Encoded images (0-d object
+    arrays of bytes, a ``[size]`` batch) are padded with the first image again: a zero is not
+    an image the model's decoder reads."""
     batch = np.empty((size, *rows[0].shape), rows[0].dtype)
     np.stack(rows, out=batch[:len(rows)])
-    batch[len(rows):] = 0
+    batch[len(rows):] = rows[0] if rows[0].dtype == object else 0
     return batch

@@ -3,6 +3,8 @@
 * :meth:`Classifier.preprocess`: image bytes -> one image as the model takes it, by the model's
   preprocessing spec (``common.inference.images.load_for_model`` and
   ``common.inference.preprocessing``): for our own models float32 ``[h, w, 3]`` in ``[0, 1]``;
+  for a model that decodes images itself (spec ``dtype: string``) the encoded bytes, checked
+  by our own decoder first, as a 0-d object array (a batch is ``[n]`` of bytes);
 * :meth:`Classifier.predict`: a batch of those ``[n, *input_shape]`` -> float32 ``[n, labels]``
   scores (one runtime call, then the spec's softmax / sigmoid / label offset; thread-safe, so
   one instance serves every request thread of a worker through its batcher);
@@ -87,13 +89,17 @@ class Classifier:
         return len(self.labels)
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """One image as the model takes it: ``(h, w, 3)`` (NHWC) or ``(3, h, w)`` (NCHW)."""
+    def input_shape(self) -> tuple[int, ...]:
+        """One image as the model takes it: ``(h, w, 3)`` (NHWC) or ``(3, h, w)`` (NCHW); ``()``
+        for encoded images."""
         return self.spec.input_shape(self.input_size)
 
-    @property
-    def image_bytes(self) -> int:
-        """Bytes of one preprocessed image: what a queued image holds."""
+    def image_bytes(self, max_upload_bytes: int) -> int:
+        """Bytes one queued image may hold, for admission's queue bound: one preprocessed
+        image; for a model that takes encoded images the upload limit (``max_upload_bytes``,
+        what an image's bytes may be), so that QUEUE_MEMORY_MB stays a bound."""
+        if self.spec.encoded:
+            return max(1, int(max_upload_bytes))
         return int(np.prod(self.input_shape)) * self.spec.numpy_dtype.itemsize
 
     # -- 1. preprocess ------------------------------------------------------------------------
@@ -113,7 +119,8 @@ class Classifier:
 
         Args:
             images: ``[n, *input_shape]`` in the spec's dtype (for our own models float32
-                ``[n, height, width, 3]`` in ``[0, 1]``).
+                ``[n, height, width, 3]`` in ``[0, 1]``; ``[n]`` bytes objects for a model
+                that takes encoded images).
 
         Returns:
             float32 ``[n, num_labels]`` in [0, 1]; each row sums to 1 unless the model's
@@ -123,7 +130,7 @@ class Classifier:
             ValueError: the batch has the wrong shape, or the model answered with one.
         """
         images = np.asarray(images, dtype=self.spec.numpy_dtype)
-        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+        if images.ndim != 1 + len(self.input_shape) or images.shape[1:] != self.input_shape:
             raise ValueError(f"expected [n, {', '.join(map(str, self.input_shape))}], "
                              f"got {list(images.shape)}")
         raw = np.asarray(self.predict_fn(images), dtype=np.float32)
@@ -142,7 +149,7 @@ class Classifier:
         """
         started = time.perf_counter()
         for n in batch_sizes:
-            zeros = np.zeros((n, *self.input_shape), self.spec.numpy_dtype)
+            zeros = self.blank_batch(n)
             scores = np.asarray(self.predict_fn(zeros))  # the first call traces the shape
             width = scores.shape[-1] if scores.ndim == 2 else 0
             ModelFolder.check_label_count(width, self.labels, self.name, self.spec.label_offset)
@@ -151,6 +158,18 @@ class Classifier:
             self.batch_seconds[n] = time.perf_counter() - t0
         self.warmed_up = True
         return time.perf_counter() - started
+
+    def blank_batch(self, n: int) -> np.ndarray:
+        """``n`` blank images as the model takes them: zeros ``[n, *input_shape]``; for a model
+        that takes encoded images ``[n]`` grey pictures of its input size, PNG and JPEG in
+        turn (so that the warm-up runs both of its decoders)."""
+        if not self.spec.encoded:
+            return np.zeros((n, *self.input_shape), self.spec.numpy_dtype)
+        samples = grey_images(self.input_size)
+        batch = np.empty((n,), dtype=object)
+        for i in range(n):
+            batch[i] = samples[i % len(samples)]
+        return batch
 
     # -- 3. postprocess -----------------------------------------------------------------------
     def rank(self, scores: np.ndarray, top_k: int | None = None,
@@ -180,7 +199,11 @@ class Classifier:
     def describe_input(self) -> dict:
         """The model's real input: ``{"name", "dtype", "shape" ([-1, ...] per its layout),
         "layout", "runtime_dtype"}`` (``dtype`` what the service feeds it; ``runtime_dtype``
-        what the graph declares, e.g. ``int8`` for a quantised TFLite input)."""
+        what the graph declares, e.g. ``int8`` for a quantised TFLite input). A model that
+        takes encoded images: ``dtype`` ``string``, shape ``[-1]``, layout None."""
+        if self.spec.encoded:
+            return {"name": self.input_name, "dtype": "string", "shape": [-1], "layout": None,
+                    "runtime_dtype": self.input_dtype}
         return {"name": self.input_name, "dtype": self.spec.dtype,
                 "shape": [-1, *self.input_shape], "layout": self.spec.layout,
                 "runtime_dtype": self.input_dtype}
@@ -199,3 +222,19 @@ class Classifier:
     def describe(self) -> dict:
         """``{"name", "version"}`` as answers show the model (the version as a string)."""
         return {"name": self.name, "version": str(self.version)}
+
+
+def grey_images(size: tuple[int, int]) -> tuple[bytes, bytes]:
+    """A mid-grey picture of ``size`` = ``(height, width)`` as PNG and as JPEG bytes (the
+    warm-up's images for a model that takes encoded images)."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", (size[1], size[0]), (128, 128, 128))
+    out = []
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        picture.save(buffer, fmt)
+        out.append(buffer.getvalue())
+    return tuple(out)

@@ -31,7 +31,7 @@ from PIL import Image, PngImagePlugin
 
 from common.config import DEFAULT_MAX_IMAGE_PIXELS, MIB
 from common.errors import ImageTooLarge, Overloaded, UndecodableImage, UnsupportedMediaType
-from common.inference.preprocessing import OURS, Preprocessing, to_model_input
+from common.inference.preprocessing import MODEL_DECODES, OURS, Preprocessing, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -512,11 +512,30 @@ def load_for_model(data: bytes, size: tuple[int, int], *,
     preprocessing ``spec`` (``common.inference.preprocessing``).
 
     Returns ``(array, decoded)`` where ``array`` is one image as the model takes it: with the
-    default spec (our own models) float32 ``[height, width, 3]`` in ``[0, 1]``.
+    default spec (our own models) float32 ``[height, width, 3]`` in ``[0, 1]``; for a model
+    that takes encoded images (``spec.encoded``) a 0-d object array holding the bytes it is
+    fed (:func:`encoded_for_model`), decoded here all the same, so that the pixel limit, the
+    decoding budget and the 413/415/422 apply before any byte reaches the model's decoder.
     """
     decoded = decode_image(data, limits=limits, formats=formats,
                            target_size=spec.draft_target(size))
+    if spec.encoded:
+        return encoded_for_model(data, decoded), decoded
     return to_model_input(decoded.image, size, spec), decoded
+
+
+def encoded_for_model(data: bytes, decoded: DecodedImage) -> np.ndarray:
+    """What an encoded-input model is fed for ``data`` (already decoded and checked as
+    ``decoded``): the original bytes when its format is one TensorFlow's ``decode_image`` reads
+    (``preprocessing.MODEL_DECODES``: the model decodes exactly what the client sent, as TF
+    Serving would), else a PNG of the decoded (upright RGB) image. A 0-d object array."""
+    if decoded.format not in MODEL_DECODES:
+        buffer = io.BytesIO()
+        decoded.image.save(buffer, "PNG", compress_level=1)
+        data = buffer.getvalue()
+    encoded = np.empty((), dtype=object)
+    encoded[()] = bytes(data)
+    return encoded
 
 
 def load_image_file(path: str, size: tuple[int, int], *,

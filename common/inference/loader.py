@@ -184,7 +184,14 @@ def _imported_graph(folder: ModelFolder, options: RuntimeOptions, runtime: str):
 
 def _check_input(graph, spec, size: tuple[int, int], where: str) -> None:
     """The graph's declared input must be what the spec makes: one image of ``size`` in the
-    spec's layout (three channels), in a dtype the spec can give."""
+    spec's layout (three channels), in a dtype the spec can give; encoded images (a string
+    input) exactly when the spec says ``dtype: string``."""
+    if (graph.input_dtype == "string") != spec.encoded:
+        takes, wanted = (("encoded images (a string input)", "string") if not spec.encoded
+                         else (f"{graph.input_dtype} pixels", graph.input_dtype))
+        raise ModelLoadError(f"{where}: the model takes {takes} but its preprocessing says "
+                             f"dtype {spec.dtype}; set preprocessing dtype to {wanted} "
+                             f"(scripts/import_model.py)")
     dims = graph.input_dims
     if dims is None:
         return  # not declared: the warm-up finds out

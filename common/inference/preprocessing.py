@@ -20,6 +20,16 @@ without one is ours: :data:`TFHUB`). The steps, in order:
 3. :meth:`Preprocessing.to_scores`: the model's outputs ``[n, outputs]`` -> ``[n, labels]``
    scores: ``label_offset`` leading outputs dropped (a background class), then ``softmax`` for
    logits or ``sigmoid`` for independent (multi-label) scores; probabilities pass as they are.
+
+A model that decodes images itself (a SavedModel whose signature takes a ``tf.string`` input of
+encoded JPEG/PNG bytes, as TF Hub, TF Serving and AutoML image exports often do) has ``dtype:
+"string"`` (:attr:`Preprocessing.encoded`): one image is the image file's bytes, a 0-d object
+array (``input_shape`` ``()``, so a batch is ``[n]`` of bytes), and steps 1 and 2 do not apply
+(``layout``, ``colour``, ``resize``, ``mean``/``std`` are left at their defaults). The service
+still decodes every image first with its own bounded decoder (``images.load_for_model``: the
+pixel limit, the decoding budget, 413/415/422 exactly as for other models), then hands the model
+the original bytes when its graph reads that format (:data:`MODEL_DECODES`), else a PNG of the
+decoded image; step 3 applies as to any model.
 """
 from __future__ import annotations
 
@@ -38,7 +48,11 @@ RESAMPLE = INTERPOLATIONS["bilinear"]
 LAYOUTS = ("NHWC", "NCHW")
 COLOURS = ("RGB", "BGR")
 RESIZES = ("stretch", "crop", "letterbox")
-DTYPES = ("float32", "uint8")
+#: ``string``: the model takes encoded images and decodes them in its graph (see above).
+DTYPES = ("float32", "uint8", "string")
+#: The formats (Pillow's names) an encoded-input model is handed as the client sent them:
+#: those ``tf.io.decode_image`` reads; any other accepted format goes in as a PNG.
+MODEL_DECODES = ("JPEG", "MPO", "PNG", "GIF", "BMP")
 #: ``exact``: the whole image is decoded, as torchvision's and Keras' loaders do; ``draft``:
 #: a large JPEG decodes at 1/2, 1/4 or 1/8 scale and a large image is box-reduced first,
 #: staying at least the size the resize needs (faster and smaller; what our own models are
@@ -104,6 +118,10 @@ class Preprocessing:
         if self.dtype == "uint8" and (self.mean, self.std) != ((0.0,) * 3, (1.0,) * 3):
             raise SpecError("a uint8 input takes the raw 0..255 pixels: mean and std do not "
                             "apply")
+        if self.encoded and (self.layout, self.colour, self.mean, self.std) != (
+                "NHWC", "RGB", (0.0,) * 3, (1.0,) * 3):
+            raise SpecError("a string input takes encoded images, decoded by the model: "
+                            "layout, colour, mean and std do not apply")
 
     # -- (de)serialising: model.json's "preprocessing" ----------------------------------------
     @classmethod
@@ -167,18 +185,29 @@ class Preprocessing:
         return (self.layout, self.colour, self.dtype, self.mean, self.std) == (
             "NHWC", "RGB", "float32", (0.0,) * 3, (1.0,) * 3)
 
-    def input_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
-        """One image's shape as the model takes it: ``(h, w, 3)`` or ``(3, h, w)``."""
+    @property
+    def encoded(self) -> bool:
+        """True when the model takes encoded images (``dtype: string``) and decodes them."""
+        return self.dtype == "string"
+
+    def input_shape(self, size: tuple[int, int]) -> tuple[int, ...]:
+        """One image's shape as the model takes it: ``(h, w, 3)`` or ``(3, h, w)``; ``()``
+        for encoded images (one bytes object)."""
+        if self.encoded:
+            return ()
         return (*size, 3) if self.layout == "NHWC" else (3, *size)
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return np.dtype(self.dtype)
+        """float32, uint8, or object (bytes) for encoded images."""
+        return np.dtype(object) if self.encoded else np.dtype(self.dtype)
 
     def to_input(self, pixels: np.ndarray) -> np.ndarray:
         """float32 pixels ``[..., h, w, 3]`` in ``[0, 1]`` (one image or a batch) -> the model's
         input: ``[..., h, w, 3]`` or ``[..., 3, h, w]``, float32 ``(x - mean) / std`` per
-        channel in the spec's colour order, or uint8 0..255."""
+        channel in the spec's colour order, or uint8 0..255. Not for encoded images."""
+        if self.encoded:
+            raise SpecError("this model takes encoded images, not pixels")
         if self.is_identity:
             return pixels
         x = pixels[..., ::-1] if self.colour == "BGR" else pixels

@@ -7,7 +7,8 @@ the same messages Triton's own clients send.
   warm), ``ModelReady`` (false for a model or version not served), ``ServerMetadata``.
 * ``ModelMetadata``: the model's own input (``images`` FP32 ``[-1, h, w, 3]`` for ours; an
   imported model's name, dtype and layout), ``image_bytes`` BYTES ``[-1]`` (encoded images)
-  beside it, and ``probabilities`` FP32 ``[-1, labels]``; ``ModelConfig`` and
+  beside it (a model that takes encoded images: its own input only, BYTES ``[-1]``;
+  ``common.oip.metadata_inputs``), and ``probabilities`` FP32 ``[-1, labels]``; ``ModelConfig`` and
   ``ModelStatistics``: ``common/oip.py``'s dicts (as REST's ``/config`` and ``/stats``) in
   Triton's messages.
 * ``ModelInfer`` with one input: BYTES ``[N]`` of encoded images, or the model's tensor FP32
@@ -31,7 +32,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, ModelNotFound
-from common.oip import classes, deserialize_bytes, model_config, model_stats, serialize_bytes
+from common.oip import (classes, deserialize_bytes, metadata_inputs, model_config, model_stats,
+                        serialize_bytes)
 from common.rpc import calls
 from common.rpc.tensors import (
     Limits,
@@ -47,10 +49,6 @@ SERVER_NAME = "image-classifier"
 SERVER_VERSION = "2"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 OUTPUT = "probabilities"
-#: The input the metadata lists beside the model's own tensor: encoded images (any input
-#: given as BYTES is taken as images).
-BYTES_INPUT = "image_bytes"
-DATATYPES = {"float32": "FP32", "uint8": "UINT8"}
 #: Methods served and the key scope each needs (None: open, as ``/v2/health/*`` is).
 SCOPES = {f"/{SERVICE}/{name}": scope for name, scope in (
     ("ServerLive", None), ("ServerReady", None), ("ModelReady", "classify"),
@@ -88,16 +86,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelMetadata(self, request, context):
         served = self.dataplane.served(route(request.name, request.version))
         clf = served.classifier  # 503 while it is not ready
-        real = clf.describe_input()
         versions = [str(v["version"]) for v in self.dataplane.model_status(clf.name)[0][
             "versions"] if v["state"] == "ready"]
         return pb.ModelMetadataResponse(
             name=clf.name, versions=versions, platform=clf.platform,
             inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                        name=real["name"], datatype=DATATYPES[real["dtype"]],
-                        shape=real["shape"]),
-                    pb.ModelMetadataResponse.TensorMetadata(
-                        name=BYTES_INPUT, datatype="BYTES", shape=[-1])],
+                        name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in metadata_inputs(clf)],
             outputs=[pb.ModelMetadataResponse.TensorMetadata(
                 name=OUTPUT, datatype="FP32", shape=[-1, len(clf.labels)])])
 

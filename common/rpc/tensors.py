@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.dataplane import DataPlane
+from common.dataplane import DataPlane, pixels_refused
 from common.errors import InvalidParameter, ModelNotFound, TooManyImages
 from common.versions.manager import Route
 
@@ -41,6 +41,8 @@ class Limits:
 
     max_images: int
     image_shape: tuple[int, ...]
+    #: The model's input name when it takes encoded images only (a tensor is refused 400).
+    encoded_only: str | None = None
 
     @property
     def max_values(self) -> int:
@@ -51,12 +53,16 @@ class Limits:
 def limits_for(dataplane: DataPlane, target: Route) -> Limits:
     """The limits of a request to ``target``: the settings and the model's input shape."""
     classifier = dataplane.served(target).classifier
-    return Limits(dataplane.config.max_images_per_request, tuple(classifier.input_shape))
+    return Limits(dataplane.config.max_images_per_request, tuple(classifier.input_shape),
+                  classifier.input_name if classifier.spec.encoded else None)
 
 
 def check_shape(shape, encoded: bool, limits: Limits) -> int:
     """A tensor's shape (1 to ``MAX_RANK`` whole numbers) -> its element count, refused (400)
-    when it or any dimension is more than ``limits`` allow (encoded: images; else numbers)."""
+    when it or any dimension is more than ``limits`` allow (encoded: images; else numbers),
+    and when it is a tensor for a model that takes encoded images only."""
+    if not encoded and limits.encoded_only is not None:
+        raise pixels_refused(limits.encoded_only)
     shape = list(shape)
     if not 1 <= len(shape) <= MAX_RANK or any(d < 0 for d in shape):
         raise InvalidParameter(f"the input shape must be 1 to {MAX_RANK} whole numbers >= 0, "

@@ -61,7 +61,8 @@ MAX_FEATURES = 8
 SCOPES = {f"/tensorflow.serving.PredictionService/{name}": "classify"
           for name in ("Predict", "Classify", "GetModelMetadata")}
 SCOPES["/tensorflow.serving.ModelService/GetModelStatus"] = "classify"
-_DTYPES = {"float32": types_pb2.DT_FLOAT, "uint8": types_pb2.DT_UINT8}
+_DTYPES = {"float32": types_pb2.DT_FLOAT, "uint8": types_pb2.DT_UINT8,
+           "string": types_pb2.DT_STRING}
 #: Our states -> (ModelVersionStatus.State, tensorflow.error.Code), as REST's status route.
 _STATES = {State.LOADING: (20, 0), State.READY: (30, 0), State.HUNG: (30, 4),
            State.FAILED: (50, 2), State.STOPPED: (50, 0)}

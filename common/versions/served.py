@@ -278,7 +278,7 @@ class ServedVersion:
             batcher = CountingBatcher(
                 clf.predict, statistics=self.statistics, max_batch_size=batch_size,
                 batch_wait_ms=self.config.batch_max_wait_ms,
-                max_queue=self.config.queue_limit(clf.image_bytes),
+                max_queue=self.config.queue_limit(clf.image_bytes(self.config.max_upload_bytes)),
                 max_wait_ms=self.config.queue_max_wait_ms,
                 refusals_per_second=self.config.max_refusals_per_second,
                 timeout=self.config.request_timeout, batch_seconds=clf.batch_seconds,

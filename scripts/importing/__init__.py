@@ -12,21 +12,27 @@ service, label_image.py and a model repository serve on the model's own runtime:
    input size from its fixed dimensions, uint8 pixels for a uint8 input (a quantised TFLite
    input takes floats, quantised by the runtime), and, unless given, whether its outputs are
    probabilities (on generated images: each row in [0, 1] and summing to 1) or logits. Every
-   guess is written down as a sentence in model.json ``import.assumed``;
+   guess is written down as a sentence in model.json ``import.assumed``. A SavedModel whose
+   signature takes encoded images (one ``tf.string`` input, shape ``[None]`` or ``[]``, as TF
+   Hub, TF Serving and AutoML image exports have) gets ``dtype: "string"``: it decodes and
+   resizes in its own graph, so no pixel setting applies; ``input_size`` (given, else 224)
+   only sizes the warm-up's pictures;
 3. **write** the folder in a staging folder beside the target: the model's file under its
    model-folder name (``common.modelfolder.MODEL_FILES``; an ONNX model's external data files
    beside it under the names it references), ``labels.txt``, ``model.json`` (format,
    input_size, preprocessing, name, version, created, ``import``: source, sha256, found,
    assumed);
 4. **check** that the staged folder loads with ``load_classifier(..., RuntimeOptions("auto"))``
-   and answers a generated (Pillow-made) image with one score per label; only then
+   and answers a generated (Pillow-made) image with one score per label (a model that takes
+   encoded images: a PNG and a JPEG, the formats its graph must decode); only then
    **publish** it (``common.modelfolder.publish``: an output folder replaced whole, or the next
    free version number of a repository's model, never overwritten).
 
 What the service cannot serve raises :class:`CannotImport` with one sentence: more than one
 input, an input that is not an image batch (4-D, 3 channels), an output that is not one score
-per label (``[n, k]``), labels that do not match the outputs (``k - label_offset``), a SavedModel
-taking encoded strings, an unknown preset.
+per label (``[n, k]``), labels that do not match the outputs (``k - label_offset``), a string
+input of another rank than ``[None]`` or ``[]`` (or not a SavedModel's), pixel settings for a
+model that takes encoded images, an unknown preset.
 """
 from __future__ import annotations
 
@@ -106,11 +112,14 @@ class ImportResult:
         top = self.check["top"]
         steps = [spec.preset or "custom", spec.layout, spec.colour, f"{spec.resize} to "
                  f"{size[0]}x{size[1]}"]
-        if spec.resize == "crop":
+        if spec.encoded:
+            steps = [spec.preset or "custom", "encoded images (JPEG/PNG bytes, decoded by the "
+                     "model; checked by the service's decoder first)"]
+        elif spec.resize == "crop":
             steps[-1] += f" (shorter side {spec.shorter_side(tuple(size))} first)"
         if spec.dtype == "uint8":
             steps.append("uint8 0..255")
-        else:
+        elif not spec.encoded:
             steps.append(f"mean {_numbers(spec.mean)} std {_numbers(spec.std)}")
         steps.append(spec.output + (f", first {spec.label_offset} output(s) skipped"
                                     if spec.label_offset else ""))
@@ -235,6 +244,15 @@ def check_servable(found: Found) -> None:
     if found.input is None:
         raise CannotImport("the model has no input the service could feed it images through")
     shape, name = found.input.shape, found.input.name
+    if found.input.dtype == "string":
+        if found.format != "saved_model":
+            raise CannotImport(f"input {name} is a string tensor: encoded images are served "
+                               f"from a SavedModel's signature only")
+        if shape is not None and len(shape) > 1:
+            raise CannotImport(f"input {found.input.describe()} is a string tensor of rank "
+                               f"{len(shape)}: encoded images are [N] (a batch) or [] (one)")
+        _check_output(found)
+        return
     channels = None if shape is None or len(shape) != 4 else (shape[1], shape[3])
     if shape is not None and (channels is None or (
             3 not in channels and channels != (None, None))):
@@ -243,11 +261,16 @@ def check_servable(found: Found) -> None:
     if not (found.input.dtype.startswith("float") or found.input.dtype == "uint8"
             or found.input_quantised):
         raise CannotImport(f"input {name} is {found.input.dtype}: an image model's input must "
-                           f"be float or uint8 pixels")
+                           f"be float or uint8 pixels (or encoded images, a string)")
+    _check_output(found)
+
+
+def _check_output(found: Found) -> None:
     out = found.output
     if out is None:
         raise CannotImport("cannot tell which output holds the scores: pass --output_name")
-    if out.shape is not None and len(out.shape) != 2:
+    one_image = found.input.dtype == "string" and found.input.shape == []  # one image a call
+    if out.shape is not None and len(out.shape) != 2 and not (one_image and len(out.shape) == 1):
         raise CannotImport(f"output {out.describe()} is not one row of scores per image "
                            f"([N, classes]); the service cannot rank it")
     if not (out.dtype.startswith("float") or found.quantisation.get("output")):
@@ -299,6 +322,8 @@ def decide_spec(found: Found, preset_name: str | None, settings: dict, input_siz
         spec = preset(preset_name) if preset_name else TFHUB
     except SpecError as exc:
         raise CannotImport(str(exc)) from None
+    if found.input.dtype == "string":
+        return _encoded_spec(spec, settings, input_size, assumed)
     if not preset_name:
         assumed.append("no preset given: the pixels go in as they are (tfhub: RGB in [0, 1], "
                        "stretched to the input size); pass --preset for another convention")
@@ -336,6 +361,38 @@ def decide_spec(found: Found, preset_name: str | None, settings: dict, input_siz
     if extra.get("dtype") == "uint8" and not {"mean", "std"} & set(extra):
         extra.update(mean=(0.0,) * 3, std=(1.0,) * 3)
     return _replace(spec, **extra), size, assumed
+
+
+#: The settings that still apply to a model that decodes its images itself.
+ENCODED_SETTINGS = ("output", "label_offset", "decode")
+
+
+def _encoded_spec(spec: Preprocessing, settings: dict, input_size, assumed: list[str]
+                  ) -> tuple[Preprocessing, tuple[int, int], list[str]]:
+    """A model that takes encoded images: ``dtype: string``, no pixel settings (refused when
+    given); the preset keeps only its outputs' kind and label offset."""
+    pixel = sorted(k for k in settings if k not in ENCODED_SETTINGS
+                   and not (k == "dtype" and settings[k] == "string"))
+    if pixel:
+        raise CannotImport(f"the model takes encoded images and decodes them itself: "
+                           f"{', '.join(pixel)} do(es) not apply")
+    spec = _replace(TFHUB, dtype="string", output=spec.output, label_offset=spec.label_offset,
+                    preset=spec.preset, **{k: settings[k] for k in ENCODED_SETTINGS
+                                           if k in settings})
+    assumed.append("the model takes encoded images (a string input) and decodes them in its "
+                   "graph: the service checks each image with its own decoder, then feeds the "
+                   "original JPEG/PNG/GIF/BMP bytes (another format as a PNG)")
+    if input_size is None:
+        size = (DEFAULT_SIDE, DEFAULT_SIDE)
+        assumed.append(f"the model resizes its images itself: input_size {DEFAULT_SIDE}x"
+                       f"{DEFAULT_SIDE} only sizes the warm-up's grey pictures")
+    else:
+        try:
+            size = infer_size(input_size)
+        except (ModelLoadError, TypeError, ValueError):
+            raise CannotImport(f"input size must be one or two positive numbers, got "
+                               f"{input_size!r}") from None
+    return spec, size, assumed
 
 
 def _replace(spec: Preprocessing, **changes) -> Preprocessing:
@@ -498,6 +555,9 @@ def _answer(clf) -> dict:
     try:
         x, _ = clf.preprocess(data)
         scores = clf.predict(x[None])
+        if clf.spec.encoded:  # the model's own decoder must read JPEG too
+            jpeg, _ = clf.preprocess(generated_images(1, seed=7, fmt="JPEG")[0])
+            clf.predict(jpeg[None])
     except Exception as exc:
         raise CannotImport(f"the imported model failed on a generated image: "
                            f"{_first_line(exc)}") from None
@@ -526,9 +586,10 @@ def _publish_version(staging: str, model_dir: str, version: int, meta: dict):
 
 
 # -- generated images -----------------------------------------------------------------------------
-def generated_images(count: int = CHECK_IMAGES, seed: int = 0) -> list[bytes]:
-    """``count`` PNG pictures, 64x48 (not square, so a crop and a letterbox differ from a
-    stretch): colour gradients with a few filled shapes."""
+def generated_images(count: int = CHECK_IMAGES, seed: int = 0, fmt: str = "PNG"
+                     ) -> list[bytes]:
+    """``count`` PNG (or ``fmt``) pictures, 64x48 (not square, so a crop and a letterbox
+    differ from a stretch): colour gradients with a few filled shapes."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -544,7 +605,7 @@ def generated_images(count: int = CHECK_IMAGES, seed: int = 0) -> list[bytes]:
             draw.rectangle((x0, y0, x0 + int(rng.integers(6, 24)), y0 + int(rng.integers(6, 24))),
                            fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         buf = io.BytesIO()
-        picture.save(buf, "PNG")
+        picture.save(buf, fmt)
         out.append(buf.getvalue())
     return out
 

@@ -304,10 +304,6 @@ def _inspect_saved_model(folder: str, signature: str | None, input_name: str | N
     outputs = [_tf_tensor(n, s) for n, s in sorted(fn.structured_outputs.items())]
     found = Found("saved_model", inputs, outputs, signature=signature)
     found.input = _choose(inputs, input_name, "input", signature)
-    if found.input is not None and found.input.dtype == "string":
-        raise CannotImport(f"signature {signature} takes encoded images ({found.input.name} is "
-                           f"a string tensor), which is not supported: re-export the model "
-                           f"with a float32 [N, height, width, 3] pixel input")
     by_name = {t.name: t for t in outputs}
     if output_name is None and "probabilities" in by_name:
         output_name = "probabilities"

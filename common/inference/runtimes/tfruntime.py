@@ -3,7 +3,9 @@ imports TensorFlow (lazily, so importing it costs nothing until a model is loade
 
 ``load_graph(folder)`` turns a :class:`~common.modelfolder.ModelFolder` into a
 :class:`RuntimeGraph`: a thread-safe ``predict_fn`` (float32 ``[n, h, w, 3]`` in ``[0, 1]`` ->
-float32 ``[n, outputs]``) plus what the graph declares about its shapes. Which files to read and
+float32 ``[n, outputs]``; for a SavedModel whose signature takes encoded images, a ``tf.string``
+input of shape ``[None]`` or ``[]``, an object array ``[n]`` of bytes) plus what the graph
+declares about its shapes. Which files to read and
 how to check them is the model folder's business; how to run them is this module's.
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ class RuntimeGraph:
             ``(3, h, w)``, None where not fixed), or None when the input is not 4-D.
         outputs: the output width the graph declares, or None when not fixed.
         keepalive: the object whose variables the function needs.
-        input_dtype: ``float32``, ``uint8`` or ``int8`` (a quantised TFLite input).
+        input_dtype: ``float32``, ``uint8``, ``int8`` (a quantised TFLite input) or ``string``
+            (encoded images: ``[n]`` bytes objects).
         input_name: the graph's own name for its input (protocol metadata shows it).
         fixed_batch: the batch size the graph fixes (1 for many exports), or None.
         quantised: the input is quantised (a TFLite uint8/int8 input with a scale): it takes
@@ -128,7 +131,8 @@ def static_size(shape) -> tuple[int, int] | None:
 
 
 #: Input dtypes a served graph may take (TensorFlow's names), as the spec calls them.
-_DTYPES = {"float32": "float32", "uint8": "uint8", "float16": "float32", "float64": "float32"}
+_DTYPES = {"float32": "float32", "uint8": "uint8", "float16": "float32", "float64": "float32",
+           "string": "string"}
 
 
 def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
@@ -156,7 +160,11 @@ def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
     dtype = _DTYPES.get(spec.dtype.name)
     if dtype is None:
         raise ModelLoadError(f"{folder.path}: input {input_name} is {spec.dtype.name}; an image "
-                             f"model's input must be float or uint8 pixels")
+                             f"model's input must be float or uint8 pixels, or encoded "
+                             f"images (string)")
+    if dtype == "string" and spec.shape.rank not in (0, 1):
+        raise ModelLoadError(f"{folder.path}: input {input_name} is a string tensor of shape "
+                             f"{spec.shape}; encoded images are [None] (a batch) or [] (one)")
     outputs = signature.structured_outputs
     output_name = wanted.get("output") or (
         "probabilities" if "probabilities" in outputs else next(iter(outputs)))
@@ -169,9 +177,33 @@ def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
         x = tf.constant(images, dtype=spec.dtype)
         return np.asarray(signature(**{input_name: x})[output_name].numpy(), np.float32)
 
+    if dtype == "string":
+        rows = declared.rank == 2 or (declared.rank == 1 and spec.shape.rank == 0)
+        return RuntimeGraph(_encoded_images(signature, input_name, output_name,
+                                            spec.shape.rank),
+                            None, _static(declared[-1]) if rows else None, loaded,
+                            input_dtype="string", input_name=input_name)
     return RuntimeGraph(predict_fn, dims_of(spec.shape.as_list() if spec.shape.rank else None),
                         _static(declared[-1]) if declared.rank == 2 else None, loaded,
                         input_dtype=dtype, input_name=input_name)
+
+
+def _encoded_images(signature, input_name: str, output_name: str, rank: int):
+    """The ``predict_fn`` of a signature taking encoded images: an object array ``[n]`` of
+    bytes -> float32 ``[n, outputs]``; a scalar string input (``rank`` 0) is called once per
+    image, its ``[outputs]`` or ``[1, outputs]`` answers stacked."""
+    import tensorflow as tf
+
+    def call(x) -> np.ndarray:
+        return np.asarray(signature(**{input_name: x})[output_name].numpy(), np.float32)
+
+    def predict_fn(images: np.ndarray) -> np.ndarray:
+        encoded = [bytes(b) for b in np.asarray(images, dtype=object).reshape(-1)]
+        if rank == 1:
+            return call(tf.constant(encoded, dtype=tf.string))
+        return np.stack([call(tf.constant(b, dtype=tf.string)).reshape(-1) for b in encoded])
+
+    return predict_fn
 
 
 def load_keras(path: str) -> RuntimeGraph:

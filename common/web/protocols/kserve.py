@@ -4,7 +4,9 @@ classification extensions, over the DataPlane that ``blueprint(dataplane)`` is h
 * ``GET /v2/health/live`` ``{"live": true}``; ``GET /v2/health/ready`` ``{"ready": bool}``
   (every model has a ready version; 503 otherwise); ``GET /v2`` the server's metadata.
 * ``GET /v2/models/{m}[/versions/{v}]``: the model's metadata (``images`` FP32
-  ``[-1, h, w, 3]`` -> ``probabilities`` FP32 ``[-1, labels]``); ``.../ready``.
+  ``[-1, h, w, 3]`` and ``image_bytes`` BYTES ``[-1]`` -> ``probabilities`` FP32
+  ``[-1, labels]``; a model that takes encoded images lists only its own input, BYTES
+  ``[-1]``, and answers a FP32/UINT8 tensor 400); ``.../ready``.
 * ``POST /v2/models/{m}[/versions/{v}]/infer`` with one input: FP32 ``[N, h, w, 3]`` in [0, 1]
   (``data`` flat or nested), or BYTES ``[N]`` of encoded images (in JSON each element a base64
   string, as KServe's REST examples send them; as binary data each element the raw bytes, as
@@ -46,7 +48,7 @@ from flask import Blueprint, Response, jsonify, request
 from common import oip
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, TooManyImages
-from common.oip import (BYTES_INPUT, DATATYPES, OUTPUT, classes, deserialize_bytes,
+from common.oip import (BYTES_CONTENT, BYTES_INPUT, OUTPUT, classes, deserialize_bytes,
                         serialize_bytes)
 from common.web import error_handlers
 from common.web.binding import Views
@@ -106,13 +108,11 @@ def model_metadata(dataplane: DataPlane, name, version=None):
     clf = served.classifier  # 503 while it is not ready
     versions = [str(v["version"]) for v in dataplane.model_status(name)[0]["versions"]
                 if v["state"] == "ready"]
-    real = clf.describe_input()
+    inputs = [{"name": t["name"], "datatype": t["datatype"], "shape": t["shape"],
+               "parameters": {"content": BYTES_CONTENT} if t["datatype"] == "BYTES"
+               else {"layout": t["layout"]}} for t in oip.metadata_inputs(clf)]
     return jsonify({"name": name, "versions": versions, "platform": clf.platform,
-                    "inputs": [{"name": real["name"], "datatype": DATATYPES[real["dtype"]],
-                                "shape": real["shape"],
-                                "parameters": {"layout": real["layout"]}},
-                               {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1],
-                                "parameters": {"content": "encoded images (JPEG, PNG, ...)"}}],
+                    "inputs": inputs,
                     "outputs": [{"name": OUTPUT, "datatype": "FP32",
                                  "shape": [-1, len(clf.labels)]}]})
 

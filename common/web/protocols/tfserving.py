@@ -8,7 +8,8 @@ Routes, each also under ``/versions/{v}`` or ``/labels/{l}`` after the model nam
   END (a failed load: its error in ``error_message``);
 * ``GET /v1/models/{m}/metadata``: the ``serving_default`` signature (the model's real input,
   e.g. ``images`` DT_FLOAT ``[-1, h, w, 3]``, and ``image_bytes`` DT_STRING ``[-1]`` ->
-  ``probabilities`` DT_FLOAT ``[-1, labels]``);
+  ``probabilities`` DT_FLOAT ``[-1, labels]``; a model that takes encoded images has only its
+  own input, DT_STRING ``[-1]``, and answers a float tensor 400);
 * ``POST /v1/models/{m}:predict``: ``instances`` (row) or ``inputs`` (columnar); each image
   as ``{"b64": ...}`` (alone or under an input name) or as a float ``[h, w, 3]`` tensor in
   [0, 1], as a client of a float-input SavedModel sends it -> ``{"predictions": [[score per
@@ -119,12 +120,14 @@ def model_metadata(dataplane: DataPlane, name, version=None, label=None):
     real = clf.describe_input()
     tensor = (f"serving_default_{real['name']}:0" if clf.platform == "tensorflow_savedmodel"
               else real["name"])
+    inputs = {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"])}
+    if not clf.spec.encoded:  # a model that takes encoded images has only its own input
+        inputs[BYTES_INPUT] = _tensor_info([-1], BYTES_INPUT, "string")
     return jsonify({
         "model_spec": {"name": name, "signature_name": "",
                        "version": str(served.version)},
         "metadata": {"signature_def": {"signature_def": {SIGNATURE: {
-            "inputs": {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"]),
-                       BYTES_INPUT: _tensor_info([-1], BYTES_INPUT, "string")},
+            "inputs": inputs,
             "outputs": {OUTPUT: _tensor_info([-1, len(clf.labels)],
                                              "StatefulPartitionedCall:0")},
             "method_name": "tensorflow/serving/predict",
