@@ -942,7 +942,11 @@ def test_a_killed_replica_under_load_fails_only_what_it_was_running(stack):
                               action=lambda: docker("kill", victim), at=4)
     counts = {s: statuses.count(s) for s in set(statuses)}
     print(f"kill under load: {counts}")
-    assert set(statuses) <= {200} | {status for status, _ in FAILED_REPLICA}, counts
+    # A request whose answer the replica was sending when it died: nginx had passed the head
+    # on (200, chunked) and can only cut the body (the client's ChunkedEncodingError). It was
+    # in flight on the victim too, and counts among the failures below (a CI run met one).
+    assert set(statuses) <= ({200, "ChunkedEncodingError"}
+                             | {status for status, _ in FAILED_REPLICA}), counts
     assert len(statuses) - counts.get(200, 0) <= clients, counts
     assert len(statuses) > 50
 
