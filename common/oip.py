@@ -24,8 +24,13 @@ from common.errors import InvalidParameter, ModelNotFound
 from common.versions.manager import Route
 from common.versions.served import ServedVersion, State
 
+#: What the server metadata of both transports names.
+SERVER_NAME, SERVER_VERSION = "image-classifier", "2"
 #: The output every model answers (``[N, labels]`` scores).
 OUTPUT = "probabilities"
+#: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``), over
+#: either protocol and either transport.
+MAX_RANK = 8
 #: The input beside the model's own tensor: encoded images, decoded and preprocessed by the
 #: model's spec.
 BYTES_INPUT = "image_bytes"
@@ -48,15 +53,39 @@ DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "comp
 _NUMBER = re.compile(r"^[0-9]{1,18}$")
 
 
-def route(name: str, version: str | None = None, label: str | None = None) -> Route:
-    """The Route a protocol names (a URL's segments, a gRPC request's fields): ``version``
-    ``None`` or ``""`` names the model's latest ready version; one that is not a number names
-    no version (404 ``model_not_found``)."""
+def route(name: str, version: str | int | None = None, label: str | None = None) -> Route:
+    """The Route a protocol names (a URL's segments, a gRPC request's fields): an empty name
+    is the default model; ``version`` ``None`` or ``""`` names the model's latest ready
+    version (or the one ``label`` names), a number that version; a string that is not a
+    number names no version (404 ``model_not_found``)."""
     if version is None or version == "":
-        return Route(name, None, label)
+        return Route(name or None, None, label or None)
+    if isinstance(version, int):
+        return Route(name or None, version, None)
     if not _NUMBER.match(version):
         raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}")
-    return Route(name, int(version), label)
+    return Route(name or None, int(version), None)
+
+
+def server_ready(dataplane) -> bool:
+    """The server is ready: every model has a ready version and every worker is warm."""
+    models = dataplane.model_status()
+    return (bool(models) and all(any(v["state"] == "ready" for v in m["versions"])
+                                 for m in models)
+            and not dataplane.workers_waiting())
+
+
+def model_metadata(dataplane, name: str, version: str | int | None = None) -> dict:
+    """The model metadata of both transports: ``{"name", "versions" (the ready ones),
+    "platform", "inputs"`` (:func:`metadata_inputs`) ``, "outputs"}``; 503 while the version
+    is not ready, 404 for an unknown one."""
+    classifier = dataplane.served(route(name, version)).classifier
+    versions = [str(v["version"]) for v in dataplane.model_status(classifier.name)[0][
+        "versions"] if v["state"] == "ready"]
+    return {"name": classifier.name, "versions": versions, "platform": classifier.platform,
+            "inputs": metadata_inputs(classifier),
+            "outputs": [{"name": OUTPUT, "datatype": "FP32",
+                         "shape": [-1, len(classifier.labels)]}]}
 
 
 def metadata_inputs(classifier) -> list[dict]:

@@ -32,8 +32,9 @@ from tritonclient.grpc import service_pb2_grpc
 
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import InvalidParameter, ModelNotFound
-from common.oip import (classes, deserialize_bytes, metadata_inputs, model_config, model_stats,
-                        serialize_bytes)
+from common.oip import (OUTPUT, SERVER_NAME, SERVER_VERSION, classes, deserialize_bytes,
+                        model_config, model_metadata, model_stats, route, serialize_bytes,
+                        server_ready)
 from common.rpc import calls
 from common.rpc.tensors import (
     Limits,
@@ -41,14 +42,10 @@ from common.rpc.tensors import (
     limits_for,
     listed_numbers,
     raw_numbers,
-    route,
 )
 
 SERVICE = "inference.GRPCInferenceService"
-SERVER_NAME = "image-classifier"
-SERVER_VERSION = "2"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
-OUTPUT = "probabilities"
 #: Methods served and the key scope each needs (None: open, as ``/v2/health/*`` is).
 SCOPES = {f"/{SERVICE}/{name}": scope for name, scope in (
     ("ServerLive", None), ("ServerReady", None), ("ModelReady", "classify"),
@@ -67,10 +64,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        models = self.dataplane.model_status()
-        ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"])
-                                  for m in models)
-        return pb.ServerReadyResponse(ready=ok and not self.dataplane.workers_waiting())
+        return pb.ServerReadyResponse(ready=server_ready(self.dataplane))
 
     def ModelReady(self, request, context):
         try:
@@ -84,17 +78,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                          extensions=EXTENSIONS)
 
     def ModelMetadata(self, request, context):
-        served = self.dataplane.served(route(request.name, request.version))
-        clf = served.classifier  # 503 while it is not ready
-        versions = [str(v["version"]) for v in self.dataplane.model_status(clf.name)[0][
-            "versions"] if v["state"] == "ready"]
-        return pb.ModelMetadataResponse(
-            name=clf.name, versions=versions, platform=clf.platform,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(
-                        name=t["name"], datatype=t["datatype"], shape=t["shape"])
-                    for t in metadata_inputs(clf)],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(
-                name=OUTPUT, datatype="FP32", shape=[-1, len(clf.labels)])])
+        """The same metadata as REST's (``common/oip.py``), without its per-input parameters."""
+        return json_format.ParseDict(
+            model_metadata(self.dataplane, request.name, request.version),
+            pb.ModelMetadataResponse(), ignore_unknown_fields=True)
 
     def ModelConfig(self, request, context):
         """Triton's ``ModelConfig`` (``common/oip.py``'s dict, the same as REST's)."""

@@ -1,5 +1,5 @@
 """What both gRPC servicers need to turn a protobuf tensor into the DataPlane's ``Images``:
-the model a request names, the bounds of a request, shapes checked in exact arithmetic, raw
+the bounds of a request, shapes checked in exact arithmetic, raw
 little-endian numbers and Triton's length-prefixed BYTES elements read into numpy or bytes.
 
 (``common/web/protocols/base.py`` has the REST side's equivalents; it imports Flask, which the
@@ -8,30 +8,15 @@ engine side may not, so the few pieces gRPC shares are here.)
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from common.dataplane import DataPlane, pixels_refused
-from common.errors import InvalidParameter, ModelNotFound, TooManyImages
+from common.errors import InvalidParameter, TooManyImages
+from common.oip import MAX_RANK
 from common.versions.manager import Route
 
-#: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``).
-MAX_RANK = 8
-_NUMBER = re.compile(r"^[0-9]{1,18}$")
-
-
-def route(name: str, version: str | int | None = None, label: str | None = None) -> Route:
-    """The Route a request names; an empty name is the default model, an empty version
-    none. A version that is not a whole number names no version (404)."""
-    if version in (None, ""):
-        return Route(name or None, None, label or None)
-    if isinstance(version, int):
-        return Route(name or None, version, None)
-    if not _NUMBER.match(version):
-        raise ModelNotFound(f"model {name!r} has no version {version[:40]!r}")
-    return Route(name or None, int(version), None)
 
 
 @dataclass(frozen=True)

@@ -36,36 +36,30 @@ from tensorflow_serving.apis import (
 )
 
 from common.dataplane import DataPlane, Images
-from common.errors import InvalidParameter, ModelNotFound, TooManyImages
+from common.errors import InvalidParameter, TooManyImages
+from common.oip import MAX_RANK, OUTPUT, route
 from common.rpc import calls
-from common.rpc.tensors import (
-    MAX_RANK,
-    Limits,
-    check_shape,
-    limits_for,
-    listed_numbers,
-    raw_numbers,
-    route,
+from common.rpc.tensors import Limits, check_shape, limits_for, listed_numbers, raw_numbers
+from common.tfserving import (
+    MAX_FEATURES,
+    SIGNATURE,
+    STATES,
+    image_feature,
+    input_tensor,
+    version_statuses,
 )
 from common.versions.manager import Route
 from common.versions.served import State
 
 SERVICES = ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"]
-SIGNATURE = "serving_default"
-OUTPUT = "probabilities"
-#: Feature names an Example's encoded image may have (as REST's ``:classify`` reads them).
-IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",
-                  "b64", "input", "inputs")
-#: Features an Example (or its context) may have: an image and a few more, not thousands.
-MAX_FEATURES = 8
 SCOPES = {f"/tensorflow.serving.PredictionService/{name}": "classify"
           for name in ("Predict", "Classify", "GetModelMetadata")}
 SCOPES["/tensorflow.serving.ModelService/GetModelStatus"] = "classify"
+#: TF Serving's names of a version's state and of its status' code -> their enums' numbers.
+_VERSION_STATES = get_model_status_pb2.ModelVersionStatus.State
+_ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type
 _DTYPES = {"float32": types_pb2.DT_FLOAT, "uint8": types_pb2.DT_UINT8,
            "string": types_pb2.DT_STRING}
-#: Our states -> (ModelVersionStatus.State, tensorflow.error.Code), as REST's status route.
-_STATES = {State.LOADING: (20, 0), State.READY: (30, 0), State.HUNG: (30, 4),
-           State.FAILED: (50, 2), State.STOPPED: (50, 0)}
 
 
 def target(spec) -> Route:
@@ -120,11 +114,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         served = self.dataplane.served(target(request.model_spec))
         clf = served.classifier  # 503 while it is not ready
         real = clf.describe_input()
-        tensor = (f"serving_default_{real['name']}:0" if clf.platform == "tensorflow_savedmodel"
-                  else real["name"])
         signature = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
         signature.inputs[real["name"]].CopyFrom(
-            tensor_info(tensor, _DTYPES[real["dtype"]], real["shape"]))
+            tensor_info(input_tensor(clf), _DTYPES[real["dtype"]], real["shape"]))
         signature.outputs[OUTPUT].CopyFrom(
             tensor_info("StatefulPartitionedCall:0", types_pb2.DT_FLOAT,
                         [-1, len(clf.labels)]))
@@ -144,25 +136,15 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(self, request, context):
         """Every version of the model (or the one asked for): state, error code, message."""
         spec = request.model_spec
-        model = self.dataplane.model_status(spec.name or self.dataplane.manager.default_name)[0]
-        versions = model["versions"]
-        wanted = spec.version.value if spec.HasField("version") else None
-        if spec.version_label:
-            if spec.version_label not in model["labels"]:
-                raise ModelNotFound(f"model {model['name']!r} has no version labelled "
-                                    f"{spec.version_label[:40]!r}")
-            wanted = model["labels"][spec.version_label]
-        if wanted is not None:
-            versions = [v for v in versions if v["version"] == wanted]
-            if not versions:
-                raise ModelNotFound(f"Could not find version {wanted} of model "
-                                    f"{model['name']}")
+        _, versions = version_statuses(
+            self.dataplane, spec.name, spec.version.value if spec.HasField("version") else None,
+            spec.version_label)
         answer = get_model_status_pb2.GetModelStatusResponse()
         for v in versions:
-            state, code = _STATES[State(v["state"])]
+            state, code = STATES[State(v["state"])]
             answer.model_version_status.add(
-                version=v["version"], state=state,
-                status=status_pb2.StatusProto(error_code=code,
+                version=v["version"], state=_VERSION_STATES.Value(state),
+                status=status_pb2.StatusProto(error_code=_ERROR_CODES.values_by_name[code].number,
                                               error_message=v["error"] or ""))
         return answer
 
@@ -231,8 +213,7 @@ def example_image(features, context, index: int) -> bytes:
     binary = {name: feature.bytes_list.value
               for source in (context, features) for name, feature in source.items()
               if feature.WhichOneof("kind") == "bytes_list"}
-    known = [name for name in IMAGE_FEATURES if name in binary]
-    chosen = known[0] if known else next(iter(binary)) if len(binary) == 1 else None
+    chosen = image_feature(binary)
     if chosen is None:
         raise InvalidParameter(f"{where}: give the image as one bytes feature, e.g. "
                                f"'image/encoded' (found {len(binary)} bytes features)")

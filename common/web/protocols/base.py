@@ -18,6 +18,7 @@ from flask import Response, g, request
 from common import oip
 from common.dataplane import DataPlane, Images, Inference
 from common.errors import BadRequest, ImageTooLarge, InvalidParameter, TooManyImages
+from common.tfserving import MAX_FEATURES
 from common.versions.manager import Route
 from common.web.clients import client_id
 from common.web.routes import body_bytes
@@ -28,11 +29,7 @@ def route(name: str, version: str | None = None, label: str | None = None) -> Ro
     return oip.route(name, version, label)
 
 
-#: Rank of the largest tensor shape a request may give (images are ``[N, h, w, 3]``).
-MAX_RANK = 8
-#: Feature keys in a ``:classify`` example or its ``context``: an image classifier reads one
-#: image feature; a few more (a caption, an id) are tolerated, not thousands.
-MAX_FEATURES = 8
+MAX_RANK = oip.MAX_RANK
 #: Entries of a v2 ``outputs`` list: the model has one output, asked for at most once.
 MAX_OUTPUTS = 8
 #: JSON objects and strings per image the largest valid body holds (an example with

@@ -64,8 +64,6 @@ from common.web.protocols.base import (
     run,
 )
 
-SERVER_NAME = "image-classifier"
-SERVER_VERSION = "2"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics",
               "model_repository", "model_repository(unload_dependents)"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -90,31 +88,24 @@ def live(dataplane: DataPlane):
 def ready(dataplane: DataPlane):
     """Ready when every model has a version that is ready and every worker is warm (503
     otherwise, for probes)."""
-    models = dataplane.model_status()
-    ok = bool(models) and all(any(v["state"] == "ready" for v in m["versions"]) for m in models)
-    ok = ok and not dataplane.workers_waiting()
+    ok = oip.server_ready(dataplane)
     return jsonify({"ready": ok}), 200 if ok else 503
 
 
 @views.get("")
 def server_metadata(dataplane: DataPlane):
-    return jsonify({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+    return jsonify({"name": oip.SERVER_NAME, "version": oip.SERVER_VERSION,
+                    "extensions": EXTENSIONS})
 
 
 @views.get("/models/<name>")
 @views.get("/models/<name>/versions/<version>")
 def model_metadata(dataplane: DataPlane, name, version=None):
-    served = dataplane.served(route(name, version))
-    clf = served.classifier  # 503 while it is not ready
-    versions = [str(v["version"]) for v in dataplane.model_status(name)[0]["versions"]
-                if v["state"] == "ready"]
-    inputs = [{"name": t["name"], "datatype": t["datatype"], "shape": t["shape"],
-               "parameters": {"content": BYTES_CONTENT} if t["datatype"] == "BYTES"
-               else {"layout": t["layout"]}} for t in oip.metadata_inputs(clf)]
-    return jsonify({"name": name, "versions": versions, "platform": clf.platform,
-                    "inputs": inputs,
-                    "outputs": [{"name": OUTPUT, "datatype": "FP32",
-                                 "shape": [-1, len(clf.labels)]}]})
+    metadata = oip.model_metadata(dataplane, name, version)
+    metadata["inputs"] = [{"name": t["name"], "datatype": t["datatype"], "shape": t["shape"],
+                           "parameters": {"content": BYTES_CONTENT} if t["datatype"] == "BYTES"
+                           else {"layout": t["layout"]}} for t in metadata["inputs"]]
+    return jsonify(metadata)
 
 
 @views.get("/models/<name>/ready")

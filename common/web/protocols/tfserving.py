@@ -38,8 +38,9 @@ from flask import Blueprint, jsonify
 from werkzeug.routing import BaseConverter
 
 from common.dataplane import DataPlane, Images
-from common.errors import InvalidParameter, ModelNotFound
-from common.oip import BYTES_INPUT
+from common.errors import InvalidParameter
+from common.oip import BYTES_INPUT, OUTPUT
+from common.tfserving import SIGNATURE, STATES, image_feature, input_tensor, version_statuses
 from common.versions.served import State
 from common.web import error_handlers
 from common.web.binding import Views
@@ -65,15 +66,6 @@ class Segment(BaseConverter):
     regex = "[^/:]+"
 
 
-SIGNATURE = "serving_default"
-OUTPUT = "probabilities"
-#: Feature names a ``:classify`` example's encoded image may have (TF Example conventions).
-IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",
-                  "b64", "input", "inputs")
-#: Our states -> TF Serving's ManagerState names, and the status' error_code.
-_STATES = {State.LOADING: ("LOADING", "OK"), State.READY: ("AVAILABLE", "OK"),
-           State.HUNG: ("AVAILABLE", "DEADLINE_EXCEEDED"), State.FAILED: ("END", "UNKNOWN"),
-           State.STOPPED: ("END", "OK")}
 
 
 views = Views()
@@ -93,20 +85,10 @@ def blueprint(dataplane: DataPlane) -> Blueprint:
 @views.get("/<segment:name>/labels/<segment:label>")
 def model_status(dataplane: DataPlane, name, version=None, label=None):
     """GetModelStatusResponse: every version (or the one asked for), its state and error."""
-    model = dataplane.model_status(name)[0]
-    versions = model["versions"]
-    wanted = route(name, version).version
-    if label is not None:
-        if label not in model["labels"]:
-            raise ModelNotFound(f"model {name!r} has no version labelled {label[:40]!r}")
-        wanted = model["labels"][label]
-    if wanted is not None:
-        versions = [v for v in versions if v["version"] == wanted]
-        if not versions:
-            raise ModelNotFound(f"Could not find version {wanted} of model {name}")
+    _, versions = version_statuses(dataplane, name, route(name, version).version, label)
     return jsonify({"model_version_status": [
-        {"version": str(v["version"]), "state": _STATES[State(v["state"])][0],
-         "status": {"error_code": _STATES[State(v["state"])][1],
+        {"version": str(v["version"]), "state": STATES[State(v["state"])][0],
+         "status": {"error_code": STATES[State(v["state"])][1],
                     "error_message": v["error"] or ""}} for v in versions]})
 
 
@@ -118,9 +100,7 @@ def model_metadata(dataplane: DataPlane, name, version=None, label=None):
     served = dataplane.served(route(name, version, label))
     clf = served.classifier  # 503 while it is not ready
     real = clf.describe_input()
-    tensor = (f"serving_default_{real['name']}:0" if clf.platform == "tensorflow_savedmodel"
-              else real["name"])
-    inputs = {real["name"]: _tensor_info(real["shape"], tensor, real["dtype"])}
+    inputs = {real["name"]: _tensor_info(real["shape"], input_tensor(clf), real["dtype"])}
     if not clf.spec.encoded:  # a model that takes encoded images has only its own input
         inputs[BYTES_INPUT] = _tensor_info([-1], BYTES_INPUT, "string")
     return jsonify({
@@ -269,12 +249,8 @@ def _example_image(example, context: dict, index: int, limits: Limits) -> bytes:
     features = {**context, **example}
     values = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in features.items()}
     binary = [k for k, v in values.items() if is_b64(v)]
-    known = [k for k in IMAGE_FEATURES if k in binary]
-    if known:
-        chosen = known[0]
-    elif len(binary) == 1:
-        chosen = binary[0]
-    else:
+    chosen = image_feature(binary)
+    if chosen is None:
         raise InvalidParameter(f"{where}: give the image as one feature {{\"b64\": ...}}, e.g. "
                                f"\"image/encoded\" (found {len(binary)} binary features)")
     return decode_b64(values[chosen]["b64"], f"{where}.{chosen}.b64", limits.max_upload_bytes)
