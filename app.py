@@ -26,6 +26,7 @@ from common.modelfolder import ModelFolder
 from common.storage import ImageStore
 from common.versions.manager import Manager
 from common.web import auth, cors, error_handlers, routes
+from common.web import clients as web_clients
 from common.web import security as web_security
 from common.web.deadlines import UploadDeadline
 from common.web.protocols import kserve, repository, tfserving
@@ -90,6 +91,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     web_security.init_app(app, config)  # after the blueprints: see its docstring
     cors.init_app(app, config)  # preflights answered before any key is asked for
     auth.init_app(app, config, keys, trail)  # API keys and scopes (off without keys)
+    web_clients.init_app(app, dataplane.share, config.trusted_proxies)  # crowded workers
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app

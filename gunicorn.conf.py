@@ -19,6 +19,8 @@ _settings = Config.from_env(os.environ)  # fails start-up with a message naming 
 
 # The server's own run folder (in TMPDIR, removed at exit) for what libraries insist on writing.
 _run_dir = tempfile.mkdtemp(prefix="classifier-run-")
+# The workers' figures for each other's fair share (common/fairshare.py: Siblings).
+_share_dir = os.path.join(_run_dir, "share")
 # Metrics of all workers (prometheus_client's multiprocess mode): the folder must be named in
 # the environment before any worker imports prometheus_client, and be empty at start.
 _metrics_dir = _settings.metrics_dir or os.path.join(_run_dir, "metrics")
@@ -90,6 +92,8 @@ def child_exit(server, worker):
     from common.metrics import mark_process_dead
     mark_process_dead(worker.pid, _metrics_dir)
     _warm_workers(server.cfg.workers).forget(worker.pid)
+    from common.fairshare import Siblings
+    Siblings.forget(_share_dir, worker.pid)
 
 
 def on_exit(server):
@@ -118,6 +122,11 @@ def post_worker_init(worker):
     dataplane.workers_waiting = warm.waiting
     from common.web.gunicorn_worker import OneLoadAtATime
     dataplane.manager.load_turn = OneLoadAtATime(os.path.join(_run_dir, "load.lock"))
+    if dataplane.share is not None and worker.cfg.workers > 1:
+        # each worker's clients, for the others' fair share (common/fairshare.py)
+        from common.fairshare import Siblings
+        dataplane.share.siblings = Siblings(_share_dir)
+        worker.defer_accept = dataplane.share.crowded
     _start_grpc(worker, dataplane)
 
 

@@ -1,6 +1,8 @@
 """A fair share per client (issue 24): the share's arithmetic, who a request's client is, and a
 real server where a client with many connections is refused 429 beside one that is served."""
+import io
 import ipaddress
+import os
 import threading
 import time
 
@@ -11,10 +13,11 @@ from flask import Flask, g
 from helpers import assert_envelope, metric, start_server
 from tiny_models import save_colour_model
 
-from common.fairshare import FairShare
+from common.fairshare import FairShare, Siblings
 from common.inference.batcher import BusyFraction
 from common.clients import MAX_HOPS, client_address, networks
 from common.web.clients import client_id
+from common.web.deadlines import CLOSE_CONNECTION, UploadDeadline
 
 # -- the share ---------------------------------------------------------------------------------
 
@@ -93,6 +96,137 @@ def test_leave_without_enter_is_a_bug():
         FairShare().leave("nobody")
 
 
+def _hold(share, client, now, answers=0, pressed=True, seconds=3.0):
+    """``client`` enters ``share`` and is answered ``answers`` times in the ``seconds`` before
+    ``now``, holding one request all along (so it waits on the server: backlogged)."""
+    start = now - seconds
+    assert share.enter(client, pressed=pressed, now=start)
+    for i in range(answers):
+        when = start + seconds * (i + 1) / (answers + 1)
+        share.leave(client, now=when)
+        assert share.enter(client, pressed=pressed, now=when)
+
+
+def test_usage_is_answers_per_second_and_requests_in_flight_averaged():
+    share = FairShare(tau=2.0)
+    for i in range(100):  # 10 answers a second for 10 s, one request in flight all along
+        assert share.enter("a", pressed=False, now=i / 10)
+        share.leave("a", now=(i + 1) / 10)
+    rate, in_flight, held = share.usage(now=10.0)["a"]
+    assert 9.0 < rate < 10.5 and in_flight > 0.99 and held == 0
+    assert share.usage(now=40.0) == {}  # forgotten once negligible
+
+
+def test_a_client_served_faster_than_one_waiting_on_the_server_is_refused_while_it_holds():
+    """The rate rule: min_share=8 keeps the in-flight rule out of the way."""
+    share = FairShare(min_share=8)
+    _hold(share, "waiting", now=10.0, answers=5)  # backlogged, 5 answers in 3 s
+    _hold(share, "fast", now=10.0, answers=40)
+    assert not share.enter("fast", pressed=True, now=10.0)  # holds one, served ~8x faster
+    assert share.enter("fast", pressed=False, now=10.0)  # the model is not pressed
+    share.leave("fast", now=10.0)
+    share.leave("fast", now=10.0)
+    assert share.enter("fast", pressed=True, now=10.0)  # holds nothing: never refused
+    assert share.enter("waiting", pressed=True, now=10.0)  # slower than "fast"
+
+
+def test_a_client_that_rarely_waits_holds_no_one_back():
+    share = FairShare(min_share=8)
+    assert share.enter("occasional", pressed=True, now=0.0)
+    share.leave("occasional", now=0.01)  # in flight 1% of the time
+    _hold(share, "fast", now=1.0, answers=40)
+    assert share.enter("fast", pressed=True, now=1.0)
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Two workers' fair shares that learn of each other through one folder, publishing and
+    reading at every change."""
+    folder = str(tmp_path / "share")
+    return (FairShare(siblings=Siblings(folder, pid=1, every=0.0)),
+            FairShare(siblings=Siblings(folder, pid=2, every=0.0)))
+
+
+def test_workers_read_each_others_figures_and_ignore_stale_ones(workers, tmp_path):
+    a, b = workers
+    assert a.enter("x", pressed=True, now=0.0)
+    assert b.siblings.others(now=0.0) == [{"pressed": True, "clients": {"x": [0.0, 0.0, 1]}}]
+    assert a.siblings.others(now=0.0) == []  # its own figures are not another's
+    path = Siblings.path_of(b.siblings.folder, 1)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    assert b.siblings.others(now=1.0) == []  # not written for 60 s: a stopped worker
+    Siblings.forget(b.siblings.folder, 1)
+    assert not os.path.exists(path)
+
+
+def test_a_client_holding_requests_in_another_worker_counts_them_here(workers):
+    """Four clients with one connection each in worker a; a client with many connections in
+    both, holding three requests in worker b: in a it is over its share of one."""
+    a, b = workers
+    for _ in range(3):
+        assert b.enter("greedy", pressed=False, now=0.0)  # alone in b
+    for client in ("p1", "p2", "p3", "p4"):
+        assert a.enter(client, pressed=True, now=0.0)
+    assert not a.enter("greedy", pressed=True, now=0.0)
+    assert a.enter("p5", pressed=True, now=0.0)  # holds nothing anywhere
+    for _ in range(3):
+        b.leave("greedy", now=0.1)
+    assert a.enter("greedy", pressed=True, now=0.1)  # b said it holds nothing now
+
+
+def test_a_sibling_pressure_applies_here(workers):
+    """Worker b's model is not pressed, a's is: b holds a client with many connections to the
+    rate of the clients waiting in a."""
+    a, b = workers
+    for client in ("p1", "p2"):
+        _hold(a, client, now=10.0, answers=5)
+    _hold(b, "greedy", now=10.0, answers=40, pressed=False)
+    assert not b.enter("greedy", pressed=False, now=10.0)
+
+
+def test_a_client_better_served_elsewhere_yields_here(tmp_path):
+    folder = str(tmp_path / "share")
+    a = FairShare(min_share=8, siblings=Siblings(folder, pid=1, every=0.0))
+    b = FairShare(min_share=8, siblings=Siblings(folder, pid=2, every=0.0))
+    _hold(b, "greedy", now=10.0, answers=5, pressed=False)  # served in b, not pressed there
+    for client in ("p1", "p2"):
+        _hold(a, client, now=10.0, answers=5)
+    assert not a.enter("greedy", pressed=True, now=10.0)  # holds in b: yields in a
+    _hold(b, "p3", now=10.0, answers=4)  # b pressed now, giving about as much as a
+    assert a.enter("greedy", pressed=True, now=10.0)
+
+
+def test_a_crowded_worker_asks_a_waiting_client_to_move_once_a_second(workers):
+    a, b = workers
+    assert not a.should_move("p1", now=0.0)  # a is not pressed
+    for client in ("p1", "p2"):
+        _hold(a, client, now=10.0, answers=5)
+    _hold(b, "other", now=10.0, answers=2, pressed=False)
+    assert a.crowded(now=10.0) and not b.crowded(now=10.0)
+    assert a.should_move("p1", now=10.0)
+    assert not a.should_move("p2", now=10.5)  # MOVE_EVERY
+    assert a.should_move("p2", now=11.1)
+    assert not a.should_move("nobody", now=12.5)  # does not wait on a
+    assert not FairShare().should_move("p1", now=12.5)  # no siblings
+
+
+def test_a_moved_client_is_not_refused_for_what_its_old_worker_said_before(tmp_path):
+    """Worker a read b's figures (every 10 s) while b held the client's request; b then
+    answered it and asked the client to move: the client's next request, in a, is admitted
+    (a re-reads b's figures before refusing anyone for them)."""
+    folder = str(tmp_path / "share")
+    a = FairShare(siblings=Siblings(folder, pid=1, every=10.0))
+    b = FairShare(siblings=Siblings(folder, pid=2, every=0.0))
+    _hold(b, "mover", now=10.0, answers=5)
+    _hold(b, "other", now=10.0, answers=5)
+    _hold(a, "here", now=10.0, answers=5, pressed=False)  # a learns b's figures now
+    a.leave("here", now=10.0)
+    assert a.enter("here", pressed=True, now=10.0)
+    b.leave("mover", now=10.1)
+    assert b.should_move("mover", now=10.1)
+    assert a.enter("mover", pressed=True, now=10.2)
+
+
 def test_busy_fraction_averages_the_model_threads_busy_time():
     busy = BusyFraction(tau=1.0, now=0.0)
     assert busy.value(now=5.0) == 0.0
@@ -162,16 +296,49 @@ def test_networks_parse_addresses_and_networks():
                                                      ipaddress.ip_network("10.0.0.0/8"))
 
 
+class _GunicornResponse:
+    """What the WSGI middleware needs of gunicorn's Response: a bound start_response whose
+    object can be told to close the connection after the answer."""
+
+    closed = False
+
+    def force_close(self):
+        self.closed = True
+
+    def start_response(self, status, headers, exc_info=None):
+        return lambda data: None
+
+
+@pytest.mark.parametrize("body", [b"", b"image bytes"])
+def test_an_app_can_ask_for_its_connection_to_be_closed_after_the_answer(body):
+    """How a crowded worker moves a client (``common/web/clients.py``): the answer is sent,
+    then the connection closed."""
+    def app(environ, start_response):
+        environ[CLOSE_CONNECTION] = environ["PATH_INFO"] == "/move"
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    for path, closed in (("/move", True), ("/stay", False)):
+        response = _GunicornResponse()
+        environ = {"PATH_INFO": path, "CONTENT_LENGTH": str(len(body)) if body else "",
+                   "wsgi.input": io.BytesIO(body)}
+        middleware = UploadDeadline(app, grace_seconds=10.0, min_rate=1024)
+        assert list(middleware(environ, response.start_response)) == [b"ok"]
+        assert response.closed is closed
+
+
 # -- the real server ---------------------------------------------------------------------------
 
 
 @pytest.mark.server
-def test_a_greedy_client_gets_429_while_a_single_connection_client_is_served(tmp_path):
-    """One worker, a model whose every call takes 0.15 s (so it is pressed as soon as requests
-    keep it busy); two clients from this machine, told apart by X-Forwarded-For from the trusted
-    127.0.0.1: eight connections resending at once, and one connection."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_greedy_client_gets_429_while_a_single_connection_client_is_served(tmp_path, workers):
+    """A model whose every call takes 0.15 s (so it is pressed as soon as requests keep it
+    busy); two clients from this machine, told apart by X-Forwarded-For from the trusted
+    127.0.0.1: eight connections resending at once, and one connection. With two workers the
+    kernel hands the connections to either, and the workers share their figures."""
     model = save_colour_model(str(tmp_path / "model"), call_seconds=0.15)
-    server = start_server(tmp_path, {"MODEL_PATH": model, "WORKERS": "1",
+    server = start_server(tmp_path, {"MODEL_PATH": model, "WORKERS": workers,
                                      "TRUSTED_PROXIES": "127.0.0.1", "QUEUE_MAX_WAIT_MS": "5000",
                                      "REQUEST_TIMEOUT": "60"})
     try:

@@ -1,6 +1,8 @@
 """Who is asking, for the fair share (``common/fairshare.py``): :func:`client_id`, and the
 address the access log and the audit trail name (:func:`request_address`), from Flask's request
-by the rules of ``common/clients.py`` (shared with gRPC).
+by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` closes a crowded
+worker's connection after an answer when the fair share says its client would do better in
+another worker (``FairShare.should_move``).
 
 A request that carried a valid API key is its key's client (``"key:<name>"``; the key check in
 ``auth.py`` sets ``g.key_name``); any other is its address's (``"addr:<ip>"``).
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from flask import g, request
+from flask import Flask, g, request
 
 from common.clients import client_address, client_name, networks
+from common.web.deadlines import CLOSE_CONNECTION
 
 
 def client_id(trusted_proxies: Iterable[str] = ()) -> str:
@@ -25,3 +28,18 @@ def request_address(trusted_proxies: Iterable[str] = ()) -> str:
     """This request's client address as the access log and the audit trail name it."""
     return client_address(request.remote_addr, request.headers.getlist("X-Forwarded-For"),
                           networks(tuple(trusted_proxies)))
+
+
+def init_app(app: Flask, share, trusted_proxies: Iterable[str] = ()) -> None:
+    """After each answer, ask for the connection to be closed (``CLOSE_CONNECTION``) when
+    ``share`` (a ``FairShare``, or None when off) says its client should move: the client's
+    next request opens a new connection, which the kernel may hand to another worker."""
+    if share is None:
+        return
+    trusted = tuple(trusted_proxies)
+
+    @app.after_request
+    def move_out_of_a_crowded_worker(response):
+        if share.may_move() and share.should_move(client_id(trusted)):
+            request.environ[CLOSE_CONNECTION] = True
+        return response

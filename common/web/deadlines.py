@@ -9,6 +9,8 @@ a watchdog thread shuts the socket's read side (gunicorn puts it in ``environ['g
 so the read returns at once; the request then fails with 408 ``request_timeout``. Without a
 socket (development server, test client) the deadline is checked after each read.
 
+An app can also ask for the connection to be closed after an answer (``CLOSE_CONNECTION``).
+
 An error answered before the whole body was read (a request refused by admission, a wrong
 Content-Type, a slow body) closes the connection after the response, so the server never reads
 megabytes it is going to throw away; a small rest of the body (at most ``DRAIN_BYTES``) that
@@ -34,6 +36,9 @@ log = logging.getLogger(__name__)
 CHUNK = 16 * 1024  # reads are split so progress (and the deadline) is updated often
 DRAIN_BYTES = 64 * 1024  # the most of an unread body read to keep the connection
 DRAIN_WAIT = 0.05  # seconds the rest of a small body may take to arrive
+#: An app that sets this WSGI environ key to True has the connection closed after its answer
+#: (under gunicorn): the fair share moves a client out of a crowded worker so (web/clients.py).
+CLOSE_CONNECTION = "classifier.close_connection"
 
 
 class _Watchdog:
@@ -161,16 +166,21 @@ class UploadDeadline:
         has_body = environ.get("CONTENT_LENGTH", "") not in ("", "0") or \
             "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not has_body:
-            return self.app(environ, start_response)
+            def start_bodiless(status, headers, exc_info=None):
+                if environ.get(CLOSE_CONNECTION):
+                    _close_after_response(start_response)
+                return start_response(status, headers, exc_info)
+            return self.app(environ, start_bodiless)
         stream = DeadlineStream(environ["wsgi.input"], environ.get("gunicorn.socket"),
                                 self.grace_seconds, self.min_rate, self.watchdog)
         environ["wsgi.input"] = stream
         declared = _declared_length(environ)
 
         def start(status, headers, exc_info=None):
-            if int(status.split(" ", 1)[0]) >= 400 and (declared is None
-                                                         or stream.received < declared) \
-                    and not _drain(stream, declared, environ.get("gunicorn.socket")):
+            if environ.get(CLOSE_CONNECTION) or (
+                    int(status.split(" ", 1)[0]) >= 400
+                    and (declared is None or stream.received < declared)
+                    and not _drain(stream, declared, environ.get("gunicorn.socket"))):
                 _close_after_response(start_response)
             return start_response(status, headers, exc_info)
 

@@ -56,6 +56,7 @@ HEAD_LIMIT = 64 * 1024  # bytes of request line and headers a connection may sen
 LINGER_SECONDS = 2.0  # what gunicorn's graceful close allows the client to close its side
 LINGER_BYTES = 64 * 1024  # the most read from a client after its last answer
 FILE_BLOCK = 256 * 1024  # bytes of a file read per write by ClientSocket.sendfile
+ACCEPT_DEFER_SECONDS = 0.01  # a crowded worker's pause before it takes a new connection
 
 
 class WarmWorkers:
@@ -252,6 +253,9 @@ class JsonErrorWorker(ThreadWorker):
                                 or getattr(self.cfg, "http2_cleartext", "off") != "off")
         self.heads: dict[TConn, bytearray] = {}  # connections whose request head is arriving
         self.lingering: set[TConn] = set()  # answered connections, closing
+        #: Whether this worker is crowded and should let a sibling accept a new connection
+        #: first (gunicorn.conf.py sets it to the fair share's ``crowded``).
+        self.defer_accept = lambda: False
         super().init_process()
 
     def handle_error(self, req, client, addr, exc):
@@ -267,6 +271,8 @@ class JsonErrorWorker(ThreadWorker):
 
     # -- connections in the main loop ----------------------------------------------------------
     def accept(self, listener):
+        if self.defer_accept():  # let a less crowded sibling take it (common/fairshare.py)
+            time.sleep(ACCEPT_DEFER_SECONDS)
         try:
             client, addr = listener.accept()
         except OSError as e:
