@@ -241,10 +241,10 @@ class DataPlane:
         fit) until the context ends.
         """
         self.manager.precheck(route)
-        with self._fair_share(route, client):
+        with self._fair_share(route, client) as served:
             with self.bodies:
                 request = read()
-            count = len(request.inputs)
+            count = served[0] = len(request.inputs)
             if count == 0:
                 raise InvalidParameter("no images in the request")
             if count > self.config.max_images_per_request:
@@ -254,20 +254,23 @@ class DataPlane:
                 yield lease, request
 
     @contextmanager
-    def _fair_share(self, route: Route, client: str | None) -> Iterator[None]:
+    def _fair_share(self, route: Route, client: str | None) -> Iterator[list[int]]:
         """Count the request in ``client``'s share while it runs; refuse it first (429,
         paced by the version's batcher) when that version's model is pressed and the client
-        holds its share already. Nothing without a client or with FAIR_SHARE off."""
+        is over its share. Yields ``[images]``, which the caller sets once the body is read,
+        so that the client's rate counts images, not requests. Nothing without a client or
+        with FAIR_SHARE off."""
+        served = [1]
         if client is None or self.share is None:
-            yield
+            yield served
             return
         batcher = self.manager.find(route).running().batcher
         if not self.share.enter(client, batcher.pressed()):
             batcher.refuse_over_share()
         try:
-            yield
+            yield served
         finally:
-            self.share.leave(client)
+            self.share.leave(client, images=served[0])
 
     def _preprocess(self, classifier: Classifier, inputs: list[bytes],
                     one_by_one: bool) -> tuple[list[dict], list[np.ndarray]]:

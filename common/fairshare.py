@@ -1,6 +1,6 @@
 """A fair share per client: while the model is pressed, no client holds more than its share of
-the requests one worker has in flight, nor is served much faster than a client that waits on
-the server with fewer connections. No web framework here.
+the requests in flight, nor is served much faster than a client that waits on the server with
+fewer connections. No web framework here.
 
 Admission by expected wait (``batcher.py``) refuses everyone alike: a client with 60
 connections that resends every 503 at once wins most of the room that frees up, and a client
@@ -8,35 +8,48 @@ with one connection that waits out ``Retry-After`` gets almost none (issue 24: 1
 against 0.5-1.3/s). :class:`FairShare` counts each client's requests from admission to their
 answer. While the model is pressed (``Batcher.pressed``: its thread was busy at least half of
 the last second or so, in this worker or, as it last said, in another), a client that already
-holds requests is refused (429 ``over_fair_share``, ``DataPlane``, before its body is read)
-when either rule says so:
+holds requests (here or in another worker) is refused (429 ``over_fair_share``, ``DataPlane``,
+before its body is read) when one of these rules says so. A client that holds none is never
+refused, so a client with one connection never is.
 
-- **its share of this worker's requests in flight**: the worker's requests in flight over its
-  active clients, rounded up (at least ``min_share``), beside other active clients. A client
-  alone is never over it (admission by expected wait still holds it), and a client with many
-  connections beside clients with one each is held to about one request in flight at a time,
-  as they are. A client between two requests (answered less than ``grace`` seconds ago) still
-  counts as active, so that one with many connections does not count as alone then.
-- **its rate beside the clients that wait on the server**: its answers per second, over every
-  worker, more than ``RATE_SLACK`` times those of the fastest other client that is
-  *backlogged* (at least ``BACKLOGGED`` requests in flight on average over the last
-  ``RATE_TAU`` seconds or so: it waits on the server, not on itself). gunicorn's workers are
-  separate processes and the kernel hands each connection to one of them, so four clients with
-  one connection each may all sit in one worker while a client with 60 connections also fills
-  the other; the first rule alone then gives them a fifth of one worker each (0.44-0.46 of a
-  fair share measured, docs/BENCHMARKS.md). A client that is rarely waiting (an occasional
-  request, or a slow network between it and the server) is not backlogged and holds no one
-  back.
+1. **Its share of the requests in flight**: the worker's requests in flight over its active
+   clients, rounded up (at least ``min_share``), beside other active clients, counting the
+   client's requests in every worker. A client alone is never over it (admission by expected
+   wait still holds it), and a client with many connections beside clients with one each is
+   held to about one request in flight at a time, as they are. A client between two requests
+   (answered less than ``grace`` seconds ago) still counts as active, so that one with many
+   connections does not count as alone then.
+2. **Its rate beside the clients that wait on the server**: its images served per second (a
+   request of eight images counts eight), over every worker, more than ``RATE_SLACK`` times
+   those of the fastest other client that is *backlogged* (at least ``BACKLOGGED`` requests in
+   flight on average over the last ``RATE_TAU`` seconds or so: it waits on the server, not on
+   itself). A client that is rarely waiting (an occasional request, or a slow network between
+   it and the server) is not backlogged and holds no one back.
+3. **Better served elsewhere**: this worker is pressed and another worker that serves the
+   client gives the clients waiting on it more than ``RATE_SLACK`` times what this one gives
+   (or is not pressed): the client yields here to the clients that have only this worker.
+
+Rules 1-3 span the workers because gunicorn's workers are separate processes and the kernel
+hands each connection to one of them: four clients with one connection each may all sit in one
+worker while a client with 60 connections also fills the other, and per-worker accounting then
+gave them a fifth of one worker each (0.44-0.46 of a fair share measured, docs/BENCHMARKS.md).
+For the same reason a *crowded* worker (pressed, and another gives its waiting clients more)
+moves waiting clients: :meth:`FairShare.should_move` tells the web layer to close one such
+client's connection after its answer, at most every ``MOVE_EVERY`` seconds, and
+:meth:`FairShare.crowded` makes the worker pause before it accepts a new connection, so that
+the client's next connection more likely lands in another worker.
 
 The workers learn of each other through :class:`Siblings`: each publishes its clients' figures
 (and whether its model is pressed) every ``Siblings.every`` seconds as one small JSON file in a
 folder of the server's own (``gunicorn.conf.py``); a figure older than ``Siblings.stale``
-seconds is ignored, so a worker that stopped or hangs holds no one back. Outside gunicorn (or
-with one worker) there are no siblings and the rules apply to the one process.
+seconds is ignored, so a worker that stopped or hangs holds no one back, and a refusal that
+rests only on other workers' figures is checked against a fresh read first. Outside gunicorn
+(or with one worker) there are no siblings and the rules apply to the one process.
 
 Bounded: a client leaves the in-flight table when its last request is answered, so it never
 holds more clients than the worker has requests in flight (at most its ``THREADS``), plus at
-most ``max_recent`` remembered for the grace period and, separately, for their rates.
+most ``max_recent`` remembered for the grace period and, separately, for their rates; the rules
+reuse the figures they work out for ``SNAPSHOT_EVERY`` seconds.
 """
 from __future__ import annotations
 
@@ -50,7 +63,8 @@ from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
-#: Seconds over which a client's answers per second and requests in flight are averaged.
+#: Seconds over which a client's images served per second and requests in flight are
+#: averaged.
 RATE_TAU = 2.0
 #: Requests in flight on average from which a client counts as waiting on the server.
 BACKLOGGED = 0.5
@@ -65,10 +79,11 @@ _NEGLIGIBLE = 0.01
 
 
 class Usage:
-    """One client's recent use: ``answers`` (an exponentially decayed count, so that
-    ``answers / tau`` is its answers per second) and ``in_flight`` (its requests in flight,
-    exponentially averaged), both with the time constant ``tau``; ``held`` is what it holds
-    now. Not thread-safe (:class:`FairShare` holds its lock)."""
+    """One client's recent use: ``answers`` (the images of its answered requests, an
+    exponentially decayed count, so that ``answers / tau`` is its images served per second)
+    and ``in_flight`` (its requests in flight, exponentially averaged), both with the time
+    constant ``tau``; ``held`` is what it holds now. Not thread-safe (:class:`FairShare`
+    holds its lock)."""
 
     __slots__ = ("answers", "in_flight", "held", "stamp")
 
@@ -91,7 +106,7 @@ class Usage:
 
 class Siblings:
     """The other workers' figures, through one JSON file per process in ``folder``:
-    ``{"pressed": bool, "clients": {client: [answers per second, in flight, held]}}``.
+    ``{"pressed": bool, "clients": {client: [images served per second, in flight, held]}}``.
 
     :meth:`publish` writes this process's file (atomically: a temporary file, then a rename);
     :meth:`others` reads the other processes' files, at most every ``every`` seconds (cached in
@@ -277,9 +292,10 @@ class FairShare:
             return "here" if held else "elsewhere"
         return None
 
-    def leave(self, client: str, now: float | None = None) -> None:
-        """One request of ``client`` was answered (after an :meth:`enter` that returned True);
-        a client with nothing left in flight moves to the recent clients."""
+    def leave(self, client: str, now: float | None = None, images: int = 1) -> None:
+        """One request of ``client`` was answered (after an :meth:`enter` that returned True),
+        with ``images`` images; a client with nothing left in flight moves to the recent
+        clients."""
         now = time.monotonic() if now is None else now
         with self._lock:
             held = self._held.get(client, 0)
@@ -294,12 +310,12 @@ class FairShare:
             self._total -= 1
             usage = self._touch(client, now)
             usage.held -= 1
-            usage.answers += 1.0
+            usage.answers += images
         self._publish(now)
 
     def _faster_than_the_waiting(self, client: str, others: list[dict], now: float) -> bool:
-        """Whether ``client``'s answers per second, over every worker, pass ``RATE_SLACK``
-        times those of the fastest other backlogged client (under the lock)."""
+        """Whether ``client``'s images served per second, over every worker, pass
+        ``RATE_SLACK`` times those of the fastest other backlogged client (under the lock)."""
         everywhere = self._snapshot(now, others)[1]
         own = everywhere.get(client)
         if own is None:
@@ -309,8 +325,8 @@ class FairShare:
         return fastest > 0 and own[0] > RATE_SLACK * fastest
 
     def _snapshot(self, now: float, others: list[dict]) -> tuple[dict, dict]:
-        """(this worker's figures, ``{client: [answers per second, in flight]}`` summed over
-        every worker), worked out at most every ``SNAPSHOT_EVERY`` seconds for the same
+        """(this worker's figures, ``{client: [images served per second, in flight]}``
+        summed over every worker), worked out at most every ``SNAPSHOT_EVERY`` seconds for the same
         ``others``: with many clients the rules would otherwise go through all of them at
         every request (under the lock)."""
         cached = self._snapshot_cache
@@ -392,8 +408,8 @@ class FairShare:
                    > RATE_SLACK * here for s in others)
 
     def _figures(self, now: float) -> dict[str, list]:
-        """This worker's clients: ``{client: [answers per second, in flight, held]}`` (under
-        the lock; the negligible ones forgotten)."""
+        """This worker's clients: ``{client: [images served per second, in flight, held]}``
+        (under the lock; the negligible ones forgotten)."""
         figures = {}
         for client in list(self._usage):
             usage = self._usage[client].advance(now, self.tau)
@@ -420,7 +436,7 @@ class FairShare:
         siblings.publish(figures)
 
     def usage(self, now: float | None = None) -> dict[str, list]:
-        """This worker's clients' recent use: ``{client: [answers per second, requests in
+        """This worker's clients' recent use: ``{client: [images served per second, requests in
         flight on average, held now]}``."""
         with self._lock:
             return self._figures(time.monotonic() if now is None else now)

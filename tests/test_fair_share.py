@@ -130,6 +130,21 @@ def test_a_client_served_faster_than_one_waiting_on_the_server_is_refused_while_
     assert share.enter("waiting", pressed=True, now=10.0)  # slower than "fast"
 
 
+def test_rates_count_images_not_requests():
+    """A client sending eight images a request, one at a time, is served as fast as one
+    sending eight single-image requests in the same time: neither is over the other."""
+    share = FairShare(min_share=8)
+    start = 7.0
+    assert share.enter("batches", pressed=True, now=start)
+    for i in range(5):
+        share.leave("batches", now=start + (i + 1) * 0.5, images=8)
+        assert share.enter("batches", pressed=True, now=start + (i + 1) * 0.5)
+    _hold(share, "singles", now=10.0, answers=40)
+    rates = {client: figures[0] for client, figures in share.usage(now=10.0).items()}
+    assert 0.8 < rates["batches"] / rates["singles"] < 1.25, rates
+    assert share.enter("singles", pressed=True, now=10.0)
+
+
 def test_a_client_that_rarely_waits_holds_no_one_back():
     share = FairShare(min_share=8)
     assert share.enter("occasional", pressed=True, now=0.0)
