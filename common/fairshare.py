@@ -27,7 +27,8 @@ refused, so a client with one connection never is.
    it and the server) is not backlogged and holds no one back.
 3. **Better served elsewhere**: this worker is pressed and another worker that serves the
    client gives the clients waiting on it more than ``RATE_SLACK`` times what this one gives
-   (or is not pressed): the client yields here to the clients that have only this worker.
+   (or is not pressed and has fewer clients waiting on it): the client yields here to the
+   clients that have only this worker.
 
 Rules 1-3 span the workers because gunicorn's workers are separate processes and the kernel
 hands each connection to one of them: four clients with one connection each may all sit in one
@@ -344,7 +345,8 @@ class FairShare:
 
     def crowded(self, now: float | None = None) -> bool:
         """Whether this worker's model is pressed and another worker gives the clients waiting
-        on it more (``RATE_SLACK``) or is not pressed; worked out at most every
+        on it more (``RATE_SLACK``) or has room (not pressed, fewer clients waiting on it);
+        worked out at most every
         ``Siblings.every`` seconds (False without siblings). gunicorn's workers share one
         listening socket: a crowded worker lets the others accept a new connection first
         (``gunicorn_worker.py``)."""
@@ -402,10 +404,14 @@ class FairShare:
     def _better_elsewhere(client: str, others: list[dict], figures: dict) -> bool:
         """Whether one of ``others`` (siblings' figures) gives the clients waiting on it,
         ``client`` aside, more than ``RATE_SLACK`` times what this worker (``figures``) gives
-        them. A sibling whose model is not pressed has room to give."""
-        here = _level(figures, client)
-        return any(not s.get("pressed") or _level(s.get("clients", {}), client)
-                   > RATE_SLACK * here for s in others)
+        them, or has room to give: its model is not pressed and one more client waiting on it
+        would still leave fewer than wait on this worker (so that a worker dipping under
+        pressed for a moment does not draw clients back and forth between two that are
+        even)."""
+        here, waiting = _level(figures, client), _waiting(figures, None)
+        return any(not s.get("pressed") and _waiting(s.get("clients", {}), client) + 1 < waiting
+                   or _level(s.get("clients", {}), client) > RATE_SLACK * here
+                   for s in others)
 
     def _figures(self, now: float) -> dict[str, list]:
         """This worker's clients: ``{client: [images served per second, in flight, held]}``
@@ -454,6 +460,12 @@ class FairShare:
 
 
 _NO_SIBLINGS: list[dict] = []  # never changed: one object, so that _snapshot's cache holds
+
+
+def _waiting(clients: dict, client: str | None) -> int:
+    """How many clients wait on a worker (backlogged), ``client`` aside."""
+    return sum(1 for name, (_, in_flight, _) in clients.items()
+               if name != client and in_flight >= BACKLOGGED)
 
 
 def _level(clients: dict, client: str | None) -> float:

@@ -216,13 +216,26 @@ def test_a_crowded_worker_asks_a_waiting_client_to_move_once_a_second(workers):
     assert not a.should_move("p1", now=0.0)  # a is not pressed
     for client in ("p1", "p2"):
         _hold(a, client, now=10.0, answers=5)
-    _hold(b, "other", now=10.0, answers=2, pressed=False)
+    assert b.enter("occasional", pressed=False, now=9.9)  # b is not pressed, no one waits
+    b.leave("occasional", now=9.91)
     assert a.crowded(now=10.0) and not b.crowded(now=10.0)
     assert a.should_move("p1", now=10.0)
     assert not a.should_move("p2", now=10.5)  # MOVE_EVERY
     assert a.should_move("p2", now=11.1)
     assert not a.should_move("nobody", now=12.5)  # does not wait on a
     assert not FairShare().should_move("p1", now=12.5)  # no siblings
+
+
+def test_a_worker_with_room_draws_no_client_that_would_leave_it_as_crowded(workers):
+    """Two clients wait on each worker; b dips under pressed for a moment: a client moved
+    there would leave three waiting on b and one on a, so a does not move it."""
+    a, b = workers
+    for client in ("p1", "p2"):
+        _hold(a, client, now=10.0, answers=5)
+    for client in ("p3", "p4"):  # served about as fast as those in a
+        _hold(b, client, now=10.0, answers=4, pressed=False)
+    assert not a.crowded(now=10.0)
+    assert not a.should_move("p1", now=10.0)
 
 
 def test_a_moved_client_is_not_refused_for_what_its_old_worker_said_before(tmp_path):
