@@ -1,7 +1,8 @@
 """TF Serving's API as both its adapters speak it, REST (``web/protocols/tfserving.py``) and
 gRPC (``rpc/tfserving.py``): the one signature, the feature names an Example's image may have,
-a version's state in TF Serving's words, the versions a status request names, and the tensor
-name the metadata shows. No web framework and no TensorFlow here.
+a version's state in TF Serving's words, the versions a status request names, the tensor
+name the metadata shows, and the gRPC methods served (for the servicers and for the handler
+that loads them at their first call). No web framework and no TensorFlow here.
 """
 from __future__ import annotations
 
@@ -12,6 +13,14 @@ from common.versions.served import State
 
 #: The one signature every model has.
 SIGNATURE = "serving_default"
+#: TF Serving's gRPC services and the methods of each that are served.
+GRPC_METHODS = {
+    "tensorflow.serving.PredictionService": ("Predict", "Classify", "GetModelMetadata"),
+    "tensorflow.serving.ModelService": ("GetModelStatus",),
+}
+#: Each served gRPC method's path -> the key scope it needs.
+GRPC_SCOPES = {f"/{service}/{name}": "classify"
+               for service, names in GRPC_METHODS.items() for name in names}
 #: Feature names an Example's encoded image may have (TF Example conventions), in the order
 #: they are looked for.
 IMAGE_FEATURES = ("image/encoded", "image", "image_bytes", "images", "encoded", "bytes",

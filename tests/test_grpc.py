@@ -552,7 +552,22 @@ def test_a_refused_key_is_audited_with_the_client_a_trusted_proxy_names(server, 
 
 
 def test_the_lazily_served_tf_serving_methods_are_the_ones_tfserving_serves():
+    """One list of TF Serving's methods (``common/tfserving.py``): each is a method of its
+    service in TF Serving's protos and of the servicer that answers it."""
+    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+
     from common.rpc import tfserving
+    from common.tfserving import GRPC_METHODS
 
     assert rpc_server.LazyTfServing(None).scopes == tfserving.SCOPES
-    assert set(rpc_server.TFSERVING_METHODS) == set(tfserving.SERVICES)
+    assert set(GRPC_METHODS) == set(tfserving.SERVICES)
+    servicers = {"tensorflow.serving.PredictionService": (
+                     prediction_service_pb2, "PredictionService", tfserving.PredictionServicer),
+                 "tensorflow.serving.ModelService": (
+                     model_service_pb2, "ModelService", tfserving.ModelServicer)}
+    for service, names in GRPC_METHODS.items():
+        module, short, servicer = servicers[service]
+        declared = module.DESCRIPTOR.services_by_name[short].methods_by_name
+        for name in names:
+            assert name in declared, (service, name)
+            assert name in vars(servicer), (service, name)

@@ -39,6 +39,7 @@ from common.dataplane import DataPlane
 from common.errors import ServiceUnavailable
 from common.keys import KeyRing
 from common.rpc import calls, oip
+from common.tfserving import GRPC_METHODS, GRPC_SCOPES
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,6 @@ def _tfserving(config: Config):
     return tfserving
 
 
-#: TF Serving's services and the methods served (``tfserving.SCOPES`` names the same ones).
-TFSERVING_METHODS = {
-    "tensorflow.serving.PredictionService": ("Predict", "Classify", "GetModelMetadata"),
-    "tensorflow.serving.ModelService": ("GetModelStatus",),
-}
-
-
 def _tfserving_installed() -> bool:
     """Whether TF Serving's stubs and TensorFlow are installed (found, not imported; an import
     hook that refuses TensorFlow, as a TensorFlow-free image may have, counts as not)."""
@@ -119,14 +113,13 @@ class LazyTfServing(grpc.GenericRpcHandler):
 
     def __init__(self, dataplane: DataPlane):
         self.dataplane = dataplane
-        self.scopes = {f"/{service}/{name}": "classify"
-                       for service, names in TFSERVING_METHODS.items() for name in names}
+        self.scopes = GRPC_SCOPES
         self._lock = threading.Lock()
         self._loaded: dict | None = None  # service -> (servicer, its pool descriptor)
 
     def service(self, handler_call_details):
         service, _, name = handler_call_details.method.lstrip("/").partition("/")
-        if name not in TFSERVING_METHODS.get(service, ()):
+        if name not in GRPC_METHODS.get(service, ()):
             return None
         return grpc.unary_unary_rpc_method_handler(
             functools.partial(self._call, service, name),
@@ -184,7 +177,7 @@ def start(config: Config, dataplane: DataPlane, keys: KeyRing,
         lazy = LazyTfServing(dataplane)
         server.add_generic_rpc_handlers((lazy,))
         interceptor.serve(lazy.scopes)
-        services.extend(TFSERVING_METHODS)
+        services.extend(GRPC_METHODS)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = (f"[{config.host}]:{config.grpc_port}" if ":" in config.host

@@ -41,6 +41,8 @@ from common.oip import MAX_RANK, OUTPUT, route
 from common.rpc import calls
 from common.rpc.tensors import Limits, check_shape, limits_for, listed_numbers, raw_numbers
 from common.tfserving import (
+    GRPC_METHODS,
+    GRPC_SCOPES,
     MAX_FEATURES,
     SIGNATURE,
     STATES,
@@ -51,10 +53,8 @@ from common.tfserving import (
 from common.versions.manager import Route
 from common.versions.served import State
 
-SERVICES = ["tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"]
-SCOPES = {f"/tensorflow.serving.PredictionService/{name}": "classify"
-          for name in ("Predict", "Classify", "GetModelMetadata")}
-SCOPES["/tensorflow.serving.ModelService/GetModelStatus"] = "classify"
+SERVICES = list(GRPC_METHODS)
+SCOPES = GRPC_SCOPES
 #: TF Serving's names of a version's state and of its status' code -> their enums' numbers.
 _VERSION_STATES = get_model_status_pb2.ModelVersionStatus.State
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type
