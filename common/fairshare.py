@@ -350,12 +350,11 @@ class FairShare:
         ``Siblings.every`` seconds (False without siblings). gunicorn's workers share one
         listening socket: a crowded worker lets the others accept a new connection first
         (``gunicorn_worker.py``)."""
-        siblings = self.siblings
-        if siblings is None or not self._pressed:
+        if not self.may_move():
             return False
         now = time.monotonic() if now is None else now
-        if now - self._crowded_at >= siblings.every:
-            others = siblings.others(now)
+        if now - self._crowded_at >= self.siblings.every:
+            others = self.siblings.others(now)
             with self._lock:
                 self._crowded = self._better_elsewhere(None, others, self._figures(now))
                 self._crowded_at = now

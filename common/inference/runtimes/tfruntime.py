@@ -173,14 +173,16 @@ def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
                              f"(it has {sorted(outputs)})")
     declared = outputs[output_name].shape
 
-    def predict_fn(images: np.ndarray) -> np.ndarray:
-        x = tf.constant(images, dtype=spec.dtype)
+    def call(x) -> np.ndarray:
+        """The signature on one input tensor -> its output as float32."""
         return np.asarray(signature(**{input_name: x})[output_name].numpy(), np.float32)
+
+    def predict_fn(images: np.ndarray) -> np.ndarray:
+        return call(tf.constant(images, dtype=spec.dtype))
 
     if dtype == "string":
         rows = declared.rank == 2 or (declared.rank == 1 and spec.shape.rank == 0)
-        return RuntimeGraph(_encoded_images(signature, input_name, output_name,
-                                            spec.shape.rank),
+        return RuntimeGraph(_encoded_images(call, spec.shape.rank),
                             None, _static(declared[-1]) if rows else None, loaded,
                             input_dtype="string", input_name=input_name)
     return RuntimeGraph(predict_fn, dims_of(spec.shape.as_list() if spec.shape.rank else None),
@@ -188,14 +190,12 @@ def _load_saved_model(folder: ModelFolder) -> RuntimeGraph:
                         input_dtype=dtype, input_name=input_name)
 
 
-def _encoded_images(signature, input_name: str, output_name: str, rank: int):
-    """The ``predict_fn`` of a signature taking encoded images: an object array ``[n]`` of
-    bytes -> float32 ``[n, outputs]``; a scalar string input (``rank`` 0) is called once per
-    image, its ``[outputs]`` or ``[1, outputs]`` answers stacked."""
+def _encoded_images(call, rank: int):
+    """The ``predict_fn`` of a signature taking encoded images (``call``: the signature on one
+    string tensor -> float32): an object array ``[n]`` of bytes -> float32 ``[n, outputs]``; a
+    scalar string input (``rank`` 0) is called once per image, its ``[outputs]`` or
+    ``[1, outputs]`` answers stacked."""
     import tensorflow as tf
-
-    def call(x) -> np.ndarray:
-        return np.asarray(signature(**{input_name: x})[output_name].numpy(), np.float32)
 
     def predict_fn(images: np.ndarray) -> np.ndarray:
         encoded = [bytes(b) for b in np.asarray(images, dtype=object).reshape(-1)]
