@@ -62,7 +62,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
         MAX_FORM_PARTS=max(16, config.max_images_per_request + 8),
     )
     store = ImageStore(config.temp_dir, max_files=config.temp_max_files,
-                       max_bytes=config.temp_max_bytes, writers=config.workers or 1)
+                       max_bytes=config.temp_max_bytes)
     try:
         store.ensure()
     except OSError as exc:

@@ -1,52 +1,54 @@
-"""The temp/ folder: content-addressed names, atomic writes, bounded size.
+"""The temp/ folder: content-addressed names, atomic writes, caps that always hold.
 
 A stored file is named ``<first 16 hex of sha256(bytes)>.<ext>`` where ``ext`` comes from the
 format Pillow detected, so the client's file name never becomes a path, two clients sending the
 same name never collide, and the same bytes are stored once (a second save of the same bytes
-only touches the file). Writes go to a hidden temporary file in the same folder and are renamed
+only touches the file). The bytes go to a hidden ``.incoming-*.part`` file first and are renamed
 into place.
 
-The folder is kept within its file-count and byte caps, oldest first. Scanning it costs a stat
-per file, so a save does not scan every time: each scan leaves a room (the caps less what the
-folder holds; a folder found within 5% of a cap is trimmed to 90% of it, so the room is never
-tiny), and each of the ``writers`` processes sharing the folder (gunicorn's workers) scans again
-once it has written its share of that room, ``1 / writers`` of it, in files or in bytes. The
-caps hold after every scan; between scans the writers together add at most one room.
+The folder holds at most ``max_files`` images and ``max_bytes`` bytes of them at every instant,
+however many threads and processes (gunicorn's workers, or two servers on one volume) save into
+it. Every rename into the folder happens under an exclusive ``flock`` on the folder's ledger,
+``.ledger``, which holds the number and total size of the stored images; the writer that holds
+the lock reads it, makes room when the new file would not fit, renames, and adds the file. The
+copying is done before the lock, so writers wait for each other only for a rename.
+
+Making room scans the folder (a stat per file) and evicts the oldest files. A folder found within
+5% of a cap is trimmed to 90% of it, so the next scan is a tenth of the cap away. The scan also
+corrects the ledger, so files removed or added by hand are counted from the next scan on.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import itertools
 import logging
 import os
 import re
 import stat
-import threading
+import struct
 
-from common.errors import StorageUnavailable
+from common.errors import PayloadTooLarge, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^[0-9a-f]{16}\.[a-z]{3,4}$")
+_LEDGER = struct.Struct("<qq")  # stored files, their total bytes
 
 
 class ImageStore:
     """Stores image bytes under safe names in one folder, within count and byte caps."""
 
-    HEADROOM = 0.1  # a folder near a cap is trimmed to 90% of it, so the room is never tiny
+    HEADROOM = 0.1  # a folder near a cap is trimmed to 90% of it, so scans are far apart
+    LEDGER = ".ledger"
 
-    def __init__(self, root: str, *, max_files: int = 1000, max_bytes: int = 512 * 1024 * 1024,
-                 writers: int = 1):
+    def __init__(self, root: str, *, max_files: int = 1000, max_bytes: int = 512 * 1024 * 1024):
         self.root = os.path.abspath(root)
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self.writers = max(1, writers)
-        self._lock = threading.Lock()  # the quota
-        self._scan_lock = threading.Lock()  # one scan at a time in this process
         self._names = itertools.count()
-        self._quota = (0, 0)  # files, bytes this process may write before it scans again
 
     def ensure(self) -> None:
         """Create the folder if needed; called once at start-up."""
@@ -88,42 +90,65 @@ class ImageStore:
                 fh.close()
 
     def save(self, data: bytes, extension: str) -> str:
-        """Write ``data`` atomically and return the stored file name (not a path)."""
+        """Write ``data`` atomically and return the stored file name (not a path). 413 when
+        ``data`` alone is larger than the byte cap; 503 when the folder cannot be written."""
         name = self.name_for(data, extension)
         path = os.path.join(self.root, name)
+        if len(data) > self.max_bytes:
+            raise PayloadTooLarge(f"the image ({len(data)} bytes) is larger than all that "
+                                  f"this server keeps ({self.max_bytes} bytes, TEMP_MAX_MB)")
         try:
-            try:
-                if stat.S_ISREG(os.lstat(path).st_mode):  # a symlink there is replaced below
-                    os.utime(path)  # stored before: the same bytes, now the newest
-                    return name
-            except FileNotFoundError:
-                pass
+            if self._touch(path):
+                return name
             tmp = os.path.join(self.root, f".incoming-{os.getpid()}-{next(self._names)}.part")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-                os.replace(tmp, path)  # same content under the same name: replacing is harmless
-            except BaseException:
+                with self._ledger() as ledger:
+                    if not self._touch(path):  # another writer may have stored it meanwhile
+                        count, total = self._room_for(ledger, len(data))
+                        os.replace(tmp, path)
+                        _write(ledger, count + 1, total + len(data))
+            finally:
                 _unlink(tmp)
-                raise
         except OSError as exc:
             log.error("cannot write to %s: %s", self.root, exc)
             raise StorageUnavailable(f"cannot store the image: {exc.strerror or exc}") from None
-        self._written(len(data))
         return name
 
-    def _written(self, size: int) -> None:
-        """Charge one new file to the quota; scan (and trim) once it is spent."""
-        with self._lock:
-            files, size_left = self._quota
-            self._quota = (files - 1, size_left - size)
-            if self._quota[0] > 0 and self._quota[1] > 0:
-                return
-        count, total, _ = self._trim(self.HEADROOM)
-        with self._lock:
-            self._quota = ((self.max_files - count) // self.writers,
-                           (self.max_bytes - total) // self.writers)
+    @staticmethod
+    def _touch(path: str) -> bool:
+        """Whether ``path`` is stored already (a regular file: a symlink there is replaced by
+        the save); if so it becomes the newest."""
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return False
+            os.utime(path)
+            return True
+        except FileNotFoundError:  # never stored, or evicted meanwhile
+            return False
+
+    @contextlib.contextmanager
+    def _ledger(self):
+        """The ledger's descriptor, held under an exclusive ``flock`` (between threads too:
+        each call opens its own). Closing it releases the lock, also when a process dies."""
+        fd = os.open(os.path.join(self.root, self.LEDGER),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _room_for(self, ledger: int, size: int) -> tuple[int, int]:
+        """(files, bytes) stored once there is room for one more file of ``size`` bytes: as
+        the ledger says when it fits, otherwise after a scan (and a trim when needed)."""
+        known = _read(ledger)
+        if known is not None and known[0] + 1 <= self.max_files \
+                and known[1] + size <= self.max_bytes:
+            return known
+        return self._trim(self.HEADROOM, size)[:2]
 
     def files(self) -> list[os.DirEntry]:
         """Stored images (our own names only), oldest first."""
@@ -146,35 +171,40 @@ class ImageStore:
 
     def trim(self) -> int:
         """Evict oldest files until both caps hold; returns how many were removed."""
-        return self._trim(0.0)[2]
+        with self._ledger() as ledger:
+            count, total, removed = self._trim(0.0)
+            _write(ledger, count, total)
+        return removed
 
-    def _trim(self, headroom: float) -> tuple[int, int, int]:
-        """Scan; when the folder is within ``headroom / 2`` of a cap (or over it), evict oldest
-        files until it holds at most the cap less ``headroom`` of each (a share of the cap,
-        rounded down: 0 for caps under 10 files). Returns (files left, bytes left, removed)."""
-        with self._scan_lock:
-            entries = self.files()
-            sizes = []
-            for entry in entries:
-                try:
-                    sizes.append(entry.stat().st_size)
-                except FileNotFoundError:
-                    sizes.append(0)
-            count, total = len(entries), sum(sizes)
-            spare_files = int(self.max_files * headroom)
-            spare_bytes = int(self.max_bytes * headroom)
-            if (count <= self.max_files - spare_files // 2
-                    and total <= self.max_bytes - spare_bytes // 2):
-                return count, total, 0
-            removed = 0
-            for entry, size in zip(entries, sizes):
-                if count <= self.max_files - spare_files and total <= self.max_bytes - spare_bytes:
-                    break
-                _unlink(entry.path)
-                count -= 1
-                total -= size
-                removed += 1
-            return count, total, removed
+    def _trim(self, headroom: float, size: int | None = None) -> tuple[int, int, int]:
+        """Scan, with the ledger locked. When the folder, with one more file of ``size`` bytes
+        if given, is within ``headroom / 2`` of a cap (or over it), evict oldest files until it
+        holds at most the cap less ``headroom`` of each (a share of the cap, rounded down: 0 for
+        caps under 10 files). Returns (files left, bytes left, removed)."""
+        entries = self.files()
+        sizes = []
+        for entry in entries:
+            try:
+                sizes.append(entry.stat().st_size)
+            except FileNotFoundError:
+                sizes.append(0)
+        count, total = len(entries), sum(sizes)
+        extra_files, extra_bytes = (0, 0) if size is None else (1, size)
+        spare_files = int(self.max_files * headroom)
+        spare_bytes = int(self.max_bytes * headroom)
+        if (count + extra_files <= self.max_files - spare_files // 2
+                and total + extra_bytes <= self.max_bytes - spare_bytes // 2):
+            return count, total, 0
+        removed = 0
+        for entry, entry_size in zip(entries, sizes):
+            if (count + extra_files <= self.max_files - spare_files
+                    and total + extra_bytes <= self.max_bytes - spare_bytes):
+                break
+            _unlink(entry.path)
+            count -= 1
+            total -= entry_size
+            removed += 1
+        return count, total, removed
 
 
 def usage(entries) -> tuple[int, int]:
@@ -187,6 +217,19 @@ def usage(entries) -> tuple[int, int]:
         except FileNotFoundError:
             continue
     return count, total
+
+
+def _read(ledger: int) -> tuple[int, int] | None:
+    """The ledger's (files, bytes), or None when it is new or unreadable."""
+    raw = os.pread(ledger, _LEDGER.size, 0)
+    if len(raw) != _LEDGER.size:
+        return None
+    count, total = _LEDGER.unpack(raw)
+    return (count, total) if count >= 0 and total >= 0 else None
+
+
+def _write(ledger: int, count: int, total: int) -> None:
+    os.pwrite(ledger, _LEDGER.pack(count, total), 0)
 
 
 def _unlink(path: str) -> None:

@@ -28,7 +28,7 @@ def test_upload_answers_the_design_shape(client, temp_dir):
     scores = [p["score"] for p in body["predictions"]]
     assert scores == sorted(scores, reverse=True)
     assert list(body["labels"]) == [p["label"] for p in body["predictions"]]
-    assert os.listdir(temp_dir) == [body["filename"]]
+    assert sorted(os.listdir(temp_dir)) == [".ledger", body["filename"]]  # and its count
     assert body["filename"].endswith(".jpg") and body["elapsed_ms"] >= 0
 
 
@@ -155,7 +155,7 @@ def test_refused_requests_store_nothing(classifier, tmp_path, case, status, code
     assert_envelope(upload(app.test_client(), data, query=query), status, code)
     assert os.listdir(temp) == []
     assert upload(app.test_client(), jpeg).status_code == 200  # the same app stores good ones
-    assert len(os.listdir(temp)) == 1
+    assert sorted(os.listdir(temp))[0] == ".ledger" and len(os.listdir(temp)) == 2  # + 1 image
 
 
 def test_temp_not_writable_is_503(classifier, tmp_path):
