@@ -91,7 +91,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     web_security.init_app(app, config)  # after the blueprints: see its docstring
     cors.init_app(app, config)  # preflights answered before any key is asked for
     auth.init_app(app, config, keys, trail)  # API keys and scopes (off without keys)
-    web_clients.init_app(app, dataplane.share, config.trusted_proxies)  # crowded workers
+    # crowded workers move their clients
+    web_clients.init_app(app, dataplane.share, dataplane.metrics, config.trusted_proxies)
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app

@@ -60,6 +60,9 @@ class Metrics:
                                  multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
                                 mv + ["reason"], registry=r)  # overloaded | over_fair_share | model_timeout
+        self.moved = Counter("classifier_fair_share_moves",
+                             "Kept-alive connections closed after their answer so that a client "
+                             "waiting on a crowded worker reconnects to another", registry=r)
         self.load_seconds = Gauge("classifier_model_load_seconds",
                                   "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)
@@ -86,6 +89,9 @@ class Metrics:
         self.requests.labels(route, method if method in METHODS else "other",
                              str(status) if 100 <= status <= 599 else "other").inc()
         self.latency.labels(route).observe(seconds)
+
+    def client_moved(self) -> None:
+        self.moved.inc()
 
     # -- exposition ------------------------------------------------------------------------
     def render(self) -> bytes:

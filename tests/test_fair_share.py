@@ -9,13 +9,15 @@ import time
 import imagegen as ig
 import pytest
 import requests
-from flask import Flask, g
+from flask import Flask, g, request
 from helpers import assert_envelope, metric, start_server
 from tiny_models import save_colour_model
 
 from common.fairshare import FairShare, Siblings
 from common.inference.batcher import BusyFraction
 from common.clients import MAX_HOPS, client_address, networks
+from common.metrics import Metrics
+from common.web import clients as web_clients
 from common.web.clients import client_id
 from common.web.deadlines import CLOSE_CONNECTION, UploadDeadline
 
@@ -224,6 +226,33 @@ def test_a_crowded_worker_asks_a_waiting_client_to_move_once_a_second(workers):
     assert a.should_move("p2", now=11.1)
     assert not a.should_move("nobody", now=12.5)  # does not wait on a
     assert not FairShare().should_move("p1", now=12.5)  # no siblings
+
+
+def test_a_moved_client_is_counted_and_its_connection_closed_after_the_answer(workers):
+    """The web side of a move (``common/web/clients.py``) on a real Flask app: the crowded
+    worker's answer asks for the connection to be closed and counts the move in
+    ``classifier_fair_share_moves_total``; the next answer, within ``MOVE_EVERY``, does not."""
+    a, b = workers
+    now = time.monotonic()
+    for client in ("addr:192.0.2.7", "p2"):  # the test client's address waits on a
+        _hold(a, client, now=now, answers=5)
+    assert b.enter("occasional", pressed=False, now=now - 0.1)  # b has room
+    b.leave("occasional", now=now - 0.09)
+    metrics = Metrics()
+    app = Flask(__name__)
+    app.get("/x")(lambda: "ok")
+    closed = []
+
+    @app.after_request  # runs after the hook init_app adds (Flask runs them last added first)
+    def record(response):
+        closed.append(request.environ.get(CLOSE_CONNECTION))
+        return response
+
+    web_clients.init_app(app, a, metrics)
+    for _ in range(2):
+        assert app.test_client().get("/x", environ_base={"REMOTE_ADDR": "192.0.2.7"}).text == "ok"
+    assert closed == [True, None]
+    assert metric(metrics.render().decode(), "classifier_fair_share_moves_total") == 1
 
 
 def test_a_worker_with_room_draws_no_client_that_would_leave_it_as_crowded(workers):

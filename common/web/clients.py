@@ -30,10 +30,11 @@ def request_address(trusted_proxies: Iterable[str] = ()) -> str:
                           networks(tuple(trusted_proxies)))
 
 
-def init_app(app: Flask, share, trusted_proxies: Iterable[str] = ()) -> None:
+def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) -> None:
     """After each answer, ask for the connection to be closed (``CLOSE_CONNECTION``) when
     ``share`` (a ``FairShare``, or None when off) says its client should move: the client's
-    next request opens a new connection, which the kernel may hand to another worker."""
+    next request opens a new connection, which the kernel may hand to another worker.
+    ``metrics.client_moved`` counts each (``classifier_fair_share_moves_total``)."""
     if share is None:
         return
     trusted = tuple(trusted_proxies)
@@ -42,4 +43,5 @@ def init_app(app: Flask, share, trusted_proxies: Iterable[str] = ()) -> None:
     def move_out_of_a_crowded_worker(response):
         if share.may_move() and share.should_move(client_id(trusted)):
             request.environ[CLOSE_CONNECTION] = True
+            metrics.client_moved()
         return response
