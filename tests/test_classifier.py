@@ -11,6 +11,8 @@ from helpers import ROOT
 from tiny_models import COLOUR_LABELS, save_colour_frozen_graph, save_colour_model
 
 import common
+from common.inference import classifier as classifier_module
+from common.inference.batcher import bucket_sizes, efficient_batch_size
 from common.inference.classifier import Classifier, Options
 from common.inference.images import DecodeLimits
 from common.inference.loader import load_classifier
@@ -71,6 +73,28 @@ def test_warm_up_checks_undeclared_output_width():
                      input_size=(2, 2))
     with pytest.raises(ModelLoadError, match="4 scores"):
         clf.warm_up()
+
+
+@pytest.mark.parametrize("per_call, per_image, measured, batch", [
+    (0.0, 0.004, [1, 2], 1),  # the time grows with the batch: 2 gains nothing, 4 and 8 unmeasured
+    (0.02, 0.001, [1, 2, 4, 8], 8),  # a fixed cost a call: every size gains
+])
+def test_warm_up_measures_larger_batches_only_while_they_gain(per_call, per_image, measured,
+                                                               batch, monkeypatch):
+    """A model that takes the same time per image gains nothing from batches: the warm-up
+    stops after size 2 and the batcher then serves one image a call; one with a cost per call
+    is measured at every size. (The clock the warm-up reads advances by the model's cost.)"""
+    clock = [0.0]
+    monkeypatch.setattr(classifier_module.time, "perf_counter", lambda: clock[0])
+
+    def predict(x):
+        clock[0] += per_call + per_image * len(x)
+        return np.full((len(x), 2), 0.5)
+
+    clf = Classifier(predict_fn=predict, labels=["a", "b"], input_size=(2, 2))
+    clf.warm_up(bucket_sizes(8))
+    assert sorted(clf.batch_seconds) == measured
+    assert efficient_batch_size(clf.batch_seconds, 8) == batch
 
 
 def test_missing_labels_or_model_fail_clearly(tmp_path, colour_model_dir):
