@@ -176,17 +176,31 @@ def worker_exit(server, worker):
 
 
 def post_fork(server, worker):
-    """Cap glibc's malloc arenas in the worker: with dozens of request threads each would get
-    its own arena and keep freed image buffers, inflating RSS (measured in docs/BENCHMARKS.md)."""
-    limit_malloc_arenas(_settings.malloc_arena_max)
+    """Tune glibc's malloc in the worker (docs/BENCHMARKS.md, *Hostile requests*):
+
+    * cap its arenas: with dozens of request threads each would get its own arena and keep
+      freed image buffers, inflating RSS;
+    * map every block of ``MMAP_THRESHOLD_BYTES`` or more on its own, so that a big decode's
+      buffers go back to the system the moment they are freed. glibc's default threshold
+      rises to the size of the largest block freed (up to 32 MiB), after which Pillow's 16 MiB
+      image blocks came from the arenas and stayed there whenever they were freed after the
+      decode's ``malloc_trim`` (the decoded image outlives its decode).
+    """
+    tune_malloc(_settings.malloc_arena_max, MMAP_THRESHOLD_BYTES)
 
 
-def limit_malloc_arenas(count: int) -> None:
+#: Blocks this large or larger are mapped on their own (a fixed threshold: glibc no longer
+#: raises it). Above a batch of 8 MobileNet-sized inputs (4.8 MB), below Pillow's blocks.
+MMAP_THRESHOLD_BYTES = 8 * 2**20
+
+
+def tune_malloc(arenas: int, mmap_threshold: int) -> None:
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, count)  # M_ARENA_MAX
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
