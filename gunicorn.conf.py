@@ -21,6 +21,8 @@ _settings = Config.from_env(os.environ)  # fails start-up with a message naming 
 _run_dir = tempfile.mkdtemp(prefix="classifier-run-")
 # The workers' figures for each other's fair share (common/fairshare.py: Siblings).
 _share_dir = os.path.join(_run_dir, "share")
+# Where the workers hand each other connections (common/web/gunicorn_worker.py: Handoff).
+_handoff_dir = os.path.join(_run_dir, "handoff")
 # Metrics of all workers (prometheus_client's multiprocess mode): the folder must be named in
 # the environment before any worker imports prometheus_client, and be empty at start.
 _metrics_dir = _settings.metrics_dir or os.path.join(_run_dir, "metrics")
@@ -94,6 +96,8 @@ def child_exit(server, worker):
     _warm_workers(server.cfg.workers).forget(worker.pid)
     from common.fairshare import Siblings
     Siblings.forget(_share_dir, worker.pid)
+    from common.web.gunicorn_worker import Handoff
+    Handoff.forget(_handoff_dir, worker.pid)
 
 
 def on_exit(server):
@@ -185,8 +189,13 @@ def post_fork(server, worker):
       rises to the size of the largest block freed (up to 32 MiB), after which Pillow's 16 MiB
       image blocks came from the arenas and stayed there whenever they were freed after the
       decode's ``malloc_trim`` (the decoded image outlives its decode).
+
+    With several workers, also name the folder where the worker takes connections handed over
+    by its siblings (the fair share moving a client out of a crowded worker).
     """
     tune_malloc(_settings.malloc_arena_max, MMAP_THRESHOLD_BYTES)
+    if server.cfg.workers > 1:
+        worker.handoff_dir = _handoff_dir
 
 
 #: Blocks this large or larger are mapped on their own (a fixed threshold: glibc no longer

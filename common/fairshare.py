@@ -35,10 +35,11 @@ hands each connection to one of them: four clients with one connection each may 
 worker while a client with 60 connections also fills the other, and per-worker accounting then
 gave them a fifth of one worker each (0.44-0.46 of a fair share measured, docs/BENCHMARKS.md).
 For the same reason a *crowded* worker (pressed, and another gives its waiting clients more)
-moves waiting clients: :meth:`FairShare.should_move` tells the web layer to close one such
-client's connection after its answer, at most every ``MOVE_EVERY`` seconds, and
+moves waiting clients: :meth:`FairShare.should_move` names the worker to which the web layer
+hands one such client's connection after its answer (the client keeps its connection; the
+other worker answers its next request), at most every ``MOVE_EVERY`` seconds; and
 :meth:`FairShare.crowded` makes the worker pause before it accepts a new connection, so that
-the client's next connection more likely lands in another worker.
+a new connection more likely lands in another worker.
 
 The workers learn of each other through :class:`Siblings`: each publishes its clients' figures
 (and whether its model is pressed) every ``Siblings.every`` seconds as one small JSON file in a
@@ -107,7 +108,8 @@ class Usage:
 
 class Siblings:
     """The other workers' figures, through one JSON file per process in ``folder``:
-    ``{"pressed": bool, "clients": {client: [images served per second, in flight, held]}}``.
+    ``{"pressed": bool, "clients": {client: [images served per second, in flight, held]}}``
+    (read back with the process's ``"pid"`` added, from the file's name).
 
     :meth:`publish` writes this process's file (atomically: a temporary file, then a rename);
     :meth:`others` reads the other processes' files, at most every ``every`` seconds (cached in
@@ -165,7 +167,9 @@ class Siblings:
                 try:
                     if entry.stat().st_mtime >= oldest:
                         with open(entry.path) as source:
-                            found.append(json.load(source))
+                            figures = json.load(source)
+                        figures["pid"] = int(entry.name[:-len(".json")])
+                        found.append(figures)
                 except (OSError, ValueError):
                     continue  # gone, or being replaced: the next read sees it
         self._cached = found
@@ -365,31 +369,41 @@ class FairShare:
         worker's model is pressed)."""
         return self.siblings is not None and self._pressed
 
-    def should_move(self, client: str, now: float | None = None) -> bool:
-        """Whether ``client`` should move to another worker: this worker's model is pressed,
-        the client waits on it (backlogged here), another worker gives the clients waiting on
-        it more (:meth:`_better_elsewhere`), and no other client was told so in the last
-        ``MOVE_EVERY`` seconds. The web layer then closes the client's connection after its
-        answer (``common/web/clients.py``): gunicorn's workers share one listening socket, so
-        its next connection goes to whichever worker accepts it first, more often the one
-        that is less busy. Without it, four clients with one connection each that the kernel
-        happened to hand to one worker stay there for good, sharing half the machine."""
+    def should_move(self, client: str, now: float | None = None) -> int | None:
+        """The pid of the worker ``client`` should move to, or None: this worker's model is
+        pressed, the client waits on it (backlogged here) and holds nothing else here (its
+        only request here was just answered: moving one of many connections would change
+        nothing), another worker has at least two fewer clients waiting on it (the one with
+        the fewest), and no other client was told so in the last ``MOVE_EVERY`` seconds. The
+        web layer then hands the client's connection to that worker after its answer
+        (``common/web/clients.py``, ``gunicorn_worker.Handoff``), and this worker forgets
+        the client's figures at once, so that neither worker counts it twice. Without it,
+        four clients with one connection each that the kernel happened to hand to one worker
+        stay there for good, sharing half the machine.
+
+        Counts, not rates, decide: each move is exact (the connection goes where it is
+        sent), and rates averaged over ``tau`` seconds lag behind a move, so that moving by
+        them sent clients back and forth between even workers (measured,
+        docs/BENCHMARKS.md)."""
         if not self.may_move():
-            return False
+            return None
         now = time.monotonic() if now is None else now
         others = self._others(now)
         with self._lock:
-            if now - self._moved_at < MOVE_EVERY:
-                return False
+            if now - self._moved_at < MOVE_EVERY or self._held.get(client, 0):
+                return None
             figures = self._figures(now)
-            if figures.get(client, (0.0, 0.0))[1] < BACKLOGGED:
-                return False
-            if not self._better_elsewhere(client, others, figures):
-                return False
+            if figures.get(client, (0.0, 0.0))[1] < BACKLOGGED or not others:
+                return None
+            target = min(others, key=lambda s: _waiting(s.get("clients", {}), client))
+            if _waiting(target.get("clients", {}), client) + 1 >= _waiting(figures, None):
+                return None
             self._moved_at = now
-        log.debug("fair share: %s is asked to move to another worker", client)
-        self._publish(now, force=True)  # the others see at once that it holds nothing here
-        return True
+            self._usage.pop(client, None)
+            self._recent.pop(client, None)
+        log.debug("fair share: %s is asked to move to worker %s", client, target.get("pid"))
+        self._publish(now, force=True)  # the others see at once that it is not here
+        return target.get("pid")
 
     def _better_served_elsewhere(self, client: str, others: list[dict], now: float) -> bool:
         """Whether another worker that has served ``client`` lately gives the clients waiting

@@ -58,11 +58,12 @@ class Metrics:
         self.queue_depth = Gauge("classifier_queue_depth",
                                  "Images waiting for the model, summed over live workers", mv,
                                  multiprocess_mode="livesum", registry=r)
+        # reason: overloaded | over_fair_share | model_timeout
         self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
-                                mv + ["reason"], registry=r)  # overloaded | over_fair_share | model_timeout
+                                mv + ["reason"], registry=r)
         self.moved = Counter("classifier_fair_share_moves",
-                             "Kept-alive connections closed after their answer so that a client "
-                             "waiting on a crowded worker reconnects to another", registry=r)
+                             "Clients moved out of a crowded worker: their kept-alive "
+                             "connection handed to another worker after the answer", registry=r)
         self.load_seconds = Gauge("classifier_model_load_seconds",
                                   "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)

@@ -19,7 +19,7 @@ from common.clients import MAX_HOPS, client_address, networks
 from common.metrics import Metrics
 from common.web import clients as web_clients
 from common.web.clients import client_id
-from common.web.deadlines import CLOSE_CONNECTION, UploadDeadline
+from common.web.deadlines import MOVE_CONNECTION, UploadDeadline
 
 # -- the share ---------------------------------------------------------------------------------
 
@@ -167,7 +167,8 @@ def workers(tmp_path):
 def test_workers_read_each_others_figures_and_ignore_stale_ones(workers, tmp_path):
     a, b = workers
     assert a.enter("x", pressed=True, now=0.0)
-    assert b.siblings.others(now=0.0) == [{"pressed": True, "clients": {"x": [0.0, 0.0, 1]}}]
+    assert b.siblings.others(now=0.0) == [{"pressed": True, "clients": {"x": [0.0, 0.0, 1]},
+                                           "pid": 1}]
     assert a.siblings.others(now=0.0) == []  # its own figures are not another's
     path = Siblings.path_of(b.siblings.folder, 1)
     os.utime(path, (time.time() - 60, time.time() - 60))
@@ -215,43 +216,65 @@ def test_a_client_better_served_elsewhere_yields_here(tmp_path):
 
 def test_a_crowded_worker_asks_a_waiting_client_to_move_once_a_second(workers):
     a, b = workers
-    assert not a.should_move("p1", now=0.0)  # a is not pressed
-    for client in ("p1", "p2"):
+    assert a.should_move("p1", now=0.0) is None  # a is not pressed
+    for client in ("p1", "p2", "p3"):
         _hold(a, client, now=10.0, answers=5)
     assert b.enter("occasional", pressed=False, now=9.9)  # b is not pressed, no one waits
     b.leave("occasional", now=9.91)
     assert a.crowded(now=10.0) and not b.crowded(now=10.0)
-    assert a.should_move("p1", now=10.0)
-    assert not a.should_move("p2", now=10.5)  # MOVE_EVERY
-    assert a.should_move("p2", now=11.1)
-    assert not a.should_move("nobody", now=12.5)  # does not wait on a
-    assert not FairShare().should_move("p1", now=12.5)  # no siblings
+    assert a.should_move("p1", now=10.0) is None  # it still holds a request here
+    a.leave("p1", now=10.0)
+    assert a.should_move("p1", now=10.0) == 2  # to b, by its pid
+    assert "p1" not in a.usage(now=10.0)  # forgotten here at once: not counted twice
+    a.leave("p2", now=10.5)
+    assert a.should_move("p2", now=10.5) is None  # MOVE_EVERY
+    assert a.should_move("p2", now=11.1) == 2
+    a.leave("p3", now=12.5)
+    assert a.should_move("p3", now=12.5) is None  # it alone waits on a: nothing to gain
+    assert a.should_move("nobody", now=12.5) is None  # does not wait on a
+    assert FairShare().should_move("p1", now=12.5) is None  # no siblings
 
 
-def test_a_moved_client_is_counted_and_its_connection_closed_after_the_answer(workers):
+def test_a_client_moves_only_to_a_worker_with_two_fewer_waiting(workers):
+    """Counts decide, not rates: three clients waiting on a and two on b (b serving them
+    faster, as it would for a while after a move) is as even as five can be."""
+    a, b = workers
+    for client in ("p1", "p2", "p3"):
+        _hold(a, client, now=10.0, answers=5)
+    for client in ("p4", "p5"):
+        _hold(b, client, now=10.0, answers=20)
+    a.leave("p1", now=10.0)
+    assert a.should_move("p1", now=10.0) is None
+    _hold(a, "p0", now=10.0, answers=5)  # four against two: one moves
+    assert a.should_move("p1", now=10.0) == 2
+
+
+def test_a_moved_client_is_counted_and_its_connection_handed_over_after_the_answer(workers):
     """The web side of a move (``common/web/clients.py``) on a real Flask app: the crowded
-    worker's answer asks for the connection to be closed and counts the move in
+    worker's answer asks for the connection to be handed to worker b (by its pid;
+    tests/test_handoff.py has the hand-over itself) and counts the move in
     ``classifier_fair_share_moves_total``; the next answer, within ``MOVE_EVERY``, does not."""
     a, b = workers
     now = time.monotonic()
     for client in ("addr:192.0.2.7", "p2"):  # the test client's address waits on a
         _hold(a, client, now=now, answers=5)
+    a.leave("addr:192.0.2.7", now=now)  # its request here was answered
     assert b.enter("occasional", pressed=False, now=now - 0.1)  # b has room
     b.leave("occasional", now=now - 0.09)
     metrics = Metrics()
     app = Flask(__name__)
     app.get("/x")(lambda: "ok")
-    closed = []
+    moved = []
 
     @app.after_request  # runs after the hook init_app adds (Flask runs them last added first)
     def record(response):
-        closed.append(request.environ.get(CLOSE_CONNECTION))
+        moved.append(request.environ.get(MOVE_CONNECTION))
         return response
 
     web_clients.init_app(app, a, metrics)
     for _ in range(2):
         assert app.test_client().get("/x", environ_base={"REMOTE_ADDR": "192.0.2.7"}).text == "ok"
-    assert closed == [True, None]
+    assert moved == [2, None]
     assert metric(metrics.render().decode(), "classifier_fair_share_moves_total") == 1
 
 
@@ -366,22 +389,36 @@ class _GunicornResponse:
         return lambda data: None
 
 
+class _MovableSocket:
+    """What the middleware needs of the worker's ``ClientSocket`` to move a connection."""
+
+    move_to = None
+
+
 @pytest.mark.parametrize("body", [b"", b"image bytes"])
-def test_an_app_can_ask_for_its_connection_to_be_closed_after_the_answer(body):
-    """How a crowded worker moves a client (``common/web/clients.py``): the answer is sent,
-    then the connection closed."""
+@pytest.mark.parametrize("read", [True, False])
+@pytest.mark.parametrize("movable", [True, False])
+def test_a_connection_moves_only_when_its_body_was_read_and_the_server_can_hand_it(
+        body, read, movable):
+    """How a crowded worker moves a client (``common/web/clients.py``): the worker's socket is
+    marked for the sibling (``gunicorn_worker.Handoff``); a connection whose body is not read
+    to its end, or that no worker can hand over (the development server), is closed
+    instead."""
     def app(environ, start_response):
-        environ[CLOSE_CONNECTION] = environ["PATH_INFO"] == "/move"
+        if read:
+            environ["wsgi.input"].read()
+        environ[MOVE_CONNECTION] = 4242
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"ok"]
 
-    for path, closed in (("/move", True), ("/stay", False)):
-        response = _GunicornResponse()
-        environ = {"PATH_INFO": path, "CONTENT_LENGTH": str(len(body)) if body else "",
-                   "wsgi.input": io.BytesIO(body)}
-        middleware = UploadDeadline(app, grace_seconds=10.0, min_rate=1024)
-        assert list(middleware(environ, response.start_response)) == [b"ok"]
-        assert response.closed is closed
+    response, sock = _GunicornResponse(), _MovableSocket()
+    environ = {"PATH_INFO": "/", "CONTENT_LENGTH": str(len(body)) if body else "",
+               "wsgi.input": io.BytesIO(body), **({"gunicorn.socket": sock} if movable else {})}
+    middleware = UploadDeadline(app, grace_seconds=10.0, min_rate=1024)
+    assert list(middleware(environ, response.start_response)) == [b"ok"]
+    moves = movable and (read or not body)
+    assert sock.move_to == (4242 if moves else None)
+    assert response.closed is not moves
 
 
 # -- the real server ---------------------------------------------------------------------------

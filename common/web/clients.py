@@ -1,8 +1,8 @@
 """Who is asking, for the fair share (``common/fairshare.py``): :func:`client_id`, and the
 address the access log and the audit trail name (:func:`request_address`), from Flask's request
-by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` closes a crowded
-worker's connection after an answer when the fair share says its client would do better in
-another worker (``FairShare.should_move``).
+by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` moves a crowded
+worker's connection to another worker after an answer when the fair share says its client would
+do better there (``FairShare.should_move``).
 
 A request that carried a valid API key is its key's client (``"key:<name>"``; the key check in
 ``auth.py`` sets ``g.key_name``); any other is its address's (``"addr:<ip>"``).
@@ -14,7 +14,7 @@ from typing import Iterable
 from flask import Flask, g, request
 
 from common.clients import client_address, client_name, networks
-from common.web.deadlines import CLOSE_CONNECTION
+from common.web.deadlines import MOVE_CONNECTION
 
 
 def client_id(trusted_proxies: Iterable[str] = ()) -> str:
@@ -31,9 +31,9 @@ def request_address(trusted_proxies: Iterable[str] = ()) -> str:
 
 
 def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) -> None:
-    """After each answer, ask for the connection to be closed (``CLOSE_CONNECTION``) when
-    ``share`` (a ``FairShare``, or None when off) says its client should move: the client's
-    next request opens a new connection, which the kernel may hand to another worker.
+    """After each answer, ask for the connection to be handed to another worker
+    (``MOVE_CONNECTION``) when ``share`` (a ``FairShare``, or None when off) says its client
+    should move there: the client's next request on the same connection is that worker's.
     ``metrics.client_moved`` counts each (``classifier_fair_share_moves_total``)."""
     if share is None:
         return
@@ -41,7 +41,9 @@ def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) ->
 
     @app.after_request
     def move_out_of_a_crowded_worker(response):
-        if share.may_move() and share.should_move(client_id(trusted)):
-            request.environ[CLOSE_CONNECTION] = True
-            metrics.client_moved()
+        if share.may_move():
+            target = share.should_move(client_id(trusted))
+            if target is not None:
+                request.environ[MOVE_CONNECTION] = target
+                metrics.client_moved()
         return response

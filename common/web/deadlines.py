@@ -9,7 +9,8 @@ a watchdog thread shuts the socket's read side (gunicorn puts it in ``environ['g
 so the read returns at once; the request then fails with 408 ``request_timeout``. Without a
 socket (development server, test client) the deadline is checked after each read.
 
-An app can also ask for the connection to be closed after an answer (``CLOSE_CONNECTION``).
+An app can also ask for the connection to be moved to another worker after an answer
+(``MOVE_CONNECTION``).
 
 An error answered before the whole body was read (a request refused by admission, a wrong
 Content-Type, a slow body) closes the connection after the response, so the server never reads
@@ -36,9 +37,12 @@ log = logging.getLogger(__name__)
 CHUNK = 16 * 1024  # reads are split so progress (and the deadline) is updated often
 DRAIN_BYTES = 64 * 1024  # the most of an unread body read to keep the connection
 DRAIN_WAIT = 0.05  # seconds the rest of a small body may take to arrive
-#: An app that sets this WSGI environ key to True has the connection closed after its answer
-#: (under gunicorn): the fair share moves a client out of a crowded worker so (web/clients.py).
-CLOSE_CONNECTION = "classifier.close_connection"
+#: An app that sets this WSGI environ key to a sibling worker's pid has the connection handed to
+#: that worker after its answer (``gunicorn_worker.Handoff``): the fair share moves a client out
+#: of a crowded worker so. Only a connection whose request body was read to its end can move
+#: (the next bytes on it are then the next request); any other is closed instead, as it is
+#: where the server cannot hand connections over (no ``move_to`` on gunicorn's socket).
+MOVE_CONNECTION = "classifier.move_connection"
 
 
 class _Watchdog:
@@ -167,7 +171,7 @@ class UploadDeadline:
             "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not has_body:
             def start_bodiless(status, headers, exc_info=None):
-                if environ.get(CLOSE_CONNECTION):
+                if not _moved(environ, True):
                     _close_after_response(start_response)
                 return start_response(status, headers, exc_info)
             return self.app(environ, start_bodiless)
@@ -177,10 +181,10 @@ class UploadDeadline:
         declared = _declared_length(environ)
 
         def start(status, headers, exc_info=None):
-            if environ.get(CLOSE_CONNECTION) or (
-                    int(status.split(" ", 1)[0]) >= 400
-                    and (declared is None or stream.received < declared)
+            if (int(status.split(" ", 1)[0]) >= 400 and not _read_to_end(stream, declared)
                     and not _drain(stream, declared, environ.get("gunicorn.socket"))):
+                _close_after_response(start_response)
+            elif not _moved(environ, _read_to_end(stream, declared)):  # drained, perhaps
                 _close_after_response(start_response)
             return start_response(status, headers, exc_info)
 
@@ -188,6 +192,24 @@ class UploadDeadline:
             return self.app(environ, start)
         finally:
             stream.done()
+
+
+def _moved(environ, complete: bool) -> bool:
+    """Mark the connection to move when the app asked (``MOVE_CONNECTION``) and it can: its
+    body was read to its end (``complete``) and gunicorn's socket can be handed over. False
+    when it asked and the connection cannot move: it is closed instead."""
+    pid = environ.get(MOVE_CONNECTION)
+    if pid is None:
+        return True
+    sock = environ.get("gunicorn.socket")
+    if not complete or not hasattr(sock, "move_to"):
+        return False
+    sock.move_to = pid
+    return True
+
+
+def _read_to_end(stream: DeadlineStream, declared: int | None) -> bool:
+    return declared is not None and stream.received >= declared
 
 
 def _declared_length(environ) -> int | None:

@@ -24,11 +24,19 @@ for complete requests and the main loop never waits on a client:
   client's remaining bytes are read as they come (at most ``LINGER_BYTES``, ``LINGER_SECONDS``)
   without blocking, so the client sees the whole answer and cannot stall the loop.
 
+* **A kept-alive connection can move to a sibling worker** (``Handoff``): when the app asked
+  for it (``deadlines.MOVE_CONNECTION``, the fair share moving a client out of a crowded
+  worker), the answered connection's descriptor is passed to that worker over a Unix socket
+  (``SCM_RIGHTS``) instead of going back to this worker's poller. The client sees nothing: its
+  next request on the same connection is read and answered by the other worker.
+
 With TLS, HTTP/2 prior knowledge or the PROXY protocol (none used here) heads are read by the
-request threads, as gunicorn does. ``gunicorn.conf.py`` names this class.
+request threads, as gunicorn does, and connections are not moved. ``gunicorn.conf.py`` names
+this class.
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -172,6 +180,87 @@ class SendGate:
             self._slots.release()
 
 
+class Handoff:
+    """This worker's end of the connection hand-over between sibling workers: a Unix datagram
+    socket ``<folder>/<pid>.sock`` (``folder`` is in the server's private run folder, mode
+    0700, so only the server's own user can send) on which siblings send it connections, one
+    descriptor per message (``SCM_RIGHTS``). The receiver takes the client's address from the
+    connection itself, as ``accept`` would have given it.
+
+    A socket's path may hold only 107 bytes: a longer one (a deep ``TMPDIR``) is reached
+    through the folder's descriptor, ``/proc/self/fd/<n>/<pid>.sock``. Where neither works,
+    :class:`Handoff` raises OSError and the worker moves no connection.
+    """
+
+    def __init__(self, folder: str, pid: int):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.folder, self.pid = folder, pid
+        self._dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path_of(folder, pid))  # a worker of an earlier run with the same pid
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.bind(self._address(pid))
+        except OSError:
+            self.sock.close()
+            os.close(self._dir_fd)
+            raise
+
+    @staticmethod
+    def path_of(folder: str, pid: int) -> str:
+        return os.path.join(folder, f"{pid}.sock")
+
+    def _address(self, pid: int) -> str:
+        path = self.path_of(self.folder, pid)
+        if len(os.fsencode(path)) < 108:
+            return path
+        return f"/proc/self/fd/{self._dir_fd}/{pid}.sock"
+
+    def send(self, sock: socket.socket, pid: int) -> bool:
+        """Pass ``sock`` to worker ``pid``; False when it cannot take it (gone, or its queue
+        is full): the caller keeps the connection."""
+        try:
+            # socket.send_fds would drop the address (it calls sendmsg without one)
+            self.sock.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                        array.array("i", [sock.fileno()]))],
+                              socket.MSG_DONTWAIT, self._address(pid))
+        except OSError as err:
+            log.debug("cannot hand a connection to worker %s: %s", pid, err)
+            return False
+        return True
+
+    def receive(self) -> list[tuple[socket.socket, object, object]]:
+        """The connections siblings have sent so far: ``(socket, client address, server
+        address)`` each; one whose client has gone already is closed and left out."""
+        received = []
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(self.sock, 16, 1)
+            except BlockingIOError:
+                return received
+            except OSError as err:
+                log.warning("connection hand-over: %s", err)
+                return received
+            for fd in fds:
+                sock = socket.socket(fileno=fd)
+                try:
+                    received.append((sock, sock.getpeername(), sock.getsockname()))
+                except OSError:
+                    sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
+        os.close(self._dir_fd)
+        self.forget(self.folder, self.pid)
+
+    @classmethod
+    def forget(cls, folder: str, pid: int) -> None:
+        """A worker is gone (the master's ``child_exit``): remove its socket."""
+        with contextlib.suppress(OSError):
+            os.unlink(cls.path_of(folder, pid))
+
+
 class ClientSocket(socket.socket):
     """A client connection whose writes wait on the client only through its ``SendGate``.
 
@@ -179,6 +268,10 @@ class ClientSocket(socket.socket):
     ``send`` calls that never block here: when the socket's buffer is full, the gate decides
     whether and how long to wait. Reads are the socket's own.
     """
+
+    #: The pid of the sibling worker this connection is to be handed to after the answer
+    #: (set through ``deadlines.MOVE_CONNECTION``); None: it stays.
+    move_to: int | None = None
 
     def __init__(self, sock: socket.socket, gate: SendGate):
         super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
@@ -256,7 +349,26 @@ class JsonErrorWorker(ThreadWorker):
         #: Whether this worker is crowded and should let a sibling accept a new connection
         #: first (gunicorn.conf.py sets it to the fair share's ``crowded``).
         self.defer_accept = lambda: False
+        #: Where the workers hand each other connections (gunicorn.conf.py's ``post_fork``
+        #: names a folder when there are several workers); None: connections never move.
+        self.handoff: Handoff | None = None
+        folder = getattr(self, "handoff_dir", None)
+        if folder and self.reads_heads:
+            try:
+                self.handoff = Handoff(folder, os.getpid())
+            except OSError as err:
+                self.log.warning("connections cannot move between workers (%s): a crowded "
+                                 "worker keeps the clients it was to move", err)
         super().init_process()
+
+    def run(self):
+        if self.handoff is not None:
+            self.poller.register(self.handoff.sock, selectors.EVENT_READ, self._take_handed)
+        try:
+            super().run()
+        finally:
+            if self.handoff is not None:
+                self.handoff.close()
 
     def handle_error(self, req, client, addr, exc):
         for classes, error_class in _CLIENT_ERRORS:
@@ -372,10 +484,40 @@ class JsonErrorWorker(ThreadWorker):
 
     def finish_request(self, conn, fs):
         """gthread's, except that a connection to close lingers in the main loop instead of
-        blocking it (gunicorn's graceful close waits up to 2 s on the client)."""
+        blocking it (gunicorn's graceful close waits up to 2 s on the client), and one the app
+        asked to move is handed to that sibling (:meth:`_hand_over`)."""
         if self.cfg.is_ssl or fs.cancelled() or fs.exception() is not None or fs.result():
-            return super().finish_request(conn, fs)
+            if not self._hand_over(conn, fs):
+                super().finish_request(conn, fs)
+            return
         self._linger(conn)
+
+    def _hand_over(self, conn, fs) -> bool:
+        """Pass a kept-alive connection that the app asked to move (``ClientSocket.move_to``)
+        to that sibling, with nothing of the next request read here yet; True when it went."""
+        pid = getattr(conn.sock, "move_to", None)
+        if pid is None:
+            return False
+        conn.sock.move_to = None
+        if (self.handoff is None or not self.alive or fs.cancelled()
+                or fs.exception() is not None or fs.result() is not True
+                or conn.parser is None or conn.parser.unreader.buf.getvalue()
+                or not self.handoff.send(conn.sock, pid)):
+            return False
+        self.nr_conns -= 1
+        conn.sock.close()  # this worker's descriptor; the connection lives on in the sibling
+        return True
+
+    def _take_handed(self, _sock=None):
+        """Connections a sibling handed over: each waits here for its next request as a
+        kept-alive connection would."""
+        for sock, client, server in self.handoff.receive():
+            conn = TConn(self.cfg, ClientSocket(sock, self.send_gate), client, server)
+            self.nr_conns += 1
+            conn.set_timeout()
+            self.keepalived_conns.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_client_socket_readable, conn))
 
     def _linger(self, conn):
         try:
