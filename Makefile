@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: bench-attacks bench-grpc bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
+.PHONY: bench-attacks bench-fairness bench-grpc bench-onnx bench-workers bench-peers venv serve test test-fast test-alone test-long fuzz reliability demo canvas-drawings bench clean \
 	docker test-docker
 
 venv: $(VENV)/.installed $(VENV)/.tfserving-api
@@ -135,6 +135,12 @@ bench-peers: build/models/mobilenet_v2/saved_model.pb
 bench-grpc: build/models/mobilenet_v2/saved_model.pb
 	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
 	$(BIN)/python scripts/benchmark.py --model build/models/mobilenet_v2 --concurrency 1,16,64 --large_concurrency "" --grpc 1,16,64 --duration 15 --inprocess_batches 1,8,32 --json build/bench/grpc_rest.json
+
+# One greedy client (60 connections) beside four polite ones, the fair share on and off, two
+# workers (~5 minutes; docs/BENCHMARKS.md, "Fair share per client").
+bench-fairness: build/models/mobilenet_v2/saved_model.pb
+	$(BIN)/python scripts/export.py --model build/models/mobilenet_v2 --format onnx --generated 32
+	$(BIN)/python scripts/bench_fairness.py --model build/models/mobilenet_v2 --duration 20 --env WORKERS=auto --json build/bench/fairness.json
 
 # Hostile requests against the real server: bombs, protocol bodies, slow clients, metric
 # series (a few minutes; docs/BENCHMARKS.md, "Hostile requests").

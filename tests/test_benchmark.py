@@ -2,7 +2,7 @@
 shape and that nothing failed; speed itself is never asserted in tests."""
 import pytest
 
-from scripts import benchmark, loadgen
+from scripts import bench_fairness, benchmark, loadgen
 
 
 @pytest.mark.server
@@ -24,6 +24,29 @@ def test_benchmark_end_to_end(colour_model_dir):
                                      "large_vs_small_p50_c1", "cpu_ceiling_c4"}
     table = benchmark.markdown(result)
     assert "| 500x375 | 4 |" in table and "In-process" in table
+
+
+@pytest.mark.server
+def test_fairness_benchmark_end_to_end(colour_model_dir, tmp_path):
+    """scripts/bench_fairness.py's phases, on a tiny model for a second each: the capacity
+    before and after the fair share's phase, their mean the ratios' base, every client
+    counted, the table written."""
+    params = bench_fairness.FairnessParams(model=colour_model_dir, duration=1.0, warmup=0.5,
+                                           greedy_connections=4, polite_clients=2)
+    result = bench_fairness.run(params, log_dir=str(tmp_path))
+    before, after = (result[name]["total_goodput"] for name in ("capacity", "capacity_again"))
+    assert before > 0 and after > 0
+    assert result["capacity_goodput"] == round((before + after) / 2, 2)
+    assert result["fair"] == round(result["capacity_goodput"] / 3, 2)
+    for phase in ("fair_share_on", "fair_share_off"):
+        clients = result[phase]["clients"]
+        assert set(clients) == {"greedy", "polite1", "polite2"}
+        assert all(c["ok"] > 0 and c["errors"] == 0 for c in clients.values()), clients
+        assert set(result["ratios"][phase]) == {"polite1", "polite2"}
+        assert abs(result["ratios"][phase]["polite1"] - clients["polite1"]["goodput"]
+                   / (result["capacity_goodput"] / 3)) < 1e-3
+    table = bench_fairness.markdown(result)
+    assert "| capacity_again | greedy | 4 |" in table and "| fair_share_on | polite2 | 1 |" in table
 
 
 def test_photo_jpeg_sizes():
