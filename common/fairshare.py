@@ -34,12 +34,13 @@ Rules 1-3 span the workers because gunicorn's workers are separate processes and
 hands each connection to one of them: four clients with one connection each may all sit in one
 worker while a client with 60 connections also fills the other, and per-worker accounting then
 gave them a fifth of one worker each (0.44-0.46 of a fair share measured, docs/BENCHMARKS.md).
-For the same reason a *crowded* worker (pressed, and another gives its waiting clients more)
-moves waiting clients: :meth:`FairShare.should_move` names the worker to which the web layer
-hands one such client's connection after its answer (the client keeps its connection; the
-other worker answers its next request), at most every ``MOVE_EVERY`` seconds; and
-:meth:`FairShare.crowded` makes the worker pause before it accepts a new connection, so that
-a new connection more likely lands in another worker.
+For the same reason a pressed worker on which at least two more clients wait than on another
+moves one of them: :meth:`FairShare.should_move` names the worker to which the web layer hands
+the client's connection after its answer (the client keeps its connection; the other worker
+answers its next request), at most every ``MOVE_EVERY`` seconds; and a *crowded* worker
+(pressed, and another gives its waiting clients more or has room, :meth:`FairShare.crowded`)
+pauses before it accepts a new connection, so that a new connection more likely lands in
+another worker.
 
 The workers learn of each other through :class:`Siblings`: each publishes its clients' figures
 (and whether its model is pressed) every ``Siblings.every`` seconds as one small JSON file in a
