@@ -3,7 +3,7 @@
 
 Starts the real server (the Dockerfile's command, ``TRUSTED_PROXIES=127.0.0.1``) with a model,
 or drives the one at ``--url`` (which must trust 127.0.0.1 as a proxy for the identities to
-count), and runs three phases of ``--duration`` seconds each:
+count), and runs four phases of ``--duration`` seconds each:
 
 1. **capacity**: the greedy client alone (60 connections, each resending a 503 or 429 at once):
    the server's goodput (200s per second) when one client keeps it saturated;

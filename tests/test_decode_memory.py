@@ -102,7 +102,7 @@ def test_memory_goes_back_to_the_system_after_big_decodes(server, bombs):
     is given back: the worker trims after a decode that reserved 32 MiB or more, and maps
     Pillow's big image blocks on their own (gunicorn.conf.py), so that an image freed after the
     last trim goes back too. Without the fixed mmap threshold about one round in four kept
-    27-41 MiB, so several rounds are checked."""
+    22-41 MiB, so several rounds are checked."""
     kinds = ["png_rgba", "tiff_float", "png_16bit", "png_palette_transparent"] * 2
     before = PeakMemory(server.pid).rss_mb()
     kept = []

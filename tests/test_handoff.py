@@ -17,6 +17,7 @@ import time
 import pytest
 
 from common.web.gunicorn_worker import Handoff
+from scripts.liveserver import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,9 +70,7 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("handoff")
     (work / "move_app.py").write_text(APP)
     (work / "conf.py").write_text(CONFIG)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     handoff = work / "handoff"
     env = {**os.environ, "TEST_HANDOFF_DIR": str(handoff),
            "PYTHONPATH": os.pathsep.join([str(work), ROOT])}

@@ -171,7 +171,7 @@ class UploadDeadline:
             "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not has_body:
             def start_bodiless(status, headers, exc_info=None):
-                if not _moved(environ, True):
+                if not _may_stay_open(environ, True):
                     _close_after_response(start_response)
                 return start_response(status, headers, exc_info)
             return self.app(environ, start_bodiless)
@@ -184,7 +184,7 @@ class UploadDeadline:
             if (int(status.split(" ", 1)[0]) >= 400 and not _read_to_end(stream, declared)
                     and not _drain(stream, declared, environ.get("gunicorn.socket"))):
                 _close_after_response(start_response)
-            elif not _moved(environ, _read_to_end(stream, declared)):  # drained, perhaps
+            elif not _may_stay_open(environ, _read_to_end(stream, declared)):  # drained, perhaps
                 _close_after_response(start_response)
             return start_response(status, headers, exc_info)
 
@@ -194,10 +194,10 @@ class UploadDeadline:
             stream.done()
 
 
-def _moved(environ, complete: bool) -> bool:
-    """Mark the connection to move when the app asked (``MOVE_CONNECTION``) and it can: its
-    body was read to its end (``complete``) and gunicorn's socket can be handed over. False
-    when it asked and the connection cannot move: it is closed instead."""
+def _may_stay_open(environ, complete: bool) -> bool:
+    """Whether the connection may stay open after the answer: yes when the app asked for no
+    move; when it asked (``MOVE_CONNECTION``), mark it to move if it can (its body read to its
+    end, ``complete``, and gunicorn's socket able to be handed over), else no: it is closed."""
     pid = environ.get(MOVE_CONNECTION)
     if pid is None:
         return True
