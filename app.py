@@ -18,11 +18,10 @@ from common.config import Config
 from common.dataplane import DataPlane
 from common.fetch import UrlFetcher
 from common.inference.classifier import Classifier
-from common.inference.loader import RuntimeOptions, load_classifier
+from common.inference.loader import RuntimeOptions, load_classifier, load_starts_threads
 from common.keys import KeyRing
 from common.logs import configure_logging
 from common.metrics import Metrics
-from common.modelfolder import ModelFolder
 from common.storage import ImageStore
 from common.versions.manager import Manager
 from common.web import auth, cors, error_handlers, routes
@@ -76,8 +75,10 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     keys = KeyRing.from_config(config)  # a malformed API_KEYS(_FILE) stops here, before loading
     trail = Audit.from_config(config)
     own_model = classifier is None
+    options = RuntimeOptions.from_config(config)
     manager = Manager(
-        config, _loader(config), metrics=metrics,
+        config, lambda folder: load_classifier(folder, options), metrics=metrics,
+        may_lower=lambda folder: not load_starts_threads(folder, options),
         on_failure=_exit_on_failure(config) if own_model else None,
         on_hung=_exit_when_hung(config) if own_model else None,
         classifier=classifier, audit=trail).start()
@@ -96,13 +97,6 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     app.wsgi_app = UploadDeadline(app.wsgi_app, grace_seconds=config.upload_timeout,
                                   min_rate=config.upload_min_rate_kb * 1024)
     return app
-
-
-def _loader(config: Config) -> Callable[[ModelFolder], Classifier]:
-    """Loads one model folder on the runtime RUNTIME chooses (TensorFlow is configured only
-    when used)."""
-    options = RuntimeOptions.from_config(config)
-    return lambda folder: load_classifier(folder, options)
 
 
 def _exit_on_failure(config: Config):

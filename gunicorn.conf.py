@@ -10,7 +10,7 @@ import tempfile
 import threading
 
 from common.config import Config
-from common.machine import plan_for
+from common.machine import lower_thread_priority, plan_for
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id otherwise
@@ -163,7 +163,7 @@ def pre_request(worker, req):
     """
     if _settings.request_nice and not getattr(_request_thread, "reniced", False):
         _request_thread.reniced = True
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _settings.request_nice)
+        lower_thread_priority(_settings.request_nice)
 
 
 def worker_exit(server, worker):

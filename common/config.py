@@ -209,6 +209,7 @@ class Config:
     max_refusals_per_second: float = env("MAX_REFUSALS_PER_SECOND", _float(0.0, lo_open=False),
                                          default=100.0)
     request_nice: int = env("REQUEST_NICE", _int(0), default=10)
+    load_nice: int = env("LOAD_NICE", _int(0), default=10)
     request_timeout: float = env("REQUEST_TIMEOUT", _float(), default=15.0)
     model_hang_timeout: float = env("MODEL_HANG_TIMEOUT", _float(0.0, lo_open=False),
                                     default=120.0)

@@ -121,6 +121,27 @@ def usable_cpus(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup")
     return max(1, cpus)
 
 
+def lower_thread_priority(nice: int) -> int:
+    """Lower the calling thread's CPU priority to ``nice`` (Linux: a thread is a task of its
+    own, so ``setpriority`` with its id touches no other thread); never raises it. Returns the
+    nice value in effect.
+
+    Threads the thread starts afterwards inherit it, and an unprivileged process cannot raise
+    it back: whatever must keep normal priority (a model's thread, a runtime's pool) must not
+    be started by a thread lowered so. A no-op where the OS has no per-thread priority.
+    """
+    try:
+        import threading
+
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > now:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (AttributeError, OSError):
+        return 0
+
+
 def usable_memory(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup",
                   meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes this process may use: the cgroup limit and the machine's memory, the smaller."""

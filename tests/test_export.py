@@ -18,7 +18,7 @@ from tiny_models import save_colour_model
 
 from common.config import Config
 from common.inference import exports
-from common.inference.loader import RuntimeOptions, load_classifier
+from common.inference.loader import RuntimeOptions, load_classifier, load_starts_threads
 from common.modelfolder import EXPORT_FILES, ModelFolder, ModelLoadError, file_sha256
 from scripts import export as export_cli
 from scripts import exporting, label_image
@@ -64,6 +64,31 @@ def test_onnx_export_is_written_verified_and_recorded(exported):
     assert onnx_clf.runtime == "onnx" and onnx_clf.input_size == tf_clf.input_size
     images = _colour_images()
     np.testing.assert_allclose(onnx_clf.predict(images), tf_clf.predict(images), atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_load_starts_threads_says_what_a_load_leaves_running(exported, threads):
+    """A roll-out's load runs at LOAD_NICE only where ``load_starts_threads`` says it starts no
+    thread the model keeps (such a thread would keep the lowered priority). Checked against the
+    threads alive before and after a real load and warm-up: ONNX Runtime with one intra-op
+    thread starts none, with two a pool; TensorFlow none once it has loaded a model here."""
+    options = RuntimeOptions("onnx", onnx_intra_op_threads=threads)
+    first = load_classifier(exported, options)  # a process's first session starts ORT's own
+    before = set(os.listdir("/proc/self/task"))
+    clf = load_classifier(exported, options)
+    clf.warm_up((1, 2))
+    started = set(os.listdir("/proc/self/task")) - before
+    assert bool(started) is load_starts_threads(exported, options) is (threads != 1), started
+    del first, clf
+
+    tf_options = RuntimeOptions("tensorflow")
+    load_classifier(exported, tf_options)
+    before = set(os.listdir("/proc/self/task"))
+    load_classifier(exported, tf_options).warm_up((1, 2))
+    assert set(os.listdir("/proc/self/task")) == before
+    assert load_starts_threads(exported, tf_options) is False
+    # LiteRT is not measured: taken to start its pool
+    assert load_starts_threads(exported, RuntimeOptions("tflite")) is True
 
 
 @pytest.mark.parametrize("spinning", [False, True])

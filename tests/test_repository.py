@@ -199,6 +199,46 @@ def test_new_version_replaces_the_old_only_once_ready(tmp_path, colour_versions)
         manager.close()
 
 
+def _nice(native_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, native_id)
+
+
+def test_a_roll_out_loads_at_load_nice_and_serves_at_normal_priority(tmp_path, colour_versions):
+    """LOAD_NICE: a version found after start-up loads and warms up in a thread of its own at
+    that nice, so a roll-out takes the CPU the serving versions leave; the batcher thread that
+    then serves it keeps normal priority. Versions found at start-up, and loads that would start
+    runtime threads (``may_lower`` False), load at normal priority."""
+    seen = {}
+
+    def load(folder):
+        seen[os.path.basename(folder.path)] = _nice(threading.get_native_id())
+        return load_classifier(folder)
+
+    repo = tmp_path / "repo"
+    publish(repo, "colours", 1, colour_versions["v1"])
+    config = Config.from_mapping({"model_repository": str(repo), "model_poll_seconds": 0,
+                                  "temp_dir": str(repo / ".t"), "load_nice": 7})
+    manager = Manager(config, load, may_lower=lambda folder: not folder.path.endswith("3"))
+    manager.source.settle_seconds = 0
+    manager.start()
+    try:
+        assert manager.wait_initial(60)
+        publish(repo, "colours", 2, colour_versions["v2"])
+        _wait(manager, "colours", 2)
+        assert _classify(manager) == ({"name": "colours", "version": "2"}, "red2")
+        assert seen == {"1": 0, "2": 7}
+        _wait_gone(manager, "colours", 1)  # its batcher thread has ended: only version 2's
+        batchers = [t for t in threading.enumerate() if t.name == "model-batcher"]
+        assert batchers and {_nice(t.native_id) for t in batchers} == {0}
+        publish(repo, "colours", 3, colour_versions["v1"])
+        _wait(manager, "colours", 3)
+        assert _classify(manager) == ({"name": "colours", "version": "3"}, "red")
+        assert seen == {"1": 0, "2": 7, "3": 0}
+        assert _nice(threading.get_native_id()) == 0  # nothing lowered the caller
+    finally:
+        manager.close()
+
+
 def test_labels_policy_and_unknown_names(tmp_path, colour_versions):
     repo = tmp_path / "repo"
     publish(repo, "colours", 1, colour_versions["v1"])

@@ -126,14 +126,13 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     spec = folder.preprocessing(meta)
     kind = folder.format
     record = None
+    runtime = runtime_for(folder, options)
     if kind in IMPORTED:
-        runtime = IMPORTED[kind]
         if options.runtime not in ("auto", runtime):
             log.info("%s is an imported %s model: it runs on %s whatever RUNTIME says",
                      folder.path, kind, runtime)
         graph, where = _imported_graph(folder, options, runtime), folder.model_file()
     else:
-        runtime = choose_runtime(folder, options.runtime, options.precision)
         if runtime == "tensorflow":
             _configure_tensorflow(options)
             graph, where = tfruntime.load_graph(folder), folder.path
@@ -141,6 +140,8 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
             graph, record, where = _exported_graph(folder, options, runtime)
         else:
             raise ModelLoadError(f"unknown runtime {runtime!r}")
+    if runtime == "tensorflow":
+        _STARTED.add(runtime)
     folder.check_label_count(graph.outputs, labels, where, spec.label_offset)
     name, version = folder.identity(meta)
     size = folder.input_size(meta, graph.static_size(spec.layout))
@@ -156,6 +157,38 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
 
 #: An imported model's format -> the runtime that runs it.
 IMPORTED = {"onnx": "onnx", "tflite": "tflite", "keras": "tensorflow", "h5": "tensorflow"}
+
+#: Runtimes that have loaded a model in this process (TensorFlow: its pools exist).
+_STARTED: set[str] = set()
+
+
+def runtime_for(folder: ModelFolder, options: RuntimeOptions) -> str:
+    """The runtime :func:`load_classifier` runs ``folder`` on: an imported model's own, else
+    :func:`choose_runtime`'s."""
+    if folder.format in IMPORTED:
+        return IMPORTED[folder.format]
+    return choose_runtime(folder, options.runtime, options.precision)
+
+
+def load_starts_threads(folder: ModelFolder | str, options: RuntimeOptions) -> bool:
+    """Whether loading ``folder`` (and warming it up) starts threads that the model keeps
+    using, such as a runtime's pools. Such a load must run at normal priority: a thread inherits
+    the priority of the thread that starts it, and an unprivileged process cannot raise it back
+    (``machine.lower_thread_priority``). Measured (2026-12-06, threads alive before and after):
+
+    * ONNX Runtime with one intra-op thread starts none (the calling thread runs the graph);
+      with more, or 0 (its default, one per core), a pool for each session;
+    * TensorFlow starts its process-wide pools on its first load (4 threads at one intra-op
+      thread) and none on later loads;
+    * LiteRT is taken to start some (XNNPACK's pool).
+    """
+    folder = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
+    runtime = runtime_for(folder, options)
+    if runtime == "onnx":
+        return options.onnx_intra_op_threads != 1
+    if runtime == "tensorflow":
+        return runtime not in _STARTED
+    return True
 
 
 def _configure_tensorflow(options: RuntimeOptions) -> None:

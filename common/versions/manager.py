@@ -48,6 +48,7 @@ from common.config import Config
 from common.errors import BadRequest, ModelNotFound, ModelNotReady, ServiceUnavailable
 from common.inference.batcher import Ticket
 from common.inference.classifier import Classifier
+from common.machine import lower_thread_priority
 from common.modelfolder import ModelFolder, ModelLoadError
 from common.versions.policy import Kind, Serving, next_action, offered_models
 from common.versions.served import Health, ServedVersion, State
@@ -297,15 +298,18 @@ class Manager:
         audit: ``common.audit.Audit`` (or None): ``model_loaded`` when a version found in the
             source has loaded, ``model_unloaded`` when one is retired (one record per worker,
             each loads its own).
+        may_lower: whether a folder may load at ``LOAD_NICE`` (``loader.load_starts_threads``
+            says it starts no lasting thread); None: every load at normal priority.
     """
 
     def __init__(self, config: Config, load: Callable[[ModelFolder], Classifier], *,
                  metrics=None, on_hung=None, on_failure=None,
                  classifier: Classifier | Callable[[], Classifier] | None = None,
-                 audit=None):
+                 audit=None, may_lower: Callable[[ModelFolder], bool] | None = None):
         self.config = config
         self.audit = audit
         self._load = load
+        self.may_lower = may_lower
         self.metrics = metrics
         self.on_hung = on_hung
         self.on_failure = on_failure
@@ -461,21 +465,33 @@ class Manager:
             folder = offered[action.version]
             if action.version in have:  # failed or loading: the new files replace it
                 retired.append(have.pop(action.version).served)
-            served = self._served(lambda f=folder: self._load_quoted(f),
-                                  identity=(name, action.version), initial=initial)
+            nice = 0 if initial else self.config.load_nice
+            served = self._served(lambda f=folder, n=nice: self._load_quoted(f, n),
+                                  identity=(name, action.version), initial=initial,
+                                  apart=bool(nice))
             have[action.version] = _Version(folder, served.start())
             if initial:
                 self._initial.append(served)
             log.info("loading model %s version %d from %s (%s)", name, action.version,
                      folder.path, action.reason)
 
-    def _load_quoted(self, folder: VersionFolder) -> Classifier:
+    def _load_quoted(self, folder: VersionFolder, nice: int = 0) -> Classifier:
         """Load ``folder``; a failure's message, which becomes the version's error in every
         answer (``/models``, the protocols' status, 503s), names files as the source shows them
         (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by their server
-        path. The log keeps the full message."""
+        path. The log keeps the full message.
+
+        ``nice`` (``LOAD_NICE``, for versions found after start-up): load at that lower CPU
+        priority, so that a roll-out's load and warm-up take the CPU the serving versions
+        leave, when ``may_lower(folder)`` says the load starts no thread the model keeps (they
+        would inherit the priority for good). The call then runs in a thread of its own
+        (``ServedVersion``'s ``apart``), which ends with the load."""
         try:
-            loaded = self._load(self.source.open(folder))
+            opened = self.source.open(folder)
+            if nice and self.may_lower is not None and self.may_lower(opened):
+                log.info("model %s version %d loads at nice %d", folder.name, folder.version,
+                         lower_thread_priority(nice))
+            loaded = self._load(opened)
         except Exception as exc:
             message = str(exc) or type(exc).__name__
             log.error("model %s version %d failed to load: %s", folder.name, folder.version,
@@ -494,11 +510,13 @@ class Manager:
         if self.audit is not None:
             self.audit.record(event, model=name, version=version)
 
-    def _served(self, classifier, identity, initial: bool = False) -> ServedVersion:
+    def _served(self, classifier, identity, initial: bool = False,
+                apart: bool = False) -> ServedVersion:
         return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,
                              on_failure=self.on_failure if initial and self.source.essential
                              else None, identity=identity,
-                             turn=contextlib.nullcontext if initial else self.load_turn)
+                             turn=contextlib.nullcontext if initial else self.load_turn,
+                             apart=apart)
 
     # -- requests ---------------------------------------------------------------------------------
     @property

@@ -226,15 +226,19 @@ class ServedVersion:
             classifier given in memory).
         turn: a context manager held while the version loads and warms up (the manager's
             ``load_turn`` for a roll-out: under gunicorn, one worker loads at a time).
+        apart: load and warm up in a thread of its own (the manager's, for a roll-out: its
+            source may lower that thread's priority, ``LOAD_NICE``).
     """
 
     def __init__(self, source: Classifier | Callable[[], Classifier], config: Config, *,
                  metrics=None, on_failure: Callable[[BaseException], None] | None = None,
                  on_hung: Callable[[float], None] | None = None,
                  identity: tuple[str, int] | None = None,
-                 turn: Callable[[], ContextManager] = contextlib.nullcontext):
+                 turn: Callable[[], ContextManager] = contextlib.nullcontext,
+                 apart: bool = False):
         self._source = source
         self._turn = turn
+        self._apart = apart
         self.identity = identity
         self.version_metrics = None  # the metrics hooks labelled with this version, once loaded
         self._holds = 0  # leases (and lookups about to lease) not yet finished
@@ -266,12 +270,8 @@ class ServedVersion:
             with self._turn():
                 if self._stopped:  # retired while it waited for its turn
                     return
-                t0 = time.perf_counter()
-                clf = self._source if isinstance(self._source, Classifier) else self._source()
-                if self.identity is not None:
-                    clf.name, clf.version = self.identity
-                self.load_seconds = time.perf_counter() - t0
-                self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
+                clf = (_in_own_thread(self._load_and_warm_up) if self._apart
+                       else self._load_and_warm_up())
             if self.metrics is not None:
                 self.version_metrics = self.metrics.for_version(clf.name, clf.version)
             batch_size = efficient_batch_size(clf.batch_seconds, self.config.batch_max_size)
@@ -302,6 +302,19 @@ class ServedVersion:
                 self.on_failure(exc)
         finally:
             self._settled.set()
+
+    def _load_and_warm_up(self) -> Classifier:
+        """The classifier, loaded (unless given) and warmed up. With ``apart`` it runs in a
+        thread of its own, which the source may lower in priority (``LOAD_NICE``): the
+        batcher's model thread is started after, by the thread that waits for this one, so it
+        keeps normal priority."""
+        t0 = time.perf_counter()
+        clf = self._source if isinstance(self._source, Classifier) else self._source()
+        if self.identity is not None:
+            clf.name, clf.version = self.identity
+        self.load_seconds = time.perf_counter() - t0
+        self.warmup_seconds = clf.warm_up(bucket_sizes(self.config.batch_max_size))
+        return clf
 
     def _watch(self) -> None:
         """A model call running past MODEL_HANG_TIMEOUT cannot be interrupted (TensorFlow has
@@ -398,3 +411,21 @@ class ServedVersion:
         if running is None or self._stopped:
             raise self.health().error() or ModelNotReady()
         return running
+
+
+def _in_own_thread(work: Callable[[], Classifier]) -> Classifier:
+    """``work()`` run in a new thread, waited for; its exception is raised here."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread, which reports it
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="model-loader-apart", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
