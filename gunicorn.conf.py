@@ -113,8 +113,8 @@ def post_worker_init(worker):
     restart, must not take requests that a ready sibling could serve. The heartbeat keeps going
     meanwhile, so a slow load is not mistaken for a hung worker.
     Once warm, the worker is marked so, and its ``/readyz`` says ready only when every worker
-    has been warm (``WarmWorkers``); versions found later load in one worker at a time
-    (``OneLoadAtATime``).
+    has been warm (``WarmWorkers``); versions found later load at ``LOAD_NICE`` where they
+    may, else in one worker at a time (``OneLoadAtATime``).
     """
     from common.dataplane import DataPlane
 

@@ -1,11 +1,14 @@
 """scripts/export.py: a tiny real model exported to ONNX and TFLite with the real converters,
 verified against TensorFlow, refused when its outputs stray; the loaders' checks; the ONNX
 runtime through the real gunicorn server."""
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import imagegen as ig
 import numpy as np
@@ -66,29 +69,91 @@ def test_onnx_export_is_written_verified_and_recorded(exported):
     np.testing.assert_allclose(onnx_clf.predict(images), tf_clf.predict(images), atol=1e-4)
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_load_starts_threads_says_what_a_load_leaves_running(exported, threads):
-    """A roll-out's load runs at LOAD_NICE only where ``load_starts_threads`` says it starts no
-    thread the model keeps (such a thread would keep the lowered priority). Checked against the
-    threads alive before and after a real load and warm-up: ONNX Runtime with one intra-op
-    thread starts none, with two a pool; TensorFlow none once it has loaded a model here."""
-    options = RuntimeOptions("onnx", onnx_intra_op_threads=threads)
-    first = load_classifier(exported, options)  # a process's first session starts ORT's own
-    before = set(os.listdir("/proc/self/task"))
-    clf = load_classifier(exported, options)
-    clf.warm_up((1, 2))
-    started = set(os.listdir("/proc/self/task")) - before
-    assert bool(started) is load_starts_threads(exported, options) is (threads != 1), started
-    del first, clf
+#: Run in a fresh process (no other test's threads): for each runtime setting, whether
+#: load_starts_threads predicts a load + warm-up that leaves new threads running.
+_THREADS_PROBE = """
+import json, os, sys
+from common.inference.loader import RuntimeOptions, load_classifier, load_starts_threads
+folder, out, kept = sys.argv[1], [], []
+def tasks():
+    return set(os.listdir("/proc/self/task"))
+one, two = (RuntimeOptions("onnx", onnx_intra_op_threads=n) for n in (1, 2))
+for options in (one, one, two, RuntimeOptions("tensorflow"), RuntimeOptions("tensorflow")):
+    said, before = load_starts_threads(folder, options), tasks()
+    kept.append(load_classifier(folder, options))  # kept: a session's pool ends with it
+    kept[-1].warm_up((1, 2))
+    out.append([options.runtime, said, len(tasks() - before)])
+print(json.dumps(out))
+"""
 
-    tf_options = RuntimeOptions("tensorflow")
-    load_classifier(exported, tf_options)
-    before = set(os.listdir("/proc/self/task"))
-    load_classifier(exported, tf_options).warm_up((1, 2))
-    assert set(os.listdir("/proc/self/task")) == before
-    assert load_starts_threads(exported, tf_options) is False
+
+def test_load_starts_threads_says_what_a_load_leaves_running(exported):
+    """A roll-out's load runs at LOAD_NICE only where ``load_starts_threads`` says it starts no
+    thread the model keeps (such a thread would keep the lowered priority). Checked in a fresh
+    process against the threads alive before and after real loads and warm-ups: ONNX Runtime
+    starts one on its first load, then none at one intra-op thread and a pool per session at
+    two; TensorFlow its pools on its first load and none on the next."""
+    found = subprocess.run([sys.executable, "-c", _THREADS_PROBE, exported], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert found.returncode == 0, found.stderr[-2000:]
+    runs = json.loads(found.stdout.strip().splitlines()[-1])
+    assert [(runtime, said) for runtime, said, _ in runs] == [
+        ("onnx", True), ("onnx", False), ("onnx", True), ("tensorflow", True),
+        ("tensorflow", False)]
+    for runtime, said, started in runs:
+        assert bool(started) is said, runs
     # LiteRT is not measured: taken to start its pool
     assert load_starts_threads(exported, RuntimeOptions("tflite")) is True
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_app_lowers_a_roll_outs_load_only_where_no_thread_outlives_it(exported, tmp_path,
+                                                                          threads):
+    """create_app's wiring of LOAD_NICE: with one ONNX Runtime thread a version published after
+    start-up loads lowered (it then takes no ``load_turn``); with two (a pool per session) at
+    the process's priority, in its turn, so every thread started since, the new session's pool
+    included, keeps that priority."""
+    from app import create_app
+    from common import modelfolder
+    from common.dataplane import DataPlane
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    repo = tmp_path / "repo"
+    os.makedirs(repo / "colours")
+    shutil.copytree(exported, repo / "colours" / "1")
+    app = create_app({"model_repository": str(repo), "model_poll_seconds": 0, "runtime": "onnx",
+                      "onnx_intra_op_threads": threads, "temp_dir": str(tmp_path / "t"),
+                      "load_nice": 9})
+    manager = DataPlane.of(app).manager
+    turns = []
+
+    @contextlib.contextmanager
+    def turn():
+        turns.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        yield
+
+    manager.load_turn = turn
+    try:
+        assert manager.wait_initial(60)
+        before = set(os.listdir("/proc/self/task"))
+        staging = shutil.copytree(exported, repo / ".incoming")
+        modelfolder.publish(str(staging), str(repo / "colours" / "2"))
+        deadline = time.monotonic() + 60
+        while not any(v["version"] == 2 and v["state"] == "ready"
+                      for m in manager.status() for v in m["versions"]):
+            assert time.monotonic() < deadline, manager.status()
+            manager.poll()
+            time.sleep(0.05)
+        assert turns == ([] if threads == 1 else [base])
+        started = set(os.listdir("/proc/self/task")) - before
+        assert started or threads == 1  # the pool of version 2's session
+        for tid in started:
+            try:
+                assert os.getpriority(os.PRIO_PROCESS, int(tid)) == base
+            except ProcessLookupError:  # a thread that has ended since
+                pass
+    finally:
+        DataPlane.of(app).close()
 
 
 @pytest.mark.parametrize("spinning", [False, True])

@@ -1,5 +1,6 @@
 """The model repository: layout, settings file, version policy, and hot reload in the engine
 (in-process, common/manager.py) and on the real server under load."""
+import contextlib
 import json
 import os
 import shutil
@@ -205,14 +206,22 @@ def _nice(native_id: int) -> int:
 
 def test_a_roll_out_loads_at_load_nice_and_serves_at_normal_priority(tmp_path, colour_versions):
     """LOAD_NICE: a version found after start-up loads and warms up in a thread of its own at
-    that nice, so a roll-out takes the CPU the serving versions leave; the batcher thread that
-    then serves it keeps normal priority. Versions found at start-up, and loads that would start
-    runtime threads (``may_lower`` False), load at normal priority."""
-    seen = {}
+    that nice, without waiting for ``load_turn`` (one worker after another would multiply a
+    slow lowered load by the workers); the batcher thread that then serves it keeps the
+    process's priority. Versions found at start-up, and loads that would start runtime
+    threads (``may_lower`` False), load at the process's priority, the latter in their turn."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    lowered = max(base, 7)
+    seen, turns = {}, []
 
     def load(folder):
         seen[os.path.basename(folder.path)] = _nice(threading.get_native_id())
         return load_classifier(folder)
+
+    @contextlib.contextmanager
+    def turn():
+        turns.append(_nice(threading.get_native_id()))
+        yield
 
     repo = tmp_path / "repo"
     publish(repo, "colours", 1, colour_versions["v1"])
@@ -220,21 +229,21 @@ def test_a_roll_out_loads_at_load_nice_and_serves_at_normal_priority(tmp_path, c
                                   "temp_dir": str(repo / ".t"), "load_nice": 7})
     manager = Manager(config, load, may_lower=lambda folder: not folder.path.endswith("3"))
     manager.source.settle_seconds = 0
+    manager.load_turn = turn
     manager.start()
     try:
         assert manager.wait_initial(60)
         publish(repo, "colours", 2, colour_versions["v2"])
         _wait(manager, "colours", 2)
         assert _classify(manager) == ({"name": "colours", "version": "2"}, "red2")
-        assert seen == {"1": 0, "2": 7}
-        _wait_gone(manager, "colours", 1)  # its batcher thread has ended: only version 2's
-        batchers = [t for t in threading.enumerate() if t.name == "model-batcher"]
-        assert batchers and {_nice(t.native_id) for t in batchers} == {0}
+        assert seen == {"1": base, "2": lowered} and turns == []
+        batcher = manager.find(Route("colours", 2)).running().batcher
+        assert _nice(batcher._thread.native_id) == base
         publish(repo, "colours", 3, colour_versions["v1"])
         _wait(manager, "colours", 3)
         assert _classify(manager) == ({"name": "colours", "version": "3"}, "red")
-        assert seen == {"1": 0, "2": 7, "3": 0}
-        assert _nice(threading.get_native_id()) == 0  # nothing lowered the caller
+        assert seen == {"1": base, "2": lowered, "3": base} and turns == [base]
+        assert _nice(threading.get_native_id()) == base  # nothing lowered the caller
     finally:
         manager.close()
 

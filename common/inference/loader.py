@@ -140,7 +140,7 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
             graph, record, where = _exported_graph(folder, options, runtime)
         else:
             raise ModelLoadError(f"unknown runtime {runtime!r}")
-    if runtime == "tensorflow":
+    if runtime in ("tensorflow", "onnx"):
         _STARTED.add(runtime)
     folder.check_label_count(graph.outputs, labels, where, spec.label_offset)
     name, version = folder.identity(meta)
@@ -158,8 +158,11 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
 #: An imported model's format -> the runtime that runs it.
 IMPORTED = {"onnx": "onnx", "tflite": "tflite", "keras": "tensorflow", "h5": "tensorflow"}
 
-#: Runtimes that have loaded a model in this process (TensorFlow: its pools exist).
+#: Runtimes that have loaded a model in this process (their process-wide threads exist); a
+#: forked child has none of those threads.
 _STARTED: set[str] = set()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_STARTED.clear)
 
 
 def runtime_for(folder: ModelFolder, options: RuntimeOptions) -> str:
@@ -176,19 +179,20 @@ def load_starts_threads(folder: ModelFolder | str, options: RuntimeOptions) -> b
     the priority of the thread that starts it, and an unprivileged process cannot raise it back
     (``machine.lower_thread_priority``). Measured (2026-12-06, threads alive before and after):
 
-    * ONNX Runtime with one intra-op thread starts none (the calling thread runs the graph);
-      with more, or 0 (its default, one per core), a pool for each session;
+    * ONNX Runtime starts one on its first load in a process; after that none with one
+      intra-op thread (the calling thread runs the graph), and with more, or 0 (its default,
+      one per core), a pool for each session;
     * TensorFlow starts its process-wide pools on its first load (4 threads at one intra-op
       thread) and none on later loads;
     * LiteRT is taken to start some (XNNPACK's pool).
     """
     folder = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
     runtime = runtime_for(folder, options)
+    if runtime not in _STARTED:
+        return True
     if runtime == "onnx":
         return options.onnx_intra_op_threads != 1
-    if runtime == "tensorflow":
-        return runtime not in _STARTED
-    return True
+    return runtime != "tensorflow"
 
 
 def _configure_tensorflow(options: RuntimeOptions) -> None:

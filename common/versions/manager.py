@@ -331,9 +331,10 @@ class Manager:
         self._poll_lock = threading.Lock()  # one poll at a time
         self._closed = threading.Event()
         self._initial: list[ServedVersion] = []
-        #: Held while a version found after start-up loads and warms up: a roll-out's load
-        #: competes with serving. gunicorn.conf.py makes it one worker at a time
-        #: (``OneLoadAtATime``), so the other workers serve at full speed meanwhile.
+        #: Held while a version found after start-up loads and warms up at normal priority
+        #: (not at ``LOAD_NICE``): a roll-out's load competes with serving. gunicorn.conf.py
+        #: makes it one worker at a time (``OneLoadAtATime``), so the other workers serve at
+        #: full speed meanwhile.
         self.load_turn: Callable[[], ContextManager] = contextlib.nullcontext
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -465,10 +466,10 @@ class Manager:
             folder = offered[action.version]
             if action.version in have:  # failed or loading: the new files replace it
                 retired.append(have.pop(action.version).served)
-            nice = 0 if initial else self.config.load_nice
+            nice = 0 if initial else self._load_nice(folder)
             served = self._served(lambda f=folder, n=nice: self._load_quoted(f, n),
                                   identity=(name, action.version), initial=initial,
-                                  apart=bool(nice))
+                                  lowered=bool(nice))
             have[action.version] = _Version(folder, served.start())
             if initial:
                 self._initial.append(served)
@@ -481,14 +482,12 @@ class Manager:
         (``flowers/2/labels.txt``; ``MODEL_PATH``: its folder's name), never by their server
         path. The log keeps the full message.
 
-        ``nice`` (``LOAD_NICE``, for versions found after start-up): load at that lower CPU
-        priority, so that a roll-out's load and warm-up take the CPU the serving versions
-        leave, when ``may_lower(folder)`` says the load starts no thread the model keeps (they
-        would inherit the priority for good). The call then runs in a thread of its own
-        (``ServedVersion``'s ``apart``), which ends with the load."""
+        ``nice`` (:meth:`_load_nice`): load at that lower CPU priority, so that a roll-out's
+        load and warm-up take the CPU the serving versions leave. The call then runs in a
+        thread of its own (``ServedVersion``'s ``apart``), which ends with the load."""
         try:
             opened = self.source.open(folder)
-            if nice and self.may_lower is not None and self.may_lower(opened):
+            if nice:
                 log.info("model %s version %d loads at nice %d", folder.name, folder.version,
                          lower_thread_priority(nice))
             loaded = self._load(opened)
@@ -511,12 +510,25 @@ class Manager:
             self.audit.record(event, model=name, version=version)
 
     def _served(self, classifier, identity, initial: bool = False,
-                apart: bool = False) -> ServedVersion:
+                lowered: bool = False) -> ServedVersion:
         return ServedVersion(classifier, self.config, metrics=self.metrics, on_hung=self.on_hung,
                              on_failure=self.on_failure if initial and self.source.essential
                              else None, identity=identity,
-                             turn=contextlib.nullcontext if initial else self.load_turn,
-                             apart=apart)
+                             turn=contextlib.nullcontext if initial or lowered
+                             else self.load_turn, apart=lowered)
+
+    def _load_nice(self, folder: VersionFolder) -> int:
+        """``LOAD_NICE`` for a version found after start-up when ``may_lower`` says its load
+        starts no thread the model keeps, else 0. A load so lowered takes only the CPU the
+        serving versions leave, so it does not wait for ``load_turn`` either: under
+        saturation it is slow (tens of seconds), and one worker after another would multiply
+        that by the workers."""
+        if not self.config.load_nice or self.may_lower is None:
+            return 0
+        try:
+            return self.config.load_nice if self.may_lower(self.source.open(folder)) else 0
+        except Exception:  # a broken folder: its load reports what is wrong
+            return 0
 
     # -- requests ---------------------------------------------------------------------------------
     @property

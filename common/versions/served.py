@@ -426,6 +426,10 @@ def _in_own_thread(work: Callable[[], Classifier]) -> Classifier:
     thread = threading.Thread(target=run, name="model-loader-apart", daemon=True)
     thread.start()
     thread.join()
-    if "error" in out:
-        raise out["error"]
+    error = out.pop("error", None)
+    if error is not None:
+        try:
+            raise error
+        finally:  # no cycle through this frame: a failed load's objects go at once
+            error = None
     return out["value"]

@@ -109,9 +109,10 @@ class WarmWorkers:
 
 class OneLoadAtATime:
     """A lock the server's workers share (``flock`` on a file of the run folder): held while
-    a worker loads and warms up a version found after start-up, so that a roll-out loads in
-    one worker after another and the others serve at full speed meanwhile. A worker waiting
-    for its turn keeps serving the version it has."""
+    a worker loads and warms up a version found after start-up at normal priority, so that a
+    roll-out loads in one worker after another and the others serve at full speed meanwhile.
+    A worker waiting for its turn keeps serving the version it has. A load at ``LOAD_NICE``
+    does not take it (``Manager._load_nice``)."""
 
     def __init__(self, path: str, patience: float = 300.0):
         self.path = path
