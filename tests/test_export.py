@@ -91,8 +91,8 @@ def test_load_starts_threads_says_what_a_load_leaves_running(exported):
     """A roll-out's load runs at LOAD_NICE only where ``load_starts_threads`` says it starts no
     thread the model keeps (such a thread would keep the lowered priority). Checked in a fresh
     process against the threads alive before and after real loads and warm-ups: ONNX Runtime
-    starts one on its first load, then none at one intra-op thread and a pool per session at
-    two; TensorFlow its pools on its first load and none on the next."""
+    starts none at one intra-op thread once it has loaded a model, a pool per session at two;
+    TensorFlow its pools on its first load and none on the next."""
     found = subprocess.run([sys.executable, "-c", _THREADS_PROBE, exported], cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
     assert found.returncode == 0, found.stderr[-2000:]
@@ -101,7 +101,11 @@ def test_load_starts_threads_says_what_a_load_leaves_running(exported):
         ("onnx", True), ("onnx", False), ("onnx", True), ("tensorflow", True),
         ("tensorflow", False)]
     for runtime, said, started in runs:
-        assert bool(started) is said, runs
+        assert said or not started, runs  # a load said to start none starts none
+    # and the probe sees the threads that make a load unsafe: ONNX Runtime's pool at two
+    # threads, TensorFlow's pools on its first load (ONNX Runtime's first load started one
+    # thread on one machine and none on another: it is never lowered either way)
+    assert runs[2][2] and runs[3][2], runs
     # LiteRT is not measured: taken to start its pool
     assert load_starts_threads(exported, RuntimeOptions("tflite")) is True
 

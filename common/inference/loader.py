@@ -179,9 +179,9 @@ def load_starts_threads(folder: ModelFolder | str, options: RuntimeOptions) -> b
     the priority of the thread that starts it, and an unprivileged process cannot raise it back
     (``machine.lower_thread_priority``). Measured (2026-12-06, threads alive before and after):
 
-    * ONNX Runtime starts one on its first load in a process; after that none with one
-      intra-op thread (the calling thread runs the graph), and with more, or 0 (its default,
-      one per core), a pool for each session;
+    * ONNX Runtime's first load in a process may start one (it did on one machine, not on
+      another); after that none with one intra-op thread (the calling thread runs the graph),
+      and with more, or 0 (its default, one per core), a pool for each session;
     * TensorFlow starts its process-wide pools on its first load (4 threads at one intra-op
       thread) and none on later loads;
     * LiteRT is taken to start some (XNNPACK's pool).
