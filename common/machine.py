@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
@@ -131,8 +132,6 @@ def lower_thread_priority(nice: int) -> int:
     be started by a thread lowered so. A no-op where the OS has no per-thread priority.
     """
     try:
-        import threading
-
         tid = threading.get_native_id()
         now = os.getpriority(os.PRIO_PROCESS, tid)
         if nice > now:

@@ -414,7 +414,9 @@ class ServedVersion:
 
 
 def _in_own_thread(work: Callable[[], Classifier]) -> Classifier:
-    """``work()`` run in a new thread, waited for; its exception is raised here."""
+    """``work()`` run in a new thread, waited for; its exception is raised here. A daemon
+    thread, not ``concurrent.futures``': that module joins its threads at exit, so a hung load
+    would hold up the worker's exit."""
     out: dict = {}
 
     def run() -> None:
