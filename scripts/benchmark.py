@@ -375,13 +375,14 @@ def ratios(result: dict) -> dict:
     return out
 
 
-# -- workers x threads ------------------------------------------------------------------------------
-def sweep(params: BenchParams, settings: list[tuple[int | None, int | None]],
+# -- workers x threads -----------------------------------------------------------------------------
+def sweep(params: BenchParams, settings: list[tuple[int | None, int | None, dict]],
           log_dir: str | None = None) -> dict:
-    """The server at each (WORKERS, RUNTIME_THREADS) of ``settings`` (None: ``auto``), one
-    after another, on the small JPEG at ``params.concurrency``; then the model in-process with
-    all the CPUs. Per setting: time to ready, each level's goodput, p50, p99, 503 share and
-    server CPU per 200, and each worker's private memory (RssAnon) after the levels."""
+    """The server at each (WORKERS, RUNTIME_THREADS, other variables) of ``settings`` (None:
+    ``auto``), one after another, on the small JPEG at ``params.concurrency``; then the model
+    in-process with all the CPUs. Per setting: time to ready, each level's goodput, p50, p99,
+    503 share and server CPU per 200, and each worker's private memory (RssAnon) after the
+    levels."""
     small = photo_jpeg(500, 375, seed=1)
     log_dir = log_dir or tempfile.mkdtemp(prefix="bench-sweep-")
     body_path = os.path.join(log_dir, "500x375.jpg")
@@ -389,21 +390,25 @@ def sweep(params: BenchParams, settings: list[tuple[int | None, int | None]],
         fh.write(small)
     driver = choose_driver(params.driver)
     rows = []
-    for workers, threads in settings:
+    for n, (workers, threads, extra) in enumerate(settings):
         env = {"MODEL_PATH": params.model, "TEMP_DIR": os.path.join(log_dir, "temp"),
                "LOG_LEVEL": "warning", **params.env,
-               "WORKERS": str(workers or "auto"), "RUNTIME_THREADS": str(threads or "auto")}
+               "WORKERS": str(workers or "auto"), "RUNTIME_THREADS": str(threads or "auto"),
+               **extra}
         server = LiveServer(env)
-        server.start(os.path.join(log_dir, f"server-{workers}x{threads}.log"), wait_ready=False)
+        server.start(os.path.join(log_dir, f"server-{n}-{workers}x{threads}.log"),
+                     wait_ready=False)
         try:
             row = {"workers": workers or "auto", "runtime_threads": threads or "auto",
-                   "time_to_ready_s": round(server.wait_ready(300), 2), "levels": []}
+                   "env": extra, "time_to_ready_s": round(server.wait_ready(300), 2),
+                   "levels": []}
             pids = server.worker_pids()
             row["worker_count"] = len(pids)
             for c in params.concurrency:
                 lv = costed_level(driver, server.port, pids, small, body_path, c, params)
                 row["levels"].append(lv)
-                print(json.dumps({"setting": f"{workers}x{threads}", **lv}), file=sys.stderr)
+                print(json.dumps({"setting": f"{workers}x{threads}", **extra, **lv}),
+                      file=sys.stderr)
             row["anon_rss_mb"] = peak_rss_mb(pids, "RssAnon")
         finally:
             server.stop()
@@ -434,23 +439,29 @@ def sweep_markdown(result: dict) -> str:
     for row in result["sweep"]:
         rss = row["anon_rss_mb"]
         per_worker = round(sum(rss.values()) / len(rss)) if rss else ""
+        setting = " ".join([f"{row['workers']} × {row['runtime_threads']}",
+                            *(f"{k}={v}" for k, v in row.get("env", {}).items())])
         for lv in row["levels"]:
-            lines.append(f"| {row['workers']} × {row['runtime_threads']} | "
+            lines.append(f"| {setting} | "
                          f"{row['time_to_ready_s']} | {lv['concurrency']} | {lv['goodput']} | "
                          f"{lv['vs_in_process_best']} | {lv['p50_ms']} | {lv['p99_ms']} | "
                          f"{lv['shed_share']} | {lv['server_cpu_ms_per_200']} | {per_worker} |")
     return "\n".join(lines)
 
 
-def parse_sweep(text: str) -> list[tuple[int | None, int | None]]:
-    """``"1x2,2x1,auto"`` -> [(1, 2), (2, 1), (None, None)]."""
+def parse_sweep(text: str) -> list[tuple[int | None, int | None, dict]]:
+    """``"1x2,2x1,auto,auto:RUNTIME_THREADS_ALONE=0"`` -> [(1, 2, {}), (2, 1, {}),
+    (None, None, {}), (None, None, {"RUNTIME_THREADS_ALONE": "0"})]: workers x threads
+    (``auto``: both auto), then any variables of that setting alone, each after a colon."""
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        if item == "auto":
-            out.append((None, None))
+        setting, *assignments = item.split(":")
+        extra = dict(a.split("=", 1) for a in assignments)
+        if setting == "auto":
+            out.append((None, None, extra))
             continue
-        workers, _, threads = item.partition("x")
-        out.append((int(workers), int(threads) if threads else None))
+        workers, _, threads = setting.partition("x")
+        out.append((int(workers), int(threads) if threads else None, extra))
     return out
 
 
@@ -966,7 +977,9 @@ def main(argv=None) -> int:
                              "level, beside one without (p99 during a roll-out)")
     parser.add_argument("--sweep", metavar="WxT,...",
                         help="instead: the server at each WORKERS x RUNTIME_THREADS (e.g. "
-                             "1x2,2x1,auto), small JPEG only, beside the model in-process")
+                             "1x2,2x1,auto; a setting's own variables after colons: "
+                             "auto:RUNTIME_THREADS_ALONE=0), small JPEG only, beside the model "
+                             "in-process")
     parser.add_argument("--grpc", default="", metavar="N,N",
                         help="also gRPC ModelInfer levels at these client counts (h2load, "
                              "apt-get install nghttp2-client)")

@@ -75,3 +75,9 @@ def test_refusal_cpu_at_once_and_paced(tmp_path):
     assert paced["floods"][0]["refused"] <= 20 * paced["floods"][0]["wall_s"] + 10
     assert at_once["floods"][0]["refused"] > paced["floods"][0]["refused"]
     assert [m["rates"] for m in out["marginal"]] == [[0, 20]]
+
+
+def test_a_sweep_setting_may_carry_variables_of_its_own():
+    assert benchmark.parse_sweep("1x2, 2x1,auto,auto:RUNTIME_THREADS_ALONE=0,4:A=1:B=x=y") == [
+        (1, 2, {}), (2, 1, {}), (None, None, {}), (None, None, {"RUNTIME_THREADS_ALONE": "0"}),
+        (4, None, {"A": "1", "B": "x=y"})]
