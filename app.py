@@ -21,6 +21,7 @@ from common.inference.classifier import Classifier
 from common.inference.loader import RuntimeOptions, load_classifier, load_starts_threads
 from common.keys import KeyRing
 from common.logs import configure_logging
+from common.machine import worker_seat
 from common.metrics import Metrics
 from common.storage import ImageStore
 from common.versions.manager import Manager
@@ -75,7 +76,10 @@ def create_app(config: Config | Mapping[str, Any] | None = None,
     keys = KeyRing.from_config(config)  # a malformed API_KEYS(_FILE) stops here, before loading
     trail = Audit.from_config(config)
     own_model = classifier is None
-    options = RuntimeOptions.from_config(config)
+    seat = worker_seat()
+    if seat is not None:
+        seat.on_alone = metrics.call_alone
+    options = RuntimeOptions.from_config(config, seat=seat)
     manager = Manager(
         config, lambda folder: load_classifier(folder, options), metrics=metrics,
         may_lower=lambda folder: not load_starts_threads(folder, options),

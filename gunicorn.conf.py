@@ -10,7 +10,7 @@ import tempfile
 import threading
 
 from common.config import Config
-from common.machine import lower_thread_priority, plan_for
+from common.machine import WorkBoard, lower_thread_priority, plan_for, take_seat
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id otherwise
@@ -42,6 +42,9 @@ _plan = plan_for(_settings)
 os.environ["WORKERS"] = str(_plan.workers)
 os.environ["RUNTIME_THREADS"] = str(_plan.runtime_threads)
 workers = _plan.workers
+# The work each worker has in hand (one byte each, shared with the workers forked from here):
+# a worker's model call runs on RUNTIME_THREADS_ALONE threads while no other worker has any.
+_board = WorkBoard()
 # gthread that reads request heads in its main loop (HEADER_TIMEOUT), drops clients that do not
 # read their answers (SEND_TIMEOUT) and answers gunicorn's protocol errors in JSON.
 worker_class = "common.web.gunicorn_worker.JsonErrorWorker"
@@ -94,6 +97,7 @@ def child_exit(server, worker):
     from common.metrics import mark_process_dead
     mark_process_dead(worker.pid, _metrics_dir)
     _warm_workers(server.cfg.workers).forget(worker.pid)
+    _board.free(getattr(worker, "seat_number", -1))
     from common.fairshare import Siblings
     Siblings.forget(_share_dir, worker.pid)
     from common.web.gunicorn_worker import Handoff
@@ -179,6 +183,13 @@ def worker_exit(server, worker):
         DataPlane.of(app).close()
 
 
+def pre_fork(server, worker):
+    """Give the new worker the lowest seat on the board of work in hand that no live
+    worker holds."""
+    taken = {getattr(w, "seat_number", -1) for w in server.WORKERS.values()}
+    worker.seat_number = next(n for n in range(len(taken) + 1) if n not in taken)
+
+
 def post_fork(server, worker):
     """Tune glibc's malloc in the worker (docs/BENCHMARKS.md, *Hostile requests*):
 
@@ -194,6 +205,7 @@ def post_fork(server, worker):
     by its siblings (the fair share moving a client out of a crowded worker).
     """
     tune_malloc(_settings.malloc_arena_max, MMAP_THRESHOLD_BYTES)
+    take_seat(_board.seat(worker.seat_number))
     if server.cfg.workers > 1:
         worker.handoff_dir = _handoff_dir
 

@@ -192,6 +192,8 @@ class Config:
     top_k: int | None = env("TOP_K", _optional(_int(1)), default=None)
     workers: int | None = env("WORKERS", _auto(_int(1)), default=None)
     runtime_threads: int | None = env("RUNTIME_THREADS", _auto(_int(1)), default=None)
+    runtime_threads_alone: int | None = env("RUNTIME_THREADS_ALONE", _auto(_int(0)),
+                                            default=None)
     threads: int = env("THREADS", _int(1), default=64)
     max_requests: int = env("MAX_REQUESTS", _int(0), default=0)
     model_repository: str | None = env("MODEL_REPOSITORY", _optional(str), default=None)

@@ -17,6 +17,7 @@ as the memory allows, at least one.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 #: Shared libraries are file pages shared between workers and not counted.
 WORKER_BASE_MB = {"onnx": 150.0, "tensorflow": 430.0}
 WORKER_MB_PER_MODEL_MB = {"onnx": 3.6, "tensorflow": 1.7}
+#: The second ONNX Runtime session a worker holds for calls that run alone
+#: (RUNTIME_THREADS_ALONE), MiB: a line through its cost for the same two models (32 MB and
+#: 136 MB of RssAnon after a call), rounded up.
+ALONE_MB_BASE = 16.0
+ALONE_MB_PER_MODEL_MB = 1.4
 
 
 def _read(path: str) -> str | None:
@@ -141,6 +147,119 @@ def lower_thread_priority(nice: int) -> int:
         return 0
 
 
+class WorkBoard:
+    """How much work each of a server's workers has in hand now: per worker (a "seat") one byte,
+    its running model calls plus the images it admitted whose batch has not started, in memory
+    shared by the workers because the arbiter made it before forking them (gunicorn.conf.py
+    gives each worker a seat of its own).
+
+    It lets a worker run a model call on more threads while no other worker has work in hand
+    (``RUNTIME_THREADS_ALONE``, :meth:`Seat.either`): under load every worker runs its calls on
+    its own share of the CPUs, and a lone request gets them all. Counting running calls alone
+    was not enough: between two calls of a busy worker its seat read empty, and its sibling's
+    next call took every CPU for its whole length (measured: 16 clients then got 503s).
+    """
+
+    def __init__(self, seats: int = 256):
+        self.seats = seats
+        self._shared = mmap.mmap(-1, seats)  # anonymous and shared: forked workers see it
+
+    def seat(self, number: int) -> "Seat | None":
+        """Seat ``number``, emptied (its last holder may have died with work in hand); None
+        past the last one."""
+        if not 0 <= number < self.seats:
+            return None
+        self._shared[number] = 0
+        return Seat(self._shared, number)
+
+    def free(self, number: int) -> None:
+        """Empty seat ``number`` (its worker is gone)."""
+        if 0 <= number < self.seats:
+            self._shared[number] = 0
+
+    def busy(self) -> int:
+        """Workers with work in hand now."""
+        return self.seats - self._shared[:].count(0)
+
+
+class Seat:
+    """One worker's seat on a :class:`WorkBoard` board; only this process writes its byte."""
+
+    def __init__(self, shared: mmap.mmap, number: int):
+        self._shared = shared
+        self.number = number
+        self._lock = threading.Lock()  # a worker's model and request threads share it
+        self._running = 0
+        self._queued = 0
+        #: Called (no arguments) for each call that runs alone: the app's metrics hook.
+        self.on_alone = None
+
+    def _publish(self) -> None:
+        self._shared[self.number] = min(self._running + self._queued, 255)
+
+    def queued(self, delta: int) -> None:
+        """Images admitted (``delta`` > 0) or taken into a batch or given back (< 0): the
+        batcher's ``queue_changed`` hook."""
+        with self._lock:
+            self._queued = max(0, self._queued + delta)
+            self._publish()
+
+    def _start(self) -> bool:
+        """Count a call in; True when it runs alone: no other call of this worker (another
+        model's thread) and no other worker with work in hand."""
+        with self._lock:
+            self._running += 1
+            self._publish()
+            if self._running != 1:
+                return False
+            seats = self._shared[:]
+            return seats.count(0) == len(seats) - 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._running -= 1
+            self._publish()
+
+    def marking(self, fn):
+        """``fn`` counted as a running model call on this seat."""
+        return self.either(fn)
+
+    def either(self, under_load, alone=None):
+        """A model function that runs ``alone`` (the model on more threads) when no other model
+        call runs in this worker and no other worker has work in hand, else ``under_load``
+        (always, when ``alone`` is None); counted on this seat. A worker that takes work in
+        hand after another's call started alone runs its own calls meanwhile on its share of
+        the CPUs: they are oversubscribed until that one call ends."""
+        def chosen(batch):
+            fn = under_load
+            if self._start() and alone is not None:
+                fn = alone
+                if self.on_alone is not None:
+                    self.on_alone()
+            try:
+                return fn(batch)
+            finally:
+                self._end()
+        if alone is not None:  # for the warm-up, which runs each
+            chosen.under_load, chosen.alone = under_load, alone
+        return chosen
+
+
+#: This worker's seat on the server's WorkBoard board (gunicorn.conf.py's post_fork); None
+#: outside gunicorn, where a process has no sibling to give way to.
+_SEAT: Seat | None = None
+
+
+def take_seat(seat: Seat | None) -> None:
+    global _SEAT
+    _SEAT = seat
+
+
+def worker_seat() -> Seat | None:
+    """This worker's seat (:func:`take_seat`), or None."""
+    return _SEAT
+
+
 def usable_memory(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup",
                   meminfo: str = "/proc/meminfo") -> int | None:
     """Bytes this process may use: the cgroup limit and the machine's memory, the smaller."""
@@ -152,14 +271,19 @@ def usable_memory(root: str = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup
     return min(limits) if limits else None
 
 
-def worker_memory_mb(models: list[tuple[str, int]], transient_mb: float) -> float:
+def worker_memory_mb(models: list[tuple[str, int]], transient_mb: float,
+                     alone: bool = False) -> float:
     """Expected private memory (MiB) of one worker serving ``models`` ((runtime, bytes of the
     file it loads) each), plus ``transient_mb``: the bounds on what requests may hold at once
-    (DECODE_MEMORY_MB and QUEUE_MEMORY_MB), counted in full so that the bounds hold together."""
+    (DECODE_MEMORY_MB and QUEUE_MEMORY_MB), counted in full so that the bounds hold together;
+    ``alone``: with each ONNX model's second session (RUNTIME_THREADS_ALONE)."""
     runtimes = {runtime for runtime, _ in models} or {"tensorflow"}  # none yet: the larger
     base = max(WORKER_BASE_MB.get(r, WORKER_BASE_MB["tensorflow"]) for r in runtimes)
     weights = sum(WORKER_MB_PER_MODEL_MB.get(r, WORKER_MB_PER_MODEL_MB["tensorflow"]) * n / MIB
                   for r, n in models)
+    if alone:
+        weights += sum(ALONE_MB_BASE + ALONE_MB_PER_MODEL_MB * n / MIB
+                       for r, n in models if r == "onnx")
     return base + weights + transient_mb
 
 
@@ -242,13 +366,21 @@ def plan_for(config, cpus: int | None = None, memory_bytes: int | None = None) -
                           cpus=cpus, memory_mb=None, worker_mb=0.0,
                           reason="WORKERS and RUNTIME_THREADS set")
     memory_bytes = usable_memory() if memory_bytes is None else memory_bytes
-    worker_mb = worker_memory_mb(served_model_files(config),
-                                 config.decode_memory_mb + config.queue_memory_mb)
-    plan = plan_workers(cpus, memory_bytes, worker_mb)
-    workers = config.workers or plan.workers
-    if config.workers is None and config.runtime_threads:
-        workers = min(workers, max(1, cpus // config.runtime_threads))
-    threads = config.runtime_threads or max(1, cpus // workers)
+    models = served_model_files(config)
+    transient_mb = config.decode_memory_mb + config.queue_memory_mb
+
+    def sized(alone: bool) -> tuple[WorkerPlan, int, int]:
+        plan = plan_workers(cpus, memory_bytes, worker_memory_mb(models, transient_mb, alone))
+        workers = config.workers or plan.workers
+        if config.workers is None and config.runtime_threads:
+            workers = min(workers, max(1, cpus // config.runtime_threads))
+        return plan, workers, config.runtime_threads or max(1, cpus // workers)
+
+    plan, workers, threads = sized(False)
+    alone = config.runtime_threads_alone
+    if (cpus if alone is None else alone) > threads:  # each worker holds a second session
+        plan, workers, threads = sized(True)
+    worker_mb = plan.worker_mb
     reason = plan.reason if config.workers is None else "WORKERS set"
     return WorkerPlan(workers=workers, runtime_threads=threads, cpus=cpus,
                       memory_mb=plan.memory_mb, worker_mb=worker_mb, reason=reason)

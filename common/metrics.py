@@ -64,6 +64,9 @@ class Metrics:
         self.moved = Counter("classifier_fair_share_moves",
                              "Clients moved out of a crowded worker: their kept-alive "
                              "connection handed to another worker after the answer", registry=r)
+        self.alone = Counter("classifier_model_calls_alone",
+                             "Model calls run on RUNTIME_THREADS_ALONE threads because no other "
+                             "call ran in any worker when they started", registry=r)
         self.load_seconds = Gauge("classifier_model_load_seconds",
                                   "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)
@@ -93,6 +96,9 @@ class Metrics:
 
     def client_moved(self) -> None:
         self.moved.inc()
+
+    def call_alone(self) -> None:
+        self.alone.inc()
 
     # -- exposition ------------------------------------------------------------------------
     def render(self) -> bytes:

@@ -75,6 +75,27 @@ def test_warm_up_checks_undeclared_output_width():
         clf.warm_up()
 
 
+def test_warm_up_times_a_seats_choice_as_it_runs_under_load_and_runs_the_other_once():
+    """A model with a second session for calls that run alone (``Seat.either``): the warm-up
+    times the session used under load, whatever the other workers do, and warms the other
+    up with one image."""
+    from common.machine import WorkBoard
+
+    calls = []
+
+    def session(name):
+        def run(x):
+            calls.append((name, len(x)))
+            return np.full((len(x), 2), 0.5)
+        return run
+
+    clf = Classifier(predict_fn=WorkBoard(seats=1).seat(0).either(session("under load"),
+                                                                  session("alone")),
+                     labels=["a", "b"], input_size=(2, 2))
+    clf.warm_up((1, 2))
+    assert calls == [("under load", 1)] * 2 + [("under load", 2)] * 2 + [("alone", 1)]
+
+
 @pytest.mark.parametrize("per_call, per_image, measured, batch", [
     (0.0, 0.004, [1, 2], 1),  # the time grows with the batch: 2 gains nothing, 4 and 8 unmeasured
     (0.02, 0.001, [1, 2, 4, 8], 8),  # a fixed cost a call: every size gains

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import requests
-from helpers import ROOT, post_image, start_server
+from helpers import ROOT, metric_so_far, post_image, start_server
 from onnx import helper, numpy_helper
 from tiny_models import save_colour_model
 
@@ -160,6 +160,71 @@ def test_the_app_lowers_a_roll_outs_load_only_where_no_thread_outlives_it(export
         DataPlane.of(app).close()
 
 
+def test_an_onnx_model_runs_alone_on_a_second_session_of_more_threads(exported):
+    """RUNTIME_THREADS_ALONE: with a seat on the board of running calls, an ONNX model gets a
+    second session on ``alone_threads`` (its own pool), which gives the same scores; a call
+    takes it while no other call runs, the warm-up times the session used under load and runs
+    the other once; without a seat, or with no more threads than under load, one session and
+    the calls are still counted on the seat."""
+    from common.machine import WorkBoard
+
+    board = WorkBoard(seats=2)
+    seat = board.seat(0)
+    alone = []
+    seat.on_alone = lambda: alone.append(1)
+    before = set(os.listdir("/proc/self/task"))
+    clf = load_classifier(exported, RuntimeOptions("onnx", onnx_intra_op_threads=1,
+                                                   alone_threads=2, seat=seat))
+    assert set(os.listdir("/proc/self/task")) - before  # the second session's pool
+    images = _colour_images()
+    under_load = clf.predict_fn.under_load(images)
+    np.testing.assert_allclose(clf.predict_fn.alone(images), under_load, atol=1e-6)
+    clf.warm_up((1, 2))
+    assert alone == [] and set(clf.batch_seconds) == {1, 2}
+    np.testing.assert_allclose(clf.predict(images), clf.spec.to_scores(under_load), atol=1e-6)
+    assert alone == [1]
+    busy, leave = threading.Event(), threading.Event()
+    sibling = threading.Thread(target=board.seat(1).marking(lambda _: (busy.set(),
+                                                                       leave.wait(30))),
+                               args=(None,))
+    sibling.start()
+    try:
+        assert busy.wait(30)
+        clf.predict(images)
+    finally:
+        leave.set()
+        sibling.join(30)
+    assert alone == [1]  # another worker was running a call
+
+    for options in (RuntimeOptions("onnx", onnx_intra_op_threads=1, alone_threads=2),
+                    RuntimeOptions("onnx", onnx_intra_op_threads=2, alone_threads=2, seat=seat),
+                    RuntimeOptions("tensorflow", seat=seat)):
+        plain = load_classifier(exported, options)
+        assert not hasattr(plain.predict_fn, "alone"), options
+        if options.seat is not None:
+            assert _seen_running(board, lambda: plain.predict(images))
+
+
+def _seen_running(board, call, seconds: float = 10.0) -> bool:
+    """Whether the board counted a running call while ``call`` ran over and over in another
+    thread (sampled until seen, at most ``seconds``)."""
+    stop, seen = threading.Event(), False
+
+    def calls():
+        while not stop.is_set():
+            call()
+    runner = threading.Thread(target=calls)
+    runner.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while not seen and time.monotonic() < deadline:
+            seen = board.busy() == 1
+    finally:
+        stop.set()
+        runner.join(30)
+    return seen and board.busy() == 0
+
+
 @pytest.mark.parametrize("spinning", [False, True])
 def test_onnx_spinning_setting_reaches_the_session(exported, spinning):
     """ONNX_SPINNING (default off) becomes the session's allow_spinning entries, so the pool
@@ -291,6 +356,28 @@ def servers(exported, tmp_path_factory):
     finally:
         for server in started.values():
             server.stop()
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("alone", ["2", "0"])
+def test_a_lone_request_runs_on_every_cpu_when_two_workers_share_them(exported, tmp_path,
+                                                                       alone):
+    """gunicorn with two workers of one runtime thread: each request sent on its own, with no
+    other call running in either worker, runs on the second session of RUNTIME_THREADS_ALONE
+    threads (counted in /metrics, over both workers); RUNTIME_THREADS_ALONE=0 turns it off."""
+    server = start_server(tmp_path, {"MODEL_PATH": exported, "RUNTIME": "onnx", "WORKERS": "2",
+                                     "RUNTIME_THREADS": "1", "RUNTIME_THREADS_ALONE": alone})
+    def counted() -> float:
+        page = requests.get(server.url + "/metrics", timeout=10).text
+        return metric_so_far(page, "classifier_model_calls_alone_total")
+
+    try:
+        before = counted()
+        for colour in MIXED[:5]:
+            assert post_image(server, ig.png(colour)).status_code == 200
+        assert counted() - before == (5 if alone != "0" else 0)
+    finally:
+        server.stop()
 
 
 @pytest.mark.server

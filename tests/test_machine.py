@@ -152,3 +152,140 @@ def test_warm_workers_say_ready_once_all_were_warm(tmp_path):
     assert warm.waiting() is None
     warm.forget(101)  # replaced later: it takes no requests until warm, siblings serve
     assert warm.waiting() is None
+
+
+def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
+    """RUNTIME_THREADS_ALONE's board: made before the workers fork (gunicorn's arbiter), one
+    seat per worker. A call takes the ``alone`` function only while no other worker has work in
+    hand (a call running, images queued) and no other model thread of its own worker runs one;
+    a seat left counted by a worker that died inside a call is emptied when the arbiter frees
+    it or a new worker takes it."""
+    import multiprocessing
+    import threading
+
+    board = machine.WorkBoard(seats=4)
+    mine = board.seat(0)
+    counted = []
+    mine.on_alone = lambda: counted.append(1)
+    ran = []
+    def under_load(batch):
+        ran.append(("under load", batch))
+
+    def alone(batch):
+        ran.append(("alone", batch))
+
+    call = mine.either(under_load, alone)
+    assert (call.under_load, call.alone) == (under_load, alone)  # the warm-up runs each
+    call(1)
+
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+
+    def sibling(exit_inside: bool):
+        seat = board.seat(1)
+
+        def model(_):
+            started.set()
+            if exit_inside:
+                os._exit(0)  # dies inside the call: its seat stays counted
+            release.wait(30)
+        seat.marking(model)(None)
+
+    child = context.Process(target=sibling, args=(False,))
+    child.start()
+    try:
+        assert started.wait(30)
+        assert board.busy() == 1
+        call(2)  # a sibling worker runs a call
+    finally:
+        release.set()
+        child.join(30)
+    assert board.busy() == 0
+    call(3)
+    sibling_queue = board.seat(2)
+    sibling_queue.queued(2)  # a sibling admitted two images, its model thread between calls
+    call(3.1)
+    sibling_queue.queued(-1)
+    call(3.2)
+    sibling_queue.queued(-1)
+    mine.queued(3)  # this worker's own queue does not hold it back
+    call(3.3)
+    mine.queued(-3)
+
+    inside, leave = threading.Event(), threading.Event()
+    other_model = threading.Thread(target=mine.marking(lambda _: (inside.set(), leave.wait(30))),
+                                   args=(None,))
+    other_model.start()
+    try:
+        assert inside.wait(30)
+        call(4)  # this worker's other model thread runs a call
+    finally:
+        leave.set()
+        other_model.join(30)
+
+    started.clear()
+    child = context.Process(target=sibling, args=(True,))
+    child.start()
+    child.join(30)
+    assert started.is_set() and board.busy() == 1
+    call(5)  # the dead worker's seat still counts
+    board.free(1)  # the arbiter's child_exit
+    call(6)
+    with pytest.raises(SystemExit):
+        board.seat(2).marking(lambda _: sys.exit(0))(None)  # the count goes down on the way out
+    assert board.busy() == 0
+    started.clear()
+    child = context.Process(target=sibling, args=(True,))
+    child.start()
+    child.join(30)
+    assert board.busy() == 1
+    board.seat(1)  # a new worker takes the dead one's seat: emptied
+    assert board.busy() == 0
+    assert ran == [("alone", 1), ("under load", 2), ("alone", 3), ("under load", 3.1),
+                   ("under load", 3.2), ("alone", 3.3), ("under load", 4),
+                   ("under load", 5), ("alone", 6)]
+    assert len(counted) == 4 and board.busy() == 0
+    assert board.seat(4) is None  # past the last seat: no board for that worker
+
+
+def test_the_arbiter_gives_each_worker_the_lowest_free_seat():
+    """gunicorn.conf.py's pre_fork: a new worker (also one replacing a dead worker) gets the
+    lowest seat no live worker holds, so two workers never count on one seat. Run in a fresh
+    process: importing gunicorn.conf.py makes its run folder and sets variables."""
+    probe = (
+        "import runpy, types\n"
+        "conf = runpy.run_path('gunicorn.conf.py')\n"
+        "live = {pid: types.SimpleNamespace(seat_number=n) for pid, n in [(11, 0), (12, 2)]}\n"
+        "server = types.SimpleNamespace(WORKERS=live)\n"
+        "seats = []\n"
+        "for pid in (13, 14):\n"
+        "    worker = types.SimpleNamespace()\n"
+        "    conf['pre_fork'](server, worker)\n"
+        "    live[pid] = worker\n"
+        "    seats.append(worker.seat_number)\n"
+        "conf['on_exit'](None)\n"
+        "print(seats)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[1, 3]"
+
+
+def test_the_second_session_is_counted_in_a_workers_memory():
+    """WORKERS=auto charges each worker its ONNX models' second session (RUNTIME_THREADS_ALONE)
+    when the workers get fewer threads than it, and only then."""
+    onnx = machine.worker_memory_mb([("onnx", 92 * MIB)], transient_mb=0)
+    alone = machine.worker_memory_mb([("onnx", 92 * MIB)], transient_mb=0, alone=True)
+    assert alone - onnx == pytest.approx(machine.ALONE_MB_BASE + 92 * machine.ALONE_MB_PER_MODEL_MB)
+    tf = machine.worker_memory_mb([("tensorflow", 92 * MIB)], transient_mb=0)
+    assert machine.worker_memory_mb([("tensorflow", 92 * MIB)], transient_mb=0, alone=True) == tf
+
+    demo = {"MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"), "RUNTIME": "onnx"}
+    plain = machine.plan_for(Config.from_env({**demo, "RUNTIME_THREADS_ALONE": "0"}), cpus=8,
+                             memory_bytes=64 * 1024 * MIB)
+    charged = machine.plan_for(Config.from_env(demo), cpus=8, memory_bytes=64 * 1024 * MIB)
+    assert (charged.workers, charged.runtime_threads) == (8, 1)
+    assert charged.worker_mb > plain.worker_mb
+    one = machine.plan_for(Config.from_env({**demo, "WORKERS": "1"}), cpus=8,
+                           memory_bytes=64 * 1024 * MIB)
+    assert one.runtime_threads == 8 and one.worker_mb == plain.worker_mb  # no second session

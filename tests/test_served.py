@@ -218,3 +218,41 @@ def test_a_turn_held_too_long_is_not_waited_for_forever(tmp_path):
         with OneLoadAtATime(path, patience=0.3)():
             entered = True
     assert entered
+
+
+def test_a_versions_queued_images_and_calls_are_counted_on_the_workers_seat():
+    """RUNTIME_THREADS_ALONE: the other workers see this one's work in hand, from a request's
+    admission to the end of its model call (``Classifier.seat``: the batcher's queue through
+    its hooks, the call through the seat's function)."""
+    from common.machine import WorkBoard
+
+    board = WorkBoard(seats=2)
+    seat = board.seat(0)
+    hold, inside, leave = threading.Event(), threading.Event(), threading.Event()
+
+    def slow(x):
+        if hold.is_set():  # not in the warm-up
+            inside.set()
+            assert leave.wait(30)
+        return np.ones((len(x), 2)) / 2
+
+    clf = tiny(seat.either(slow))
+    clf.seat = seat
+    model = ServedVersion(clf, CONFIG).start()
+    try:
+        ticket = model.running().batcher.admit(1)
+        assert board.busy() == 1  # admitted, not yet decoded
+        ticket.release()
+        assert board.busy() == 0
+        answered = []
+        hold.set()
+        request = threading.Thread(target=lambda: answered.append(classify(model, image())))
+        request.start()
+        assert inside.wait(30)
+        assert board.busy() == 1  # in the model
+        leave.set()
+        request.join(30)
+        assert answered and board.busy() == 0
+    finally:
+        leave.set()
+        model.close()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -78,6 +78,10 @@ class Classifier:
     warmed_up: bool = False
     #: Seconds of one call per batch size, measured by the warm-up's second pass.
     batch_seconds: dict = field(default_factory=dict)
+    #: The worker's seat on the server's board of work in hand (``common.machine.Seat``),
+    #: where ``predict_fn`` counts its calls and the batcher its queued images; None outside
+    #: gunicorn.
+    seat: Any = None
 
     def __post_init__(self):
         if self.outputs is not None and self.outputs != self.spec.output:
@@ -155,23 +159,31 @@ class Classifier:
         past 1, and measuring it at 4 and 8 as well took 3.1 of its 3.9 s of warm-up, CPU taken
         from the version serving while a new one rolls out.
 
+        A function that runs on more threads while no other worker has work in hand
+        (``common.machine.Seat.either``) is timed as it runs under load (its ``under_load``),
+        whatever the other workers do meanwhile, and its ``alone`` runs once at batch 1.
+
         Also the start-up check that labels and model outputs agree (for models that do not
         declare their output width). Returns seconds taken.
         """
         started = time.perf_counter()
+        predict = getattr(self.predict_fn, "under_load", self.predict_fn)
         best = 0.0
         for n in batch_sizes:
             zeros = self.blank_batch(n)
-            scores = np.asarray(self.predict_fn(zeros))  # the first call traces the shape
+            scores = np.asarray(predict(zeros))  # the first call traces the shape
             width = scores.shape[-1] if scores.ndim == 2 else 0
             ModelFolder.check_label_count(width, self.labels, self.name, self.spec.label_offset)
             t0 = time.perf_counter()
-            self.predict_fn(zeros)
+            predict(zeros)
             self.batch_seconds[n] = seconds = time.perf_counter() - t0
             rate = n / seconds if seconds > 0 else float("inf")
             if rate < self.WARM_UP_GAIN * best:
                 break
             best = max(best, rate)
+        alone = getattr(self.predict_fn, "alone", None)
+        if alone is not None:
+            alone(self.blank_batch(1))
         self.warmed_up = True
         return time.perf_counter() - started
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from common.inference.classifier import Classifier
 from common.inference.exports import check_reference
@@ -40,21 +41,37 @@ class RuntimeOptions:
     onnx_intra_op_threads: int = 0
     onnx_inter_op_threads: int = 0
     onnx_spinning: bool = False
+    #: ONNX Runtime intra-op threads for a call while no other worker has work in hand (a
+    #: second session of the model); used only with a ``seat`` and when more than
+    #: ``onnx_intra_op_threads``.
+    alone_threads: int = 0
+    #: This worker's seat on the server's board of work in hand
+    #: (``common.machine.Seat``): every call is counted there. None outside gunicorn.
+    seat: Any = field(default=None, compare=False)
 
     @classmethod
-    def from_config(cls, config) -> "RuntimeOptions":
-        """The server's: RUNTIME, TF_*_THREADS, PRECISION, ONNX_*_THREADS and ONNX_SPINNING;
-        an intra-op count left at 0 is RUNTIME_THREADS, by default the CPUs this process may
-        use (under gunicorn, that divided among the workers: gunicorn.conf.py)."""
+    def from_config(cls, config, seat=None) -> "RuntimeOptions":
+        """The server's: RUNTIME, TF_*_THREADS, PRECISION, ONNX_*_THREADS, ONNX_SPINNING and
+        RUNTIME_THREADS_ALONE; an intra-op count left at 0 is RUNTIME_THREADS, by default the
+        CPUs this process may use (under gunicorn, that divided among the workers:
+        gunicorn.conf.py), and RUNTIME_THREADS_ALONE's ``auto`` all of those CPUs."""
         from common.machine import usable_cpus
 
         threads = config.runtime_threads or usable_cpus()
+        alone = config.runtime_threads_alone
         return cls(runtime=config.runtime, configure_tensorflow=True,
                    tf_intra_op_threads=config.tf_intra_op_threads or threads,
                    tf_inter_op_threads=config.tf_inter_op_threads, precision=config.precision,
                    onnx_intra_op_threads=config.onnx_intra_op_threads or threads,
                    onnx_inter_op_threads=config.onnx_inter_op_threads,
-                   onnx_spinning=config.onnx_spinning)
+                   onnx_spinning=config.onnx_spinning,
+                   alone_threads=usable_cpus() if alone is None else alone, seat=seat)
+
+    @property
+    def onnx_alone(self) -> bool:
+        """Whether an ONNX model gets a second session for calls that run alone."""
+        return (self.seat is not None
+                and self.alone_threads > max(self.onnx_intra_op_threads, 1))
 
 
 
@@ -94,10 +111,7 @@ def _exported_graph(folder: ModelFolder, options: RuntimeOptions, runtime: str):
                              f"--format {key.split('-')[0]}")
     path, record = found
     if runtime == "onnx":
-        from common.inference.runtimes import onnxrt
-        graph = onnxrt.load_graph(path, intra_op=options.onnx_intra_op_threads,
-                                  inter_op=options.onnx_inter_op_threads,
-                                  spinning=options.onnx_spinning)
+        graph = _onnx_graph(path, options)
     else:
         from common.inference.runtimes import litert
         graph = litert.load_graph(path)
@@ -148,9 +162,13 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     _check_input(graph, spec, size, where)
     if record is not None:
         check_reference(graph.predict_fn, record, size, where)
-    clf = Classifier(predict_fn=graph.predict_fn, labels=labels, input_size=size, name=name,
+    predict_fn = graph.predict_fn
+    if options.seat is not None:  # every call counted, so the other workers see it running
+        predict_fn = options.seat.either(predict_fn, graph.alone_fn)
+    clf = Classifier(predict_fn=predict_fn, labels=labels, input_size=size, name=name,
                      version=version, metadata=meta, folder=folder, runtime=runtime, spec=spec,
-                     input_name=graph.input_name, input_dtype=graph.input_dtype)
+                     input_name=graph.input_name, input_dtype=graph.input_dtype,
+                     seat=options.seat)
     clf._keepalive = graph.keepalive  # the function needs the loaded object's variables alive
     return clf
 
@@ -175,9 +193,12 @@ def runtime_for(folder: ModelFolder, options: RuntimeOptions) -> str:
 
 def load_starts_threads(folder: ModelFolder | str, options: RuntimeOptions) -> bool:
     """Whether loading ``folder`` (and warming it up) starts threads that the model keeps
-    using, such as a runtime's pools. Such a load must run at normal priority: a thread inherits
-    the priority of the thread that starts it, and an unprivileged process cannot raise it back
-    (``machine.lower_thread_priority``). Measured (2026-12-06, threads alive before and after):
+    using under load, such as a runtime's pools. Such a load must run at normal priority: a
+    thread inherits the priority of the thread that starts it, and an unprivileged process
+    cannot raise it back (``machine.lower_thread_priority``). The pool of the session for calls
+    that run alone (``RUNTIME_THREADS_ALONE``) is not counted: it runs only while no other
+    model call does, when a lower priority takes nothing from it but what a sibling's call
+    started meanwhile needs more. Measured (2026-12-06, threads alive before and after):
 
     * ONNX Runtime's first load in a process may start one (it did on one machine, not on
       another); after that none with one intra-op thread (the calling thread runs the graph),
@@ -195,6 +216,25 @@ def load_starts_threads(folder: ModelFolder | str, options: RuntimeOptions) -> b
     return runtime != "tensorflow"
 
 
+def _onnx_graph(path: str, options: RuntimeOptions):
+    """The RuntimeGraph of an ONNX file on ONNX Runtime with the options' threads; with
+    ``options.onnx_alone`` a second session on ``alone_threads`` (``alone_fn``) for the calls
+    that start while no other worker has work in hand (``Seat.either``). The second session
+    costs memory (measured: 32 MB for MobileNetV2, 136 MB for Inception v3; ``machine``'s
+    ``ALONE_MB_*``) and its pool's threads, idle while the workers are busy."""
+    from common.inference.runtimes import onnxrt
+
+    def session(threads: int):
+        return onnxrt.load_graph(path, intra_op=threads, inter_op=options.onnx_inter_op_threads,
+                                 spinning=options.onnx_spinning)
+
+    graph = session(options.onnx_intra_op_threads)
+    if not options.onnx_alone:
+        return graph
+    alone = session(options.alone_threads)
+    return replace(graph, alone_fn=alone.predict_fn, keepalive=(graph.keepalive, alone.keepalive))
+
+
 def _configure_tensorflow(options: RuntimeOptions) -> None:
     from common.inference.runtimes import tfruntime
 
@@ -207,10 +247,7 @@ def _imported_graph(folder: ModelFolder, options: RuntimeOptions, runtime: str):
     """The RuntimeGraph of an imported model's own file."""
     path = folder.model_file()
     if runtime == "onnx":
-        from common.inference.runtimes import onnxrt
-        return onnxrt.load_graph(path, intra_op=options.onnx_intra_op_threads,
-                                 inter_op=options.onnx_inter_op_threads,
-                                 spinning=options.onnx_spinning)
+        return _onnx_graph(path, options)
     if runtime == "tflite":
         from common.inference.runtimes import litert
         return litert.load_graph(path, threads=options.onnx_intra_op_threads or None)

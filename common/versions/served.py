@@ -179,28 +179,38 @@ class TimedTicket:
 
 class CountingBatcher(Batcher):
     """A :class:`~common.inference.batcher.Batcher` whose tickets are timed and whose model
-    calls are counted in ``statistics`` (the metrics hooks, if any, still get every event)."""
+    calls are counted in ``statistics``, its queued images on the worker's ``seat`` (if any);
+    the metrics hooks, if any, still get every event."""
 
-    def __init__(self, predict_fn, *, statistics: Statistics, metrics=None, **settings):
+    def __init__(self, predict_fn, *, statistics: Statistics, metrics=None, seat=None,
+                 **settings):
         self.statistics = statistics
-        super().__init__(predict_fn, metrics=_Hooks(statistics, metrics), **settings)
+        super().__init__(predict_fn, metrics=_Hooks(statistics, metrics, seat), **settings)
 
     def admit(self, images: int = 1) -> TimedTicket:
         return TimedTicket(super().admit(images), self.statistics)
 
 
 class _Hooks:
-    """The batcher's event hooks: ``batch_done`` counted in the statistics, then every event
-    passed on to the version's metrics hooks (none: dropped)."""
+    """The batcher's event hooks: ``batch_done`` counted in the statistics, ``queue_changed``
+    on the worker's seat (if any: ``Classifier.seat``), then every event passed on to the
+    version's metrics hooks (none: dropped)."""
 
-    def __init__(self, statistics: Statistics, metrics):
+    def __init__(self, statistics: Statistics, metrics, seat=None):
         self._statistics = statistics
         self._metrics = metrics
+        self._seat = seat
 
     def batch_done(self, size: int, seconds: float) -> None:
         self._statistics.batch_done(size, seconds)
         if self._metrics is not None:
             self._metrics.batch_done(size, seconds)
+
+    def queue_changed(self, delta: int) -> None:
+        if self._seat is not None:
+            self._seat.queued(delta)
+        if self._metrics is not None:
+            self._metrics.queue_changed(delta)
 
     def __getattr__(self, name: str):
         if self._metrics is None:
@@ -282,7 +292,7 @@ class ServedVersion:
                 max_wait_ms=self.config.queue_max_wait_ms,
                 refusals_per_second=self.config.max_refusals_per_second,
                 timeout=self.config.request_timeout, batch_seconds=clf.batch_seconds,
-                metrics=self.version_metrics)
+                metrics=self.version_metrics, seat=clf.seat)
             if self._stopped:  # retired while it loaded
                 batcher.close()
                 return

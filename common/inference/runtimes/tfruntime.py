@@ -40,6 +40,8 @@ class RuntimeGraph:
         fixed_batch: the batch size the graph fixes (1 for many exports), or None.
         quantised: the input is quantised (a TFLite uint8/int8 input with a scale): it takes
             float32 pixels, which the runtime quantises with the model's scale and zero point.
+        alone_fn: the same model on more threads, for calls that start while no other call
+            runs in any worker (``RUNTIME_THREADS_ALONE``), or None.
     """
 
     predict_fn: Callable[[np.ndarray], np.ndarray]
@@ -50,6 +52,7 @@ class RuntimeGraph:
     input_name: str = "images"
     fixed_batch: int | None = None
     quantised: bool = False
+    alone_fn: Callable[[np.ndarray], np.ndarray] | None = None
 
     def static_size(self, layout: str = "NHWC") -> tuple[int, int] | None:
         """``(height, width)`` the graph fixes, read in ``layout``; None when not both fixed."""
