@@ -10,7 +10,8 @@ import tempfile
 import threading
 
 from common.config import Config
-from common.machine import WorkBoard, lower_thread_priority, plan_for, take_seat
+from common.machine import (alone_setting, alone_threads, arbiter_board, lower_thread_priority,
+                            plan_for, take_seat)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # ONNX Runtime writes a device id otherwise
@@ -41,10 +42,11 @@ bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else \
 _plan = plan_for(_settings)
 os.environ["WORKERS"] = str(_plan.workers)
 os.environ["RUNTIME_THREADS"] = str(_plan.runtime_threads)
+os.environ["RUNTIME_THREADS_ALONE"] = str(_plan.alone_threads)
 workers = _plan.workers
 # The work each worker has in hand (one byte each, shared with the workers forked from here):
 # a worker's model call runs on RUNTIME_THREADS_ALONE threads while no other worker has any.
-_board = WorkBoard()
+_board = arbiter_board()
 # gthread that reads request heads in its main loop (HEADER_TIMEOUT), drops clients that do not
 # read their answers (SEND_TIMEOUT) and answers gunicorn's protocol errors in JSON.
 worker_class = "common.web.gunicorn_worker.JsonErrorWorker"
@@ -74,13 +76,17 @@ def on_starting(server):
     metrics files a previous run left in PROMETHEUS_MULTIPROC_DIR."""
     count = server.cfg.workers
     threads = _plan.runtime_threads
+    alone = _plan.alone_threads
     if count != _plan.workers:
         threads = _settings.runtime_threads or max(1, _plan.cpus // count)
         os.environ["WORKERS"] = str(count)
         os.environ["RUNTIME_THREADS"] = str(threads)
-    server.log.info("%d worker(s) x %d runtime thread(s) (%s; ~%.0f MiB a worker)",
-                    count, threads, _plan.reason if count == _plan.workers
-                    else "gunicorn's worker count", _plan.worker_mb)
+        alone = alone_threads(alone_setting(_settings), _plan.cpus, threads)
+        os.environ["RUNTIME_THREADS_ALONE"] = str(alone)
+    server.log.info("%d worker(s) x %d runtime thread(s), a lone ONNX call on %s (%s; ~%.0f MiB "
+                    "a worker)", count, threads, f"{alone} threads" if alone else "as many",
+                    _plan.reason if count == _plan.workers else "gunicorn's worker count",
+                    _plan.worker_mb)
     os.makedirs(_metrics_dir, exist_ok=True)
     for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
         os.unlink(path)
@@ -184,9 +190,11 @@ def worker_exit(server, worker):
 
 
 def pre_fork(server, worker):
-    """Give the new worker the lowest seat on the board of work in hand that no live
-    worker holds."""
+    """Give the new worker the lowest seat on the board of work in hand that no live worker
+    holds; empty the seats no live worker holds (one gunicorn dropped without ``child_exit``
+    may have left its count)."""
     taken = {getattr(w, "seat_number", -1) for w in server.WORKERS.values()}
+    _board.free_all_but(taken)
     worker.seat_number = next(n for n in range(len(taken) + 1) if n not in taken)
 
 

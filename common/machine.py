@@ -16,11 +16,14 @@ as the memory allows, at least one.
 """
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -149,9 +152,9 @@ def lower_thread_priority(nice: int) -> int:
 
 class WorkBoard:
     """How much work each of a server's workers has in hand now: per worker (a "seat") one byte,
-    its running model calls plus the images it admitted whose batch has not started, in memory
-    shared by the workers because the arbiter made it before forking them (gunicorn.conf.py
-    gives each worker a seat of its own).
+    non-zero while it has an admitted image not yet answered (queued or in the running call) or
+    a model call running, in memory shared by the workers because the arbiter made it before
+    forking them (gunicorn.conf.py gives each worker a seat of its own).
 
     It lets a worker run a model call on more threads while no other worker has work in hand
     (``RUNTIME_THREADS_ALONE``, :meth:`Seat.either`): under load every worker runs its calls on
@@ -177,35 +180,58 @@ class WorkBoard:
         if 0 <= number < self.seats:
             self._shared[number] = 0
 
+    def free_all_but(self, held: set[int]) -> None:
+        """Empty every seat not in ``held`` (the live workers'): a worker gunicorn dropped
+        without ``child_exit`` leaves none counted."""
+        for number in range(self.seats):
+            if number not in held:
+                self._shared[number] = 0
+
     def busy(self) -> int:
         """Workers with work in hand now."""
         return self.seats - self._shared[:].count(0)
 
 
+_BOARD: WorkBoard | None = None
+
+
+def arbiter_board() -> WorkBoard:
+    """The server's board, made once per process: gunicorn runs gunicorn.conf.py again on a
+    reload (HUP), and the workers it forks then must share the board the others write."""
+    global _BOARD
+    if _BOARD is None:
+        _BOARD = WorkBoard()
+    return _BOARD
+
+
 class Seat:
-    """One worker's seat on a :class:`WorkBoard` board; only this process writes its byte."""
+    """One worker's seat on a :class:`WorkBoard`: this worker writes its byte (and the arbiter
+    empties it once the worker is gone)."""
 
     def __init__(self, shared: mmap.mmap, number: int):
         self._shared = shared
         self.number = number
         self._lock = threading.Lock()  # a worker's model and request threads share it
         self._running = 0
-        self._queued = 0
+        self._in_hand = 0
         #: Called (no arguments) for each call that runs alone: the app's metrics hook.
         self.on_alone = None
 
     def _publish(self) -> None:
-        self._shared[self.number] = min(self._running + self._queued, 255)
+        self._shared[self.number] = min(self._running + self._in_hand, 255)
 
-    def queued(self, delta: int) -> None:
-        """Images admitted (``delta`` > 0) or taken into a batch or given back (< 0): the
-        batcher's ``queue_changed`` hook."""
+    def in_hand(self, delta: int) -> None:
+        """Images admitted (``delta`` > 0), or answered or given back (< 0): the batcher's
+        ``work_changed`` hook."""
         with self._lock:
-            self._queued = max(0, self._queued + delta)
+            self._in_hand += delta
+            if self._in_hand < 0:  # a bug in the counting: never hold the others back for it
+                log.warning("seat %d counted %d images in hand", self.number, self._in_hand)
+                self._in_hand = 0
             self._publish()
 
     def _start(self) -> bool:
-        """Count a call in; True when it runs alone: no other call of this worker (another
+        """Count a call in; True when it may run alone: no other call of this worker (another
         model's thread) and no other worker with work in hand."""
         with self._lock:
             self._running += 1
@@ -220,32 +246,56 @@ class Seat:
             self._running -= 1
             self._publish()
 
-    def marking(self, fn):
-        """``fn`` counted as a running model call on this seat."""
-        return self.either(fn)
-
-    def either(self, under_load, alone=None):
-        """A model function that runs ``alone`` (the model on more threads) when no other model
-        call runs in this worker and no other worker has work in hand, else ``under_load``
-        (always, when ``alone`` is None); counted on this seat. A worker that takes work in
-        hand after another's call started alone runs its own calls meanwhile on its share of
-        the CPUs: they are oversubscribed until that one call ends."""
-        def chosen(batch):
-            fn = under_load
-            if self._start() and alone is not None:
-                fn = alone
-                if self.on_alone is not None:
-                    self.on_alone()
+    def _counted(self, fn):
+        def run(batch):
+            self._start()
             try:
                 return fn(batch)
             finally:
                 self._end()
-        if alone is not None:  # for the warm-up, which runs each
-            chosen.under_load, chosen.alone = under_load, alone
+        return run
+
+    def either(self, under_load, alone=None):
+        """A model function that runs ``alone`` (the model on more threads) when no other model
+        call runs in this worker and no other worker has work in hand, else ``under_load``
+        (always, when ``alone`` is None); counted on this seat. Its ``under_load`` and
+        ``alone`` attributes (with ``alone`` given) run that one, counted: the warm-up times
+        and runs each. A worker that takes work after another's call started alone runs its
+        own calls on its share of the CPUs meanwhile: they are oversubscribed until that call
+        ends."""
+        def chosen(batch):
+            fn = under_load
+            alone_now = self._start() and alone is not None
+            try:
+                if alone_now:
+                    fn = alone
+                    if self.on_alone is not None:
+                        self.on_alone()
+                return fn(batch)
+            finally:
+                self._end()
+        if alone is not None:
+            chosen.under_load, chosen.alone = self._counted(under_load), self._counted(alone)
         return chosen
 
 
-#: This worker's seat on the server's WorkBoard board (gunicorn.conf.py's post_fork); None
+def alone_setting(config) -> int | None:
+    """RUNTIME_THREADS_ALONE as set (None: ``auto``); 0 for ``auto`` when RUNTIME_THREADS is a
+    number (a user who sized the threads by hand keeps them)."""
+    if config.runtime_threads_alone is None and config.runtime_threads:
+        return 0
+    return config.runtime_threads_alone
+
+
+def alone_threads(setting: int | None, cpus: int, threads: int) -> int:
+    """The second session's threads for workers whose calls run on ``threads``: the setting
+    (None: every usable CPU), or 0 (no second session) when that is not more than
+    ``threads``."""
+    wanted = cpus if setting is None else setting
+    return wanted if wanted > threads else 0
+
+
+#: This worker's seat on the server's WorkBoard (gunicorn.conf.py's post_fork); None
 #: outside gunicorn, where a process has no sibling to give way to.
 _SEAT: Seat | None = None
 
@@ -297,6 +347,8 @@ class WorkerPlan:
     memory_mb: float | None
     worker_mb: float
     reason: str
+    #: RUNTIME_THREADS_ALONE's threads (0: no second session).
+    alone_threads: int = 0
 
 
 def plan_workers(cpus: int, memory_bytes: int | None, worker_mb: float,
@@ -359,28 +411,35 @@ def plan_for(config, cpus: int | None = None, memory_bytes: int | None = None) -
     """``WORKERS=auto``'s plan for ``config``: the usable CPUs and memory of this process (or
     those given), and a worker's expected memory for the models the config serves plus
     DECODE_MEMORY_MB and QUEUE_MEMORY_MB. A number in WORKERS or RUNTIME_THREADS wins; with
-    only RUNTIME_THREADS set, the workers are as many as its threads fit in the CPUs."""
+    only RUNTIME_THREADS set, the workers are as many as its threads fit in the CPUs. The
+    second session of RUNTIME_THREADS_ALONE is charged to each worker, and dropped where
+    charging it would cost a worker."""
     cpus = usable_cpus() if cpus is None else cpus
+    setting = alone_setting(config)
     if config.workers and config.runtime_threads:  # nothing to decide: no scan
         return WorkerPlan(workers=config.workers, runtime_threads=config.runtime_threads,
                           cpus=cpus, memory_mb=None, worker_mb=0.0,
-                          reason="WORKERS and RUNTIME_THREADS set")
+                          reason="WORKERS and RUNTIME_THREADS set",
+                          alone_threads=alone_threads(setting, cpus, config.runtime_threads))
     memory_bytes = usable_memory() if memory_bytes is None else memory_bytes
     models = served_model_files(config)
     transient_mb = config.decode_memory_mb + config.queue_memory_mb
 
-    def sized(alone: bool) -> tuple[WorkerPlan, int, int]:
+    def sized(alone: bool) -> WorkerPlan:
         plan = plan_workers(cpus, memory_bytes, worker_memory_mb(models, transient_mb, alone))
         workers = config.workers or plan.workers
         if config.workers is None and config.runtime_threads:
             workers = min(workers, max(1, cpus // config.runtime_threads))
-        return plan, workers, config.runtime_threads or max(1, cpus // workers)
+        threads = config.runtime_threads or max(1, cpus // workers)
+        return replace(plan, workers=workers, runtime_threads=threads,
+                       reason=plan.reason if config.workers is None else "WORKERS set",
+                       alone_threads=alone_threads(setting, cpus, threads) if alone else 0)
 
-    plan, workers, threads = sized(False)
-    alone = config.runtime_threads_alone
-    if (cpus if alone is None else alone) > threads:  # each worker holds a second session
-        plan, workers, threads = sized(True)
-    worker_mb = plan.worker_mb
-    reason = plan.reason if config.workers is None else "WORKERS set"
-    return WorkerPlan(workers=workers, runtime_threads=threads, cpus=cpus,
-                      memory_mb=plan.memory_mb, worker_mb=worker_mb, reason=reason)
+    plan = sized(False)
+    if alone_threads(setting, cpus, plan.runtime_threads):
+        charged = sized(True)
+        if charged.workers == plan.workers:
+            return charged
+        return replace(plan, reason=plan.reason + "; no second session for lone calls "
+                       "(RUNTIME_THREADS_ALONE): its memory would cost a worker")
+    return plan

@@ -66,7 +66,7 @@ class Metrics:
                              "connection handed to another worker after the answer", registry=r)
         self.alone = Counter("classifier_model_calls_alone",
                              "Model calls run on RUNTIME_THREADS_ALONE threads because no other "
-                             "call ran in any worker when they started", registry=r)
+                             "worker had work in hand when they started", registry=r)
         self.load_seconds = Gauge("classifier_model_load_seconds",
                                   "Seconds the worker took to load a model version", mv,
                                   multiprocess_mode="liveall", registry=r)

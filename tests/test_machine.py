@@ -175,7 +175,6 @@ def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
         ran.append(("alone", batch))
 
     call = mine.either(under_load, alone)
-    assert (call.under_load, call.alone) == (under_load, alone)  # the warm-up runs each
     call(1)
 
     context = multiprocessing.get_context("fork")
@@ -189,7 +188,7 @@ def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
             if exit_inside:
                 os._exit(0)  # dies inside the call: its seat stays counted
             release.wait(30)
-        seat.marking(model)(None)
+        seat.either(model)(None)
 
     child = context.Process(target=sibling, args=(False,))
     child.start()
@@ -203,17 +202,17 @@ def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
     assert board.busy() == 0
     call(3)
     sibling_queue = board.seat(2)
-    sibling_queue.queued(2)  # a sibling admitted two images, its model thread between calls
+    sibling_queue.in_hand(2)  # a sibling holds two images, its model thread between calls
     call(3.1)
-    sibling_queue.queued(-1)
+    sibling_queue.in_hand(-1)
     call(3.2)
-    sibling_queue.queued(-1)
-    mine.queued(3)  # this worker's own queue does not hold it back
+    sibling_queue.in_hand(-1)
+    mine.in_hand(3)  # this worker's own images do not hold it back
     call(3.3)
-    mine.queued(-3)
+    mine.in_hand(-3)
 
     inside, leave = threading.Event(), threading.Event()
-    other_model = threading.Thread(target=mine.marking(lambda _: (inside.set(), leave.wait(30))),
+    other_model = threading.Thread(target=mine.either(lambda _: (inside.set(), leave.wait(30))),
                                    args=(None,))
     other_model.start()
     try:
@@ -232,7 +231,7 @@ def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
     board.free(1)  # the arbiter's child_exit
     call(6)
     with pytest.raises(SystemExit):
-        board.seat(2).marking(lambda _: sys.exit(0))(None)  # the count goes down on the way out
+        board.seat(2).either(lambda _: sys.exit(0))(None)  # the count goes down on the way out
     assert board.busy() == 0
     started.clear()
     child = context.Process(target=sibling, args=(True,))
@@ -246,6 +245,37 @@ def test_a_call_runs_alone_only_while_no_other_worker_runs_one():
                    ("under load", 5), ("alone", 6)]
     assert len(counted) == 4 and board.busy() == 0
     assert board.seat(4) is None  # past the last seat: no board for that worker
+
+
+def test_a_seats_forced_calls_are_counted_and_a_failing_hook_leaks_nothing():
+    """The warm-up's calls (``under_load`` and ``alone`` of ``Seat.either``) run the session
+    named, counted like any call; a metrics hook that raises fails the call and leaves the seat
+    empty; the arbiter empties seats no live worker holds; one board per arbiter process (a
+    reload runs gunicorn.conf.py again)."""
+    board = machine.WorkBoard(seats=3)
+    mine = board.seat(0)
+    seen = []
+    call = mine.either(lambda _: seen.append(("under load", board.busy())),
+                       lambda _: seen.append(("alone", board.busy())))
+    call.under_load(None)
+    call.alone(None)
+    assert seen == [("under load", 1), ("alone", 1)] and board.busy() == 0
+
+    def broken():
+        raise RuntimeError("the metrics file is gone")
+    mine.on_alone = broken
+    with pytest.raises(RuntimeError):
+        call(None)
+    assert board.busy() == 0
+    mine.on_alone = None
+    call(None)
+    assert seen[-1] == ("alone", 1)
+
+    board.seat(1).in_hand(1)
+    board.seat(2).in_hand(1)
+    board.free_all_but({0, 2})
+    assert board.busy() == 1
+    assert machine.arbiter_board() is machine.arbiter_board()
 
 
 def test_the_arbiter_gives_each_worker_the_lowest_free_seat():
@@ -281,11 +311,25 @@ def test_the_second_session_is_counted_in_a_workers_memory():
     assert machine.worker_memory_mb([("tensorflow", 92 * MIB)], transient_mb=0, alone=True) == tf
 
     demo = {"MODEL_PATH": os.path.join(ROOT, "tf_files", "demo"), "RUNTIME": "onnx"}
+    plenty = 64 * 1024 * MIB
     plain = machine.plan_for(Config.from_env({**demo, "RUNTIME_THREADS_ALONE": "0"}), cpus=8,
-                             memory_bytes=64 * 1024 * MIB)
-    charged = machine.plan_for(Config.from_env(demo), cpus=8, memory_bytes=64 * 1024 * MIB)
-    assert (charged.workers, charged.runtime_threads) == (8, 1)
+                             memory_bytes=plenty)
+    assert plain.alone_threads == 0
+    charged = machine.plan_for(Config.from_env(demo), cpus=8, memory_bytes=plenty)
+    assert (charged.workers, charged.runtime_threads, charged.alone_threads) == (8, 1, 8)
     assert charged.worker_mb > plain.worker_mb
     one = machine.plan_for(Config.from_env({**demo, "WORKERS": "1"}), cpus=8,
-                           memory_bytes=64 * 1024 * MIB)
+                           memory_bytes=plenty)
     assert one.runtime_threads == 8 and one.worker_mb == plain.worker_mb  # no second session
+    assert one.alone_threads == 0
+    # threads sized by hand are kept: auto gives no second session, a number still does
+    assert machine.plan_for(Config.from_env({**demo, "RUNTIME_THREADS": "1"}), cpus=8,
+                            memory_bytes=plenty).alone_threads == 0
+    assert machine.plan_for(Config.from_env({**demo, "RUNTIME_THREADS": "1", "WORKERS": "8",
+                                             "RUNTIME_THREADS_ALONE": "4"}), cpus=8,
+                            memory_bytes=plenty).alone_threads == 4
+    # memory for two plain workers but not two with the second session: two workers, none
+    tight = int((256 + 2 * plain.worker_mb + 1) * MIB)
+    two = machine.plan_for(Config.from_env(demo), cpus=2, memory_bytes=tight)
+    assert (two.workers, two.runtime_threads, two.alone_threads) == (2, 1, 0)
+    assert "would cost a worker" in two.reason

@@ -256,3 +256,39 @@ def test_a_versions_queued_images_and_calls_are_counted_on_the_workers_seat():
     finally:
         leave.set()
         model.close()
+
+
+def test_an_image_stays_in_hand_while_its_batch_waits_for_more():
+    """With BATCH_MAX_WAIT_MS the model thread takes an image and waits for more before the
+    call: the worker's seat must not read empty meanwhile (a sibling would take every CPU)."""
+    import time
+
+    from common.machine import WorkBoard
+
+    board = WorkBoard(seats=2)
+    seat = board.seat(0)
+    called = threading.Event()
+
+    def predict(x):
+        called.set()
+        return np.ones((len(x), 2)) / 2
+
+    clf = tiny(seat.either(predict))
+    clf.seat = seat
+    config = Config.from_mapping({"batch_max_size": 2, "batch_max_wait_ms": 300,
+                                  "request_timeout": 5.0})
+    model = ServedVersion(clf, config).start()
+    called.clear()  # the warm-up's calls
+    try:
+        answered, samples = [], []
+        request = threading.Thread(target=lambda: answered.append(classify(model, image())))
+        request.start()
+        while not called.is_set() and request.is_alive():
+            samples.append(board.busy())
+            time.sleep(0.001)
+        request.join(30)
+        admitted = samples[samples.index(1):]  # from its admission to its call
+        assert answered and len(admitted) > 10 and set(admitted) == {1}, samples
+        assert board.busy() == 0
+    finally:
+        model.close()

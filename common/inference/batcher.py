@@ -178,8 +178,10 @@ class Batcher:
         timeout: seconds a request may wait for its result before it is answered 503.
         batch_seconds: measured seconds of one call per padded batch size (the warm-up's), the
             first estimates of the batch times.
-        metrics: optional hooks (``common.metrics.Metrics``): ``queue_changed(delta)``,
-            ``batch_done(size, seconds)``, ``rejected_request(reason)``.
+        metrics: optional hooks (``common.metrics.Metrics``), each called only where it
+            exists: ``queue_changed(delta)`` (admitted images whose batch has not started),
+            ``work_changed(delta)`` (admitted images not yet answered: queued or in the
+            running call), ``batch_done(size, seconds)``, ``rejected_request(reason)``.
     """
 
     def __init__(self, predict_fn: Callable[[np.ndarray], np.ndarray], *,
@@ -247,6 +249,7 @@ class Batcher:
         if refused:
             self._refuse()
         self._event("queue_changed", images)
+        self._event("work_changed", images)
 
     def _refuses(self, images: int) -> bool:
         """Whether ``images`` more would pass the hard cap or the wait budget (under the lock)."""
@@ -308,10 +311,14 @@ class Batcher:
         estimate = self.batch_estimate(self._running_bucket)
         return abs(estimate - elapsed)
 
-    def _unreserve(self, images: int) -> None:
+    def _unreserve(self, images: int, taken: bool = False) -> None:
+        """Give back admitted room: unused, or (``taken``) its image went into a batch, where
+        it stays in hand until its call has ended."""
         with self._lock:
             self._waiting -= images
         self._event("queue_changed", -images)
+        if not taken:
+            self._event("work_changed", -images)
 
     # -- request threads ----------------------------------------------------------------------
     def _enqueue(self, images: list[np.ndarray], timeout: float | None) -> list[np.ndarray]:
@@ -320,11 +327,14 @@ class Batcher:
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         jobs = [_Job(image, deadline) for image in images]
-        if self._closed:  # admitted, but the worker began to stop while it decoded
+        with self._lock:  # no job may follow close()'s _STOP: none would take it
+            closed = self._closed
+            if not closed:
+                for job in jobs:
+                    self._queue.put(job)
+        if closed:  # admitted, but the worker began to stop while it decoded
             self._unreserve(len(jobs))
             raise ServiceUnavailable("the worker is shutting down")
-        for job in jobs:
-            self._queue.put(job)
         try:
             return [job.future.result(timeout=max(0.0, deadline - time.monotonic()))
                     for job in jobs]
@@ -335,8 +345,10 @@ class Batcher:
             raise ModelTimeout(f"the model did not answer within {timeout:g} s") from None
 
     def _event(self, name: str, *args) -> None:
-        if self.metrics is not None:
-            getattr(self.metrics, name)(*args)
+        """Call hook ``name`` of ``metrics``, where it has one."""
+        hook = getattr(self.metrics, name, None) if self.metrics is not None else None
+        if hook is not None:
+            hook(*args)
 
     @property
     def busy_seconds(self) -> float:
@@ -352,7 +364,7 @@ class Batcher:
         except queue.Empty:
             return None
         if job is not _STOP:
-            self._unreserve(1)
+            self._unreserve(1, taken=True)
         return job
 
     def _collect(self, batch: list[_Job]) -> tuple[list[_Job], bool]:
@@ -385,9 +397,12 @@ class Batcher:
             live = [j for j in batch
                     if j.deadline > now and j.future.set_running_or_notify_cancel()]
             pending = []
+            if len(live) < len(batch):
+                self._event("work_changed", len(live) - len(batch))
             if not live:
                 continue
             scores, error = self._compute(live)
+            self._event("work_changed", -len(live))
             if not stopping:
                 # Take what queued up meanwhile *before* answering: the clients answered now
                 # come straight back, and must find room in the queue rather than a 503.
@@ -426,7 +441,7 @@ class Batcher:
             if self._closed:
                 return
             self._closed = True
-        self._queue.put(_STOP)  # behind the queued jobs: they are drained first
+            self._queue.put(_STOP)  # behind the queued jobs: they are drained first
         self._thread.join(timeout)
 
 

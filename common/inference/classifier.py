@@ -79,7 +79,7 @@ class Classifier:
     #: Seconds of one call per batch size, measured by the warm-up's second pass.
     batch_seconds: dict = field(default_factory=dict)
     #: The worker's seat on the server's board of work in hand (``common.machine.Seat``),
-    #: where ``predict_fn`` counts its calls and the batcher its queued images; None outside
+    #: where ``predict_fn`` counts its calls and the batcher its images in hand; None outside
     #: gunicorn.
     seat: Any = None
 
@@ -160,8 +160,9 @@ class Classifier:
         from the version serving while a new one rolls out.
 
         A function that runs on more threads while no other worker has work in hand
-        (``common.machine.Seat.either``) is timed as it runs under load (its ``under_load``),
-        whatever the other workers do meanwhile, and its ``alone`` runs once at batch 1.
+        (``common.machine.Seat.either``) is timed on the session it runs under load (its
+        ``under_load``), whatever the other workers do meanwhile, and its ``alone`` runs once
+        at batch 1; both are counted on the worker's seat like any call.
 
         Also the start-up check that labels and model outputs agree (for models that do not
         declare their output width). Returns seconds taken.

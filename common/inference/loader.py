@@ -41,12 +41,13 @@ class RuntimeOptions:
     onnx_intra_op_threads: int = 0
     onnx_inter_op_threads: int = 0
     onnx_spinning: bool = False
-    #: ONNX Runtime intra-op threads for a call while no other worker has work in hand (a
-    #: second session of the model); used only with a ``seat`` and when more than
-    #: ``onnx_intra_op_threads``.
+    #: ONNX Runtime intra-op threads for a call that starts while no other worker has work in
+    #: hand (a second session of the model; 0: none); used only with a ``seat`` and when more
+    #: than ``onnx_intra_op_threads``.
     alone_threads: int = 0
-    #: This worker's seat on the server's board of work in hand
-    #: (``common.machine.Seat``): every call is counted there. None outside gunicorn.
+    #: This worker's seat on the server's board of work in hand (``common.machine.Seat``):
+    #: every call of the loaded model, the load's own included, is counted there; the
+    #: batcher counts its images there too (``Classifier.seat``). None outside gunicorn.
     seat: Any = field(default=None, compare=False)
 
     @classmethod
@@ -55,17 +56,19 @@ class RuntimeOptions:
         RUNTIME_THREADS_ALONE; an intra-op count left at 0 is RUNTIME_THREADS, by default the
         CPUs this process may use (under gunicorn, that divided among the workers:
         gunicorn.conf.py), and RUNTIME_THREADS_ALONE's ``auto`` all of those CPUs."""
-        from common.machine import usable_cpus
+        from common.machine import alone_setting, alone_threads, usable_cpus
 
-        threads = config.runtime_threads or usable_cpus()
-        alone = config.runtime_threads_alone
+        cpus = usable_cpus()
+        threads = config.runtime_threads or cpus
+        onnx_threads = config.onnx_intra_op_threads or threads
         return cls(runtime=config.runtime, configure_tensorflow=True,
                    tf_intra_op_threads=config.tf_intra_op_threads or threads,
                    tf_inter_op_threads=config.tf_inter_op_threads, precision=config.precision,
-                   onnx_intra_op_threads=config.onnx_intra_op_threads or threads,
+                   onnx_intra_op_threads=onnx_threads,
                    onnx_inter_op_threads=config.onnx_inter_op_threads,
                    onnx_spinning=config.onnx_spinning,
-                   alone_threads=usable_cpus() if alone is None else alone, seat=seat)
+                   alone_threads=alone_threads(alone_setting(config), cpus, onnx_threads),
+                   seat=seat)
 
     @property
     def onnx_alone(self) -> bool:
@@ -160,11 +163,11 @@ def load_classifier(folder: ModelFolder | str, options: RuntimeOptions | None = 
     name, version = folder.identity(meta)
     size = folder.input_size(meta, graph.static_size(spec.layout))
     _check_input(graph, spec, size, where)
-    if record is not None:
-        check_reference(graph.predict_fn, record, size, where)
     predict_fn = graph.predict_fn
     if options.seat is not None:  # every call counted, so the other workers see it running
         predict_fn = options.seat.either(predict_fn, graph.alone_fn)
+    if record is not None:  # on the session used under load
+        check_reference(getattr(predict_fn, "under_load", predict_fn), record, size, where)
     clf = Classifier(predict_fn=predict_fn, labels=labels, input_size=size, name=name,
                      version=version, metadata=meta, folder=folder, runtime=runtime, spec=spec,
                      input_name=graph.input_name, input_dtype=graph.input_dtype,

@@ -179,8 +179,8 @@ class TimedTicket:
 
 class CountingBatcher(Batcher):
     """A :class:`~common.inference.batcher.Batcher` whose tickets are timed and whose model
-    calls are counted in ``statistics``, its queued images on the worker's ``seat`` (if any);
-    the metrics hooks, if any, still get every event."""
+    calls are counted in ``statistics``, its images in hand on the worker's ``seat`` (if any);
+    the metrics hooks, if any, still get every event they have."""
 
     def __init__(self, predict_fn, *, statistics: Statistics, metrics=None, seat=None,
                  **settings):
@@ -192,8 +192,8 @@ class CountingBatcher(Batcher):
 
 
 class _Hooks:
-    """The batcher's event hooks: ``batch_done`` counted in the statistics, ``queue_changed``
-    on the worker's seat (if any: ``Classifier.seat``), then every event passed on to the
+    """The batcher's event hooks: ``batch_done`` counted in the statistics, ``work_changed``
+    on the worker's seat (if any: ``Classifier.seat``), every other event passed on to the
     version's metrics hooks (none: dropped)."""
 
     def __init__(self, statistics: Statistics, metrics, seat=None):
@@ -206,11 +206,9 @@ class _Hooks:
         if self._metrics is not None:
             self._metrics.batch_done(size, seconds)
 
-    def queue_changed(self, delta: int) -> None:
+    def work_changed(self, delta: int) -> None:
         if self._seat is not None:
-            self._seat.queued(delta)
-        if self._metrics is not None:
-            self._metrics.queue_changed(delta)
+            self._seat.in_hand(delta)
 
     def __getattr__(self, name: str):
         if self._metrics is None:

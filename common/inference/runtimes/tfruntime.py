@@ -40,8 +40,8 @@ class RuntimeGraph:
         fixed_batch: the batch size the graph fixes (1 for many exports), or None.
         quantised: the input is quantised (a TFLite uint8/int8 input with a scale): it takes
             float32 pixels, which the runtime quantises with the model's scale and zero point.
-        alone_fn: the same model on more threads, for calls that start while no other call
-            runs in any worker (``RUNTIME_THREADS_ALONE``), or None.
+        alone_fn: the same model on more threads, for calls that start while no other worker
+            has work in hand (``RUNTIME_THREADS_ALONE``), or None.
     """
 
     predict_fn: Callable[[np.ndarray], np.ndarray]
