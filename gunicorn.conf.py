@@ -83,10 +83,10 @@ def on_starting(server):
         os.environ["RUNTIME_THREADS"] = str(threads)
         alone = alone_threads(alone_setting(_settings), _plan.cpus, threads)
         os.environ["RUNTIME_THREADS_ALONE"] = str(alone)
-    server.log.info("%d worker(s) x %d runtime thread(s), a lone ONNX call on %s (%s; ~%.0f MiB "
-                    "a worker)", count, threads, f"{alone} threads" if alone else "as many",
-                    _plan.reason if count == _plan.workers else "gunicorn's worker count",
-                    _plan.worker_mb)
+    server.log.info("%d worker(s) x %d runtime thread(s) (%s; ~%.0f MiB a worker); a lone call "
+                    "of an ONNX model on %d", count, threads, _plan.reason
+                    if count == _plan.workers else "gunicorn's worker count", _plan.worker_mb,
+                    alone or threads)
     os.makedirs(_metrics_dir, exist_ok=True)
     for path in glob.glob(os.path.join(_metrics_dir, "*.db")):
         os.unlink(path)
@@ -209,8 +209,10 @@ def post_fork(server, worker):
       image blocks came from the arenas and stayed there whenever they were freed after the
       decode's ``malloc_trim`` (the decoded image outlives its decode).
 
-    With several workers, also name the folder where the worker takes connections handed over
-    by its siblings (the fair share moving a client out of a crowded worker).
+    Take the worker's seat on the board of work in hand (``pre_fork`` chose it; the app finds
+    it with ``machine.worker_seat``). With several workers, also name the folder where the
+    worker takes connections handed over by its siblings (the fair share moving a client out
+    of a crowded worker).
     """
     tune_malloc(_settings.malloc_arena_max, MMAP_THRESHOLD_BYTES)
     take_seat(_board.seat(worker.seat_number))

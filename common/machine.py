@@ -13,6 +13,9 @@ smallest ``memory.max`` (v1: ``memory.limit_in_bytes``) on the way up, and the m
 docs/BENCHMARKS.md "Workers sized to the machine" has the measurements behind the rule): one
 worker per usable CPU, each running its model on ``cpus // workers`` runtime threads, as many
 as the memory allows, at least one.
+
+:class:`WorkBoard` tells the workers which of them has work in hand, so that a model call that
+starts while none other has runs on every usable CPU (``RUNTIME_THREADS_ALONE``).
 """
 from __future__ import annotations
 
@@ -172,7 +175,7 @@ class WorkBoard:
         past the last one."""
         if not 0 <= number < self.seats:
             return None
-        self._shared[number] = 0
+        self.free(number)
         return Seat(self._shared, number)
 
     def free(self, number: int) -> None:

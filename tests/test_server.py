@@ -22,7 +22,8 @@ def test_health_and_ready(live_server):
 
 def test_workers_default_to_the_usable_cpus(colour_model_dir, tmp_path):
     """WORKERS=auto (the default): one worker per CPU this process may use, one runtime thread
-    each on this machine's model, said in the log; ready only once all of them are warm."""
+    each on this machine's model (a lone ONNX model's call on all of them), said in the log;
+    ready only once all of them are warm."""
     from common.config import Config
     from common.machine import plan_for
 
@@ -30,8 +31,11 @@ def test_workers_default_to_the_usable_cpus(colour_model_dir, tmp_path):
     server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir})
     try:
         assert len(server.worker_pids()) == plan.workers
+        log = server.output(tail=None)  # the first lines
         assert f"{plan.workers} worker(s) x {plan.runtime_threads} runtime thread(s) " \
-               f"({plan.cpus} usable CPU" in server.output(tail=None)  # the first lines
+               f"({plan.cpus} usable CPU" in log
+        assert f"a lone call of an ONNX model on {plan.alone_threads or plan.runtime_threads}\n" \
+            in log
     finally:
         server.stop()
 
