@@ -394,8 +394,10 @@ def test_hot_reload_under_load(tmp_path, colour_versions):
         assert 3 not in _status(server)["colours"] or _status(server)["colours"][3][0] != "ready"
         shutil.rmtree(half)
         publish(repo, "colours", 3, colour_versions["bad"])
-        failed = _until(lambda: _status(server)["colours"].get(3, ("",))[0] == "failed"
-                        and _status(server)["colours"][3])
+        def version_3():  # one read: two could be answered by two workers, one still loading
+            state = _status(server)["colours"].get(3, ("",))
+            return state[0] == "failed" and state
+        failed = _until(version_3)
         assert failed[1]  # its error
         time.sleep(4)
         status = _status(server)["colours"]
