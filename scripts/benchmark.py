@@ -30,6 +30,7 @@ more level (see :func:`profile_level`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import io
 import json
@@ -205,13 +206,79 @@ def level(driver: str, port: int, body: bytes, body_path: str, concurrency: int,
 def costed_level(driver: str, port: int, workers: list[int], body: bytes, body_path: str,
                  concurrency: int, params: BenchParams) -> dict:
     """:func:`level`, plus ``server_cpu_ms_per_200``: the workers' CPU over the level divided by
-    its 200s (the level's warm-up 200s, max(1, N), are in the window too)."""
+    its 200s (the level's warm-up 200s, max(1, N), are in the window too); and
+    ``connections_per_worker``: how the clients' connections sat in the workers
+    (:class:`ConnectionSplit`)."""
     before = workers_cpu_s(workers)
-    lv = level(driver, port, body, body_path, concurrency, params)
+    with ConnectionSplit(workers, port) as split:
+        lv = level(driver, port, body, body_path, concurrency, params)
     answered = lv["ok"] + max(1, params.warmup_requests)
     lv["server_cpu_ms_per_200"] = round(
         (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
+    lv["connections_per_worker"] = split.medians()
     return lv
+
+
+def connections_per_worker(pids: list[int], port: int) -> list[int]:
+    """Established TCP connections to ``port`` that each of ``pids`` holds (the sockets of
+    /proc/net/tcp and tcp6 whose local port is ``port``, matched to each process's
+    descriptors by inode); 0 for a process that is gone."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()  # sl local remote state ... inode (10th)
+            if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    counts = []
+    for pid in pids:
+        held = 0
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
+        except OSError:
+            pass
+        counts.append(held)
+    return counts
+
+
+class ConnectionSplit:
+    """Samples :func:`connections_per_worker` twice a second in a thread while in use, from
+    ``settle`` seconds on (the warm-up's and the load generator's connections made);
+    :meth:`medians` is each worker's median, the most loaded first. The kernel hands each
+    new connection to one of gunicorn's workers, and kept-alive clients stay where they
+    landed unless the server moves them."""
+
+    def __init__(self, pids: list[int], port: int, every: float = 0.5, settle: float = 2.0):
+        self.pids, self.port, self.every, self.settle = pids, port, every, settle
+        self.samples: list[list[int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ConnectionSplit":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        if self._stop.wait(self.settle):
+            return
+        while not self._stop.wait(self.every):
+            self.samples.append(connections_per_worker(self.pids, self.port))
+
+    def medians(self) -> list[float]:
+        if not self.samples:
+            return []
+        return sorted((statistics.median(column) for column in zip(*self.samples)),
+                      reverse=True)
 
 
 def grpc_infer_message(port: int, body: bytes, top_k: int) -> tuple[str, bytes]:
@@ -434,8 +501,9 @@ def sweep_markdown(result: dict) -> str:
              f"({result['driver']} clients; in-process best {ip['best_images_per_s']}/s at "
              f"batch {ip['best_batch']}, batch 1 {ip['batch1_ms']} ms, {ip['runtime']})", "",
              "| workers × runtime threads | ready after s | clients | goodput/s | ÷ in-process "
-             "best | p50 ms | p99 ms | 503 share | server CPU ms per 200 | private MB a worker |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "best | p50 ms | p99 ms | 503 share | server CPU ms per 200 | private MB a worker "
+             "| connections a worker |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["sweep"]:
         rss = row["anon_rss_mb"]
         per_worker = round(sum(rss.values()) / len(rss)) if rss else ""
@@ -445,7 +513,8 @@ def sweep_markdown(result: dict) -> str:
             lines.append(f"| {setting} | "
                          f"{row['time_to_ready_s']} | {lv['concurrency']} | {lv['goodput']} | "
                          f"{lv['vs_in_process_best']} | {lv['p50_ms']} | {lv['p99_ms']} | "
-                         f"{lv['shed_share']} | {lv['server_cpu_ms_per_200']} | {per_worker} |")
+                         f"{lv['shed_share']} | {lv['server_cpu_ms_per_200']} | {per_worker} | "
+                         f"{' / '.join(f'{n:g}' for n in lv.get('connections_per_worker', []))} |")
     return "\n".join(lines)
 
 

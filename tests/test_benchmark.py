@@ -1,5 +1,7 @@
 """scripts/benchmark.py runs end to end (tiny model, one second a level). It checks the report's
 shape and that nothing failed; speed itself is never asserted in tests."""
+import time
+
 import pytest
 
 from scripts import bench_fairness, benchmark, loadgen
@@ -81,3 +83,30 @@ def test_a_sweep_setting_may_carry_variables_of_its_own():
     assert benchmark.parse_sweep("1x2, 2x1,auto,auto:RUNTIME_THREADS_ALONE=0,4:A=1:B=x=y") == [
         (1, 2, {}), (2, 1, {}), (None, None, {}), (None, None, {"RUNTIME_THREADS_ALONE": "0"}),
         (4, None, {"A": "1", "B": "x=y"})]
+
+
+@pytest.mark.server
+def test_the_connections_each_worker_holds_are_counted(colour_model_dir, tmp_path):
+    """Five kept-alive connections to a server of two workers: every one is counted, in the
+    worker that holds it; the sampler's medians list the most loaded worker first."""
+    import requests
+    from helpers import start_server
+
+    server = start_server(tmp_path, {"MODEL_PATH": colour_model_dir, "WORKERS": "2"})
+    sessions = [requests.Session() for _ in range(5)]
+    try:
+        pids = server.worker_pids()
+        assert len(pids) == 2
+        for session in sessions:
+            assert session.get(server.url + "/healthz", timeout=10).status_code == 200
+        counts = benchmark.connections_per_worker(pids, server.port)
+        assert sum(counts) == 5 and len(counts) == 2
+        with benchmark.ConnectionSplit(pids, server.port, every=0.05, settle=0.0) as split:
+            while len(split.samples) < 3:
+                time.sleep(0.05)
+        assert sum(split.medians()) == 5 and split.medians() == sorted(counts, reverse=True)
+        assert benchmark.connections_per_worker(pids, server.port + 1) == [0, 0]
+    finally:
+        for session in sessions:
+            session.close()
+        server.stop()
