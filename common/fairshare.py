@@ -35,8 +35,10 @@ hands each connection to one of them: four clients with one connection each may 
 worker while a client with 60 connections also fills the other, and per-worker accounting then
 gave them a fifth of one worker each (0.44-0.46 of a fair share measured, docs/BENCHMARKS.md).
 For the same reason a pressed worker on which at least two more clients wait than on another
-moves one of them: :meth:`FairShare.should_move` names the worker to which the web layer hands
-the client's connection after its answer (the client keeps its connection; the other worker
+moves one of them, and one that holds ``UNEVEN`` more requests in flight than another moves a
+connection there, whoever's (one client with many kept-alive connections, a proxy's, split
+unevenly by the kernel): :meth:`FairShare.should_move` names the worker to which the web layer
+hands the client's connection after its answer (the client keeps its connection; the other worker
 answers its next request), at most every ``MOVE_EVERY`` seconds; and a *crowded* worker
 (pressed, and another gives its waiting clients more or has room, :meth:`FairShare.crowded`)
 pauses before it accepts a new connection, so that a new connection more likely lands in
@@ -75,6 +77,10 @@ BACKLOGGED = 0.5
 RATE_SLACK = 1.25
 #: Seconds between two clients that one worker tells to move (``FairShare.should_move``).
 MOVE_EVERY = 1.0
+#: How many more requests in flight than another worker make a worker move a connection
+#: there (``FairShare.should_move``), whoever's it is: enough that the counts' flicker
+#: between two requests does not move connections back and forth between even workers.
+UNEVEN = 3
 #: Seconds for which the rules reuse the figures they worked out (``FairShare._snapshot``).
 SNAPSHOT_EVERY = 0.05
 #: A client's figures this small (answers, requests in flight) are forgotten.
@@ -371,16 +377,27 @@ class FairShare:
         return self.siblings is not None and self._pressed
 
     def should_move(self, client: str, now: float | None = None) -> int | None:
-        """The pid of the worker ``client`` should move to, or None: this worker's model is
-        pressed, the client waits on it (backlogged here) and holds nothing else here (its
-        only request here was just answered: moving one of many connections would change
-        nothing), another worker has at least two fewer clients waiting on it (the one with
-        the fewest), and no other client was told so in the last ``MOVE_EVERY`` seconds. The
-        web layer then hands the client's connection to that worker after its answer
-        (``common/web/clients.py``, ``gunicorn_worker.Handoff``), and this worker forgets
-        the client's figures at once, so that neither worker counts it twice. Without it,
-        four clients with one connection each that the kernel happened to hand to one worker
-        stay there for good, sharing half the machine.
+        """The pid of the worker ``client``'s connection should move to, or None: this
+        worker's model is pressed, no connection was told to move in the last ``MOVE_EVERY``
+        seconds, and either
+
+        * the client waits on this worker (backlogged here) and holds nothing else here (its
+          only request here was just answered: moving one of many connections would not change
+          its share), and another worker has at least two fewer clients waiting on it (the one
+          with the fewest). Without it, four clients with one connection each
+          that the kernel happened to hand to one worker stay there for good, sharing half the
+          machine; or
+        * this worker holds at least ``UNEVEN`` more requests in flight, this connection's
+          next one counted, than another worker (the one holding the fewest), whoever's they
+          are: one client with many kept-alive connections (a load generator, or a proxy in
+          front of the service) that the kernel split 38 to 26 between two workers would
+          otherwise wait longer in one worker than in the other for as long as it keeps them,
+          and be refused there first.
+
+        The web layer then hands the connection to that worker after its answer
+        (``common/web/clients.py``, ``gunicorn_worker.Handoff``): the client's next request
+        on it is that worker's. A client that holds nothing else here is forgotten here at
+        once, so that neither worker counts it twice.
 
         Counts, not rates, decide: each move is exact (the connection goes where it is
         sent), and rates averaged over ``tau`` seconds lag behind a move, so that moving by
@@ -391,20 +408,35 @@ class FairShare:
         now = time.monotonic() if now is None else now
         others = self._others(now)
         with self._lock:
-            if now - self._moved_at < MOVE_EVERY or self._held.get(client, 0):
+            if now - self._moved_at < MOVE_EVERY or not others:
                 return None
-            figures = self._figures(now)
-            if figures.get(client, (0.0, 0.0))[1] < BACKLOGGED or not others:
-                return None
-            target = min(others, key=lambda s: _waiting(s.get("clients", {}), client))
-            if _waiting(target.get("clients", {}), client) + 1 >= _waiting(figures, None):
-                return None
+            target = self._fewer_waiting(client, others, now)
+            if target is None:
+                target = min(others, key=_holds)
+                if self._total + 1 < _holds(target) + UNEVEN:
+                    return None
+            if not self._held.get(client, 0):  # its last connection here leaves
+                self._usage.pop(client, None)
+                self._recent.pop(client, None)
             self._moved_at = now
-            self._usage.pop(client, None)
-            self._recent.pop(client, None)
-        log.debug("fair share: %s is asked to move to worker %s", client, target.get("pid"))
-        self._publish(now, force=True)  # the others see at once that it is not here
+        log.debug("fair share: a connection of %s is asked to move to worker %s", client,
+                  target.get("pid"))
+        self._publish(now, force=True)  # the others see at once what left
         return target.get("pid")
+
+    def _fewer_waiting(self, client: str, others: list[dict], now: float) -> dict | None:
+        """The sibling with the fewest clients waiting on it, when ``client`` waits on this
+        worker only with the request just answered and that sibling has at least two fewer
+        clients waiting on it than this one (under the lock); else None."""
+        if self._held.get(client, 0):
+            return None
+        figures = self._figures(now)
+        if figures.get(client, (0.0, 0.0))[1] < BACKLOGGED:
+            return None
+        target = min(others, key=lambda s: _waiting(s.get("clients", {}), client))
+        if _waiting(target.get("clients", {}), client) + 1 >= _waiting(figures, None):
+            return None
+        return target
 
     def _better_served_elsewhere(self, client: str, others: list[dict], now: float) -> bool:
         """Whether another worker that has served ``client`` lately gives the clients waiting
@@ -487,6 +519,11 @@ def _level(clients: dict, client: str | None) -> float:
     second of the fastest backlogged one (0.0: none)."""
     return max((rate for name, (rate, in_flight, _) in clients.items()
                 if name != client and in_flight >= BACKLOGGED), default=0.0)
+
+
+def _holds(sibling: dict) -> int:
+    """The requests in flight in a sibling, as its figures say (every client's held)."""
+    return sum(int(figures[2]) for figures in sibling.get("clients", {}).values())
 
 
 def _held(sibling: dict, client: str) -> int:

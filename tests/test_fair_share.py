@@ -219,8 +219,8 @@ def test_a_crowded_worker_asks_a_waiting_client_to_move_once_a_second(workers):
     assert a.should_move("p1", now=0.0) is None  # a is not pressed
     for client in ("p1", "p2", "p3"):
         _hold(a, client, now=10.0, answers=5)
-    assert b.enter("occasional", pressed=False, now=9.9)  # b is not pressed, no one waits
-    b.leave("occasional", now=9.91)
+    for _ in range(2):  # b is not pressed, no one waits on it, it holds two requests
+        assert b.enter("steady", pressed=False, now=9.9)
     assert a.crowded(now=10.0) and not b.crowded(now=10.0)
     assert a.should_move("p1", now=10.0) is None  # it still holds a request here
     a.leave("p1", now=10.0)
@@ -247,6 +247,36 @@ def test_a_client_moves_only_to_a_worker_with_two_fewer_waiting(workers):
     assert a.should_move("p1", now=10.0) is None
     _hold(a, "p0", now=10.0, answers=5)  # four against two: one moves
     assert a.should_move("p1", now=10.0) == 2
+
+
+def test_a_worker_holding_more_requests_moves_a_connection_of_any_client(workers):
+    """One client with many kept-alive connections, split 6 to 2 by the kernel: while a is
+    pressed, a connection moves to b after its answer (``UNEVEN`` more in flight in a,
+    this connection's next request counted), whichever client holds it; and the client,
+    still holding requests in a, is not forgotten there."""
+    a, b = workers
+    for _ in range(5):
+        assert a.enter("proxy", pressed=True, now=10.0)
+    assert b.enter("proxy", pressed=True, now=10.0)
+    assert b.enter("proxy", pressed=True, now=10.0)
+    assert a.should_move("proxy", now=10.0) == 2  # 5 + 1 against 2
+    assert "proxy" in a.usage(now=10.0)
+    a.leave("proxy", now=10.5)
+    assert a.should_move("proxy", now=10.5) is None  # MOVE_EVERY
+    assert b.enter("proxy", pressed=True, now=11.0)  # the moved connection's next request
+    assert a.should_move("proxy", now=11.5) is None  # 4 + 1 against 3: even enough
+    assert b.should_move("proxy", now=11.5) is None  # and the other way
+
+
+def test_no_connection_moves_while_the_model_is_not_pressed_or_alone(workers):
+    a, b = workers
+    for _ in range(6):
+        assert a.enter("proxy", pressed=False, now=10.0)
+    assert a.should_move("proxy", now=10.0) is None  # not pressed: every request waits little
+    alone = FairShare()
+    for _ in range(6):
+        assert alone.enter("proxy", pressed=True, now=10.0)
+    assert alone.should_move("proxy", now=10.0) is None  # no sibling to move to
 
 
 def test_a_moved_client_is_counted_and_its_connection_handed_over_after_the_answer(workers):

@@ -1,8 +1,8 @@
 """Who is asking, for the fair share (``common/fairshare.py``): :func:`client_id`, and the
 address the access log and the audit trail name (:func:`request_address`), from Flask's request
-by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` moves a crowded
-worker's connection to another worker after an answer when the fair share says its client would
-do better there (``FairShare.should_move``).
+by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` moves a connection to
+another worker after an answer when the fair share says so (``FairShare.should_move``: its
+client would do better there, or the workers' requests in flight are uneven).
 
 A request that carried a valid API key is its key's client (``"key:<name>"``; the key check in
 ``auth.py`` sets ``g.key_name``); any other is its address's (``"addr:<ip>"``).
@@ -32,8 +32,8 @@ def request_address(trusted_proxies: Iterable[str] = ()) -> str:
 
 def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) -> None:
     """After each answer, ask for the connection to be handed to another worker
-    (``MOVE_CONNECTION``) when ``share`` (a ``FairShare``, or None when off) says its client
-    should move there: the client's next request on the same connection is that worker's.
+    (``MOVE_CONNECTION``) when ``share`` (a ``FairShare``, or None when off) says it should
+    move there: the client's next request on the same connection is that worker's.
     ``metrics.client_moved`` counts each (``classifier_fair_share_moves_total``)."""
     if share is None:
         return
