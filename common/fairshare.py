@@ -35,10 +35,11 @@ hands each connection to one of them: four clients with one connection each may 
 worker while a client with 60 connections also fills the other, and per-worker accounting then
 gave them a fifth of one worker each (0.44-0.46 of a fair share measured, docs/BENCHMARKS.md).
 For the same reason a pressed worker on which at least two more clients wait than on another
-moves one of them, and one that holds ``UNEVEN`` more requests in flight than another moves a
-connection there, whoever's (one client with many kept-alive connections, a proxy's, split
-unevenly by the kernel): :meth:`FairShare.should_move` names the worker to which the web layer
-hands the client's connection after its answer (the client keeps its connection; the other worker
+moves one of them, and one whose requests in flight are those of one client alone on the server
+(many kept-alive connections, a load generator's or a proxy's, split unevenly by the kernel)
+moves one of its connections to a worker holding ``UNEVEN`` fewer:
+:meth:`FairShare.should_move` names the worker to which the web layer hands the client's
+connection after its answer (the client keeps its connection; the other worker
 answers its next request), at most every ``MOVE_EVERY`` seconds; and a *crowded* worker
 (pressed, and another gives its waiting clients more or has room, :meth:`FairShare.crowded`)
 pauses before it accepts a new connection, so that a new connection more likely lands in
@@ -75,12 +76,14 @@ RATE_TAU = 2.0
 BACKLOGGED = 0.5
 #: How much faster than the fastest backlogged other client a client may be served.
 RATE_SLACK = 1.25
-#: Seconds between two clients that one worker tells to move (``FairShare.should_move``).
+#: Seconds between two connections that one worker tells to move (``FairShare.should_move``).
 MOVE_EVERY = 1.0
-#: How many more requests in flight than another worker make a worker move a connection
-#: there (``FairShare.should_move``), whoever's it is: enough that the counts' flicker
-#: between two requests does not move connections back and forth between even workers.
+#: How many more requests in flight than another worker (the answered connection's next one
+#: counted) make a worker move one client's connection there, when that client is alone on the
+#: server (``FairShare._less_loaded``), and for how many seconds they must have been so: enough
+#: that the counts' flicker between two batches does not move connections back and forth.
 UNEVEN = 3
+UNEVEN_FOR = 0.5
 #: Seconds for which the rules reuse the figures they worked out (``FairShare._snapshot``).
 SNAPSHOT_EVERY = 0.05
 #: A client's figures this small (answers, requests in flight) are forgotten.
@@ -225,6 +228,7 @@ class FairShare:
         self._usage: OrderedDict[str, Usage] = OrderedDict()  # least recently changed first
         self._pressed = False  # this worker's model, as its caller last said
         self._moved_at = -math.inf  # when should_move last said yes
+        self._uneven_since: float | None = None  # since when _less_loaded has seen unevenness
         self._crowded, self._crowded_at = False, -math.inf  # crowded(), and when
         self._snapshot_cache: tuple | None = None  # _snapshot()'s last answer
         self._total = 0
@@ -384,20 +388,19 @@ class FairShare:
         * the client waits on this worker (backlogged here) and holds nothing else here (its
           only request here was just answered: moving one of many connections would not change
           its share), and another worker has at least two fewer clients waiting on it (the one
-          with the fewest). Without it, four clients with one connection each
+          with the fewest); this worker then forgets the client's figures at once, so that
+          neither worker counts it twice. Without it, four clients with one connection each
           that the kernel happened to hand to one worker stay there for good, sharing half the
           machine; or
-        * this worker holds at least ``UNEVEN`` more requests in flight, this connection's
-          next one counted, than another worker (the one holding the fewest), whoever's they
-          are: one client with many kept-alive connections (a load generator, or a proxy in
-          front of the service) that the kernel split 38 to 26 between two workers would
-          otherwise wait longer in one worker than in the other for as long as it keeps them,
-          and be refused there first.
+        * the connections of one client that is alone on the server are uneven between the
+          workers (:meth:`_less_loaded`): one client with many kept-alive connections (a load
+          generator, or a proxy in front of the service) that the kernel split 42 to 22
+          between two workers would otherwise wait longer in one worker than in the other for
+          as long as it keeps them, and be refused there first.
 
         The web layer then hands the connection to that worker after its answer
         (``common/web/clients.py``, ``gunicorn_worker.Handoff``): the client's next request
-        on it is that worker's. A client that holds nothing else here is forgotten here at
-        once, so that neither worker counts it twice.
+        on it is that worker's.
 
         Counts, not rates, decide: each move is exact (the connection goes where it is
         sent), and rates averaged over ``tau`` seconds lag behind a move, so that moving by
@@ -411,13 +414,14 @@ class FairShare:
             if now - self._moved_at < MOVE_EVERY or not others:
                 return None
             target = self._fewer_waiting(client, others, now)
-            if target is None:
-                target = min(others, key=_holds)
-                if self._total + 1 < _holds(target) + UNEVEN:
-                    return None
-            if not self._held.get(client, 0):  # its last connection here leaves
+            if target is not None:
                 self._usage.pop(client, None)
                 self._recent.pop(client, None)
+                self._snapshot_cache = None
+            else:
+                target = self._less_loaded(client, others, now)
+                if target is None:
+                    return None
             self._moved_at = now
         log.debug("fair share: a connection of %s is asked to move to worker %s", client,
                   target.get("pid"))
@@ -436,6 +440,28 @@ class FairShare:
         target = min(others, key=lambda s: _waiting(s.get("clients", {}), client))
         if _waiting(target.get("clients", {}), client) + 1 >= _waiting(figures, None):
             return None
+        return target
+
+    def _less_loaded(self, client: str, others: list[dict], now: float) -> dict | None:
+        """The sibling holding the fewest requests in flight, when for ``UNEVEN_FOR`` seconds
+        this worker has held at least ``UNEVEN`` more (this connection's next request counted)
+        and no client but ``client`` has held requests in any worker, as their figures say
+        (under the lock); else None. Between several clients the fair share's rules decide
+        where each may be served: a connection moved to even the counts could be refused
+        there (rule 1 counts its requests in every worker). The unevenness must last, so that
+        the counts' flicker between two batches moves nothing."""
+        alone = not any(name != client for name in self._held) and not any(
+            name != client and figures[2]
+            for sibling in others for name, figures in sibling.get("clients", {}).items())
+        target = min(others, key=_holds)
+        if not alone or self._total + 1 < _holds(target) + UNEVEN:
+            self._uneven_since = None
+            return None
+        if self._uneven_since is None:
+            self._uneven_since = now
+        if now - self._uneven_since < UNEVEN_FOR:
+            return None
+        self._uneven_since = None
         return target
 
     def _better_served_elsewhere(self, client: str, others: list[dict], now: float) -> bool:

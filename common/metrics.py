@@ -62,9 +62,10 @@ class Metrics:
         self.rejected = Counter("classifier_rejected", "Requests refused by the batcher",
                                 mv + ["reason"], registry=r)
         self.moved = Counter("classifier_fair_share_moves",
-                             "Kept-alive connections handed to another worker after the "
-                             "answer: a client moved out of a crowded worker, or a connection "
-                             "moved to even the workers' requests in flight", registry=r)
+                             "Kept-alive connections asked to move to another worker after "
+                             "the answer (a client out of a crowded worker, or one client's "
+                             "connections evened between workers); one whose body was not "
+                             "read to its end is closed instead", registry=r)
         self.alone = Counter("classifier_model_calls_alone",
                              "Model calls run on RUNTIME_THREADS_ALONE threads because no other "
                              "worker had work in hand when they started", registry=r)

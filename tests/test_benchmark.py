@@ -102,10 +102,12 @@ def test_the_connections_each_worker_holds_are_counted(colour_model_dir, tmp_pat
         counts = benchmark.connections_per_worker(pids, server.port)
         assert sum(counts) == 5 and len(counts) == 2
         with benchmark.ConnectionSplit(pids, server.port, every=0.05, settle=0.0) as split:
-            while len(split.samples) < 3:
+            deadline = time.monotonic() + 10
+            while len(split.samples) < 3 and time.monotonic() < deadline:
                 time.sleep(0.05)
         assert sum(split.medians()) == 5 and split.medians() == sorted(counts, reverse=True)
         assert benchmark.connections_per_worker(pids, server.port + 1) == [0, 0]
+        assert benchmark.connections_per_worker([pids[0], 2 ** 22 + 7], server.port)[1] == 0
     finally:
         for session in sessions:
             session.close()

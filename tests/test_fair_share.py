@@ -249,23 +249,57 @@ def test_a_client_moves_only_to_a_worker_with_two_fewer_waiting(workers):
     assert a.should_move("p1", now=10.0) == 2
 
 
-def test_a_worker_holding_more_requests_moves_a_connection_of_any_client(workers):
-    """One client with many kept-alive connections, split 6 to 2 by the kernel: while a is
-    pressed, a connection moves to b after its answer (``UNEVEN`` more in flight in a,
-    this connection's next request counted), whichever client holds it; and the client,
-    still holding requests in a, is not forgotten there."""
+def test_one_clients_connections_are_evened_between_the_workers(workers):
+    """One client alone on the server with many kept-alive connections, split 6 to 2 by the
+    kernel: while a is pressed and has held ``UNEVEN`` more requests in flight for
+    ``UNEVEN_FOR`` seconds (this connection's next request counted), one of the client's
+    connections moves to b after its answer, and the client, still holding requests in a, is
+    not forgotten there."""
     a, b = workers
     for _ in range(5):
         assert a.enter("proxy", pressed=True, now=10.0)
     assert b.enter("proxy", pressed=True, now=10.0)
     assert b.enter("proxy", pressed=True, now=10.0)
-    assert a.should_move("proxy", now=10.0) == 2  # 5 + 1 against 2
-    assert "proxy" in a.usage(now=10.0)
-    a.leave("proxy", now=10.5)
-    assert a.should_move("proxy", now=10.5) is None  # MOVE_EVERY
+    assert a.should_move("proxy", now=10.0) is None  # 5 + 1 against 2, not for long yet
+    assert a.should_move("proxy", now=10.3) is None
+    assert a.should_move("proxy", now=10.5) == 2  # for UNEVEN_FOR seconds
+    assert "proxy" in a.usage(now=10.5)
+    a.leave("proxy", now=10.6)
+    assert a.should_move("proxy", now=10.6) is None  # MOVE_EVERY
     assert b.enter("proxy", pressed=True, now=11.0)  # the moved connection's next request
-    assert a.should_move("proxy", now=11.5) is None  # 4 + 1 against 3: even enough
-    assert b.should_move("proxy", now=11.5) is None  # and the other way
+    assert a.should_move("proxy", now=11.6) is None  # 4 + 1 against 3: even enough
+    assert a.should_move("proxy", now=12.2) is None
+    assert b.should_move("proxy", now=12.2) is None  # and the other way
+
+
+def test_a_flicker_of_unevenness_moves_nothing(workers):
+    a, b = workers
+    for _ in range(5):
+        assert a.enter("proxy", pressed=True, now=10.0)
+    assert b.enter("proxy", pressed=True, now=10.0)
+    assert a.should_move("proxy", now=10.0) is None  # 5 + 1 against 1: uneven from now
+    for _ in range(3):
+        assert b.enter("proxy", pressed=True, now=10.2)
+    assert a.should_move("proxy", now=10.2) is None  # 5 + 1 against 4: even again
+    for _ in range(3):
+        b.leave("proxy", now=10.3)
+    assert a.should_move("proxy", now=10.3) is None  # uneven again, from now
+    assert a.should_move("proxy", now=10.6) is None  # not for UNEVEN_FOR seconds in a row
+    assert a.should_move("proxy", now=10.8) == 2
+
+
+@pytest.mark.parametrize("where", ["here", "there"])
+def test_connections_are_not_evened_between_several_clients(workers, where):
+    """Beside another client holding requests (in this worker or in the other), the fair
+    share's rules decide who is served where: a connection of the client with many, moved
+    to the other worker, would be over its share there (rule 1 counts its requests in a)."""
+    a, b = workers
+    for _ in range(6):
+        assert a.enter("proxy", pressed=True, now=10.0)
+    assert b.enter("proxy", pressed=True, now=10.0)
+    assert (a if where == "here" else b).enter("polite", pressed=True, now=10.0)
+    for now in (10.0, 10.5, 11.0):
+        assert a.should_move("proxy", now=now) is None
 
 
 def test_no_connection_moves_while_the_model_is_not_pressed_or_alone(workers):
@@ -283,7 +317,8 @@ def test_a_moved_client_is_counted_and_its_connection_handed_over_after_the_answ
     """The web side of a move (``common/web/clients.py``) on a real Flask app: the crowded
     worker's answer asks for the connection to be handed to worker b (by its pid;
     tests/test_handoff.py has the hand-over itself) and counts the move in
-    ``classifier_fair_share_moves_total``; the next answer, within ``MOVE_EVERY``, does not."""
+    ``classifier_fair_share_moves_total``; the next answer, within ``MOVE_EVERY``, does not;
+    an answer whose connection closes asks nothing and leaves the next one its move."""
     a, b = workers
     now = time.monotonic()
     for client in ("addr:192.0.2.7", "p2"):  # the test client's address waits on a
@@ -302,9 +337,16 @@ def test_a_moved_client_is_counted_and_its_connection_handed_over_after_the_answ
         return response
 
     web_clients.init_app(app, a, metrics)
-    for _ in range(2):
-        assert app.test_client().get("/x", environ_base={"REMOTE_ADDR": "192.0.2.7"}).text == "ok"
-    assert moved == [2, None]
+    client = app.test_client()
+
+    def get(**headers):
+        environ = {"REMOTE_ADDR": "192.0.2.7", "gunicorn.socket": _MovableSocket()}
+        assert client.get("/x", environ_base=environ, headers=headers).text == "ok"
+
+    get(Connection="close")  # this connection ends with its answer: nothing to move
+    get()
+    get()
+    assert moved == [None, 2, None]
     assert metric(metrics.render().decode(), "classifier_fair_share_moves_total") == 1
 
 
@@ -511,3 +553,18 @@ def test_a_greedy_client_gets_429_while_a_single_connection_client_is_served(tmp
         assert metric(text, "classifier_rejected_total", reason="over_fair_share") >= 1
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("protocol, headers, socket_movable, expected", [
+    ("HTTP/1.1", {}, True, True),
+    ("HTTP/1.0", {}, True, False),
+    ("HTTP/1.1", {"HTTP_CONNECTION": "Close"}, True, False),
+    ("HTTP/1.1", {"HTTP_TRANSFER_ENCODING": "chunked"}, True, False),
+    ("HTTP/1.1", {}, False, False),
+])
+def test_which_connections_could_move(protocol, headers, socket_movable, expected):
+    from common.web.deadlines import movable
+
+    environ = {"SERVER_PROTOCOL": protocol, **headers,
+               **({"gunicorn.socket": _MovableSocket()} if socket_movable else {})}
+    assert movable(environ) is expected

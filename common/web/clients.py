@@ -14,7 +14,7 @@ from typing import Iterable
 from flask import Flask, g, request
 
 from common.clients import client_address, client_name, networks
-from common.web.deadlines import MOVE_CONNECTION
+from common.web.deadlines import MOVE_CONNECTION, movable
 
 
 def client_id(trusted_proxies: Iterable[str] = ()) -> str:
@@ -32,8 +32,9 @@ def request_address(trusted_proxies: Iterable[str] = ()) -> str:
 
 def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) -> None:
     """After each answer, ask for the connection to be handed to another worker
-    (``MOVE_CONNECTION``) when ``share`` (a ``FairShare``, or None when off) says it should
-    move there: the client's next request on the same connection is that worker's.
+    (``MOVE_CONNECTION``) when it can move (``deadlines.movable``) and ``share`` (a
+    ``FairShare``, or None when off) says it should move there: the client's next request on
+    the same connection is that worker's.
     ``metrics.client_moved`` counts each (``classifier_fair_share_moves_total``)."""
     if share is None:
         return
@@ -41,7 +42,7 @@ def init_app(app: Flask, share, metrics, trusted_proxies: Iterable[str] = ()) ->
 
     @app.after_request
     def move_out_of_a_crowded_worker(response):
-        if share.may_move():
+        if share.may_move() and movable(request.environ):
             target = share.should_move(client_id(trusted))
             if target is not None:
                 request.environ[MOVE_CONNECTION] = target

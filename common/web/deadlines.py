@@ -194,6 +194,17 @@ class UploadDeadline:
             stream.done()
 
 
+def movable(environ) -> bool:
+    """Whether this request's connection could be handed to another worker after the answer
+    (``MOVE_CONNECTION``): HTTP/1.1 kept alive, a body of declared length if any (a chunked
+    one's end is not known), and gunicorn's socket able to be handed over. Its body must also
+    have been read to its end by then (:func:`_may_stay_open`), or the connection is closed."""
+    return (environ.get("SERVER_PROTOCOL") == "HTTP/1.1"
+            and "close" not in environ.get("HTTP_CONNECTION", "").lower()
+            and "HTTP_TRANSFER_ENCODING" not in environ
+            and hasattr(environ.get("gunicorn.socket"), "move_to"))
+
+
 def _may_stay_open(environ, complete: bool) -> bool:
     """Whether the connection may stay open after the answer: yes when the app asked for no
     move; when it asked (``MOVE_CONNECTION``), mark it to move if it can (its body read to its
