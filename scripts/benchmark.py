@@ -208,15 +208,28 @@ def costed_level(driver: str, port: int, workers: list[int], body: bytes, body_p
     """:func:`level`, plus ``server_cpu_ms_per_200``: the workers' CPU over the level divided by
     its 200s (the level's warm-up 200s, max(1, N), are in the window too); and
     ``connections_per_worker``: how the clients' connections sat in the workers
-    (:class:`ConnectionSplit`)."""
-    before = workers_cpu_s(workers)
+    (:class:`ConnectionSplit`), and ``connections_moved``: how many the server moved."""
+    before, moved = workers_cpu_s(workers), connections_moved(port)
     with ConnectionSplit(workers, port) as split:
         lv = level(driver, port, body, body_path, concurrency, params)
     answered = lv["ok"] + max(1, params.warmup_requests)
     lv["server_cpu_ms_per_200"] = round(
         (workers_cpu_s(workers) - before) * 1000 / max(1, answered), 2)
     lv["connections_per_worker"] = split.medians()
+    after = connections_moved(port)
+    lv["connections_moved"] = None if None in (moved, after) else after - moved
     return lv
+
+
+def connections_moved(port: int) -> float | None:
+    """The server's ``classifier_fair_share_moves_total`` (connections it asked to move to
+    another worker), summed over its workers; None when /metrics does not have it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = re.search(r"^classifier_fair_share_moves_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else None
 
 
 def connections_per_worker(pids: list[int], port: int) -> list[int]:
@@ -514,8 +527,15 @@ def sweep_markdown(result: dict) -> str:
                          f"{row['time_to_ready_s']} | {lv['concurrency']} | {lv['goodput']} | "
                          f"{lv['vs_in_process_best']} | {lv['p50_ms']} | {lv['p99_ms']} | "
                          f"{lv['shed_share']} | {lv['server_cpu_ms_per_200']} | {per_worker} | "
-                         f"{' / '.join(f'{n:g}' for n in lv.get('connections_per_worker', []))} |")
+                         f"{_split(lv)} |")
     return "\n".join(lines)
+
+
+def _split(lv: dict) -> str:
+    """A level's connections a worker, and how many moved: ``"32 / 32 (18 moved)"``."""
+    split = " / ".join(f"{n:g}" for n in lv.get("connections_per_worker", []))
+    moved = lv.get("connections_moved")
+    return f"{split} ({moved:g} moved)" if moved else split
 
 
 def parse_sweep(text: str) -> list[tuple[int | None, int | None, dict]]:

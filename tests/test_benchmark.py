@@ -107,6 +107,7 @@ def test_the_connections_each_worker_holds_are_counted(colour_model_dir, tmp_pat
                 time.sleep(0.05)
         assert sum(split.medians()) == 5 and split.medians() == sorted(counts, reverse=True)
         assert benchmark.connections_per_worker(pids, server.port + 1) == [0, 0]
+        assert benchmark.connections_moved(server.port) == 0.0  # nothing pressed: none moved
         assert benchmark.connections_per_worker([pids[0], 2 ** 22 + 7], server.port)[1] == 0
     finally:
         for session in sessions:
