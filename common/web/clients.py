@@ -2,7 +2,8 @@
 address the access log and the audit trail name (:func:`request_address`), from Flask's request
 by the rules of ``common/clients.py`` (shared with gRPC); :func:`init_app` moves a connection to
 another worker after an answer when the fair share says so (``FairShare.should_move``: its
-client would do better there, or the workers' requests in flight are uneven).
+client would do better there, or it is one of the connections of a client alone on the server
+and the workers hold them unevenly).
 
 A request that carried a valid API key is its key's client (``"key:<name>"``; the key check in
 ``auth.py`` sets ``g.key_name``); any other is its address's (``"addr:<ip>"``).
