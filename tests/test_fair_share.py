@@ -555,6 +555,69 @@ def test_a_greedy_client_gets_429_while_a_single_connection_client_is_served(tmp
         server.stop()
 
 
+@pytest.mark.server
+def test_one_clients_connections_held_by_one_worker_are_evened_by_the_server(tmp_path):
+    """The kernel gives one worker twelve of one client's kept-alive connections (the other
+    worker is stopped while they open: SIGSTOP) and the other worker one: under load the
+    first hands connections to the second, through the real hand-over, until each holds
+    about half. Without the rule the split stays 12 to 1."""
+    import signal
+
+    from scripts.benchmark import connections_moved, connections_per_worker
+
+    model = save_colour_model(str(tmp_path / "model"), call_seconds=0.1)
+    server = start_server(tmp_path, {"MODEL_PATH": model, "WORKERS": "2",
+                                     "QUEUE_MAX_WAIT_MS": "20000", "REQUEST_TIMEOUT": "60"})
+    body = ig.png(ig.GREEN, size=(32, 32))
+    stop = threading.Event()
+    answered = []
+
+    def client(n):
+        with requests.Session() as session:
+            while not stop.is_set():
+                status = session.post(server.url + "/classify", data=body, timeout=60,
+                                      headers={"Content-Type": "image/png"}).status_code
+                answered.append((n, status))
+
+    def start_clients(numbers):
+        threads = [threading.Thread(target=client, args=(n,)) for n in numbers]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while (not set(numbers) <= {n for n, _ in answered}
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        return threads
+
+    threads = []
+    try:
+        a, b = server.worker_pids()
+        os.kill(b, signal.SIGSTOP)  # only a accepts: it takes all twelve
+        try:
+            threads += start_clients(range(12))
+        finally:
+            os.kill(b, signal.SIGCONT)
+        os.kill(a, signal.SIGSTOP)  # only b accepts the thirteenth
+        try:
+            threads += start_clients([12])
+        finally:
+            os.kill(a, signal.SIGCONT)
+        assert connections_per_worker([a, b], server.port) == [12, 1]
+        deadline = time.monotonic() + 40
+        split = [12, 1]
+        while time.monotonic() < deadline and abs(split[0] - split[1]) > 3:
+            time.sleep(0.5)
+            split = connections_per_worker([a, b], server.port)
+        assert abs(split[0] - split[1]) <= 3 and sum(split) == 13, split
+        assert connections_moved(server.port) >= 4
+        assert {status for _, status in answered} == {200}
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(70)
+        server.stop()
+
+
 @pytest.mark.parametrize("protocol, headers, socket_movable, expected", [
     ("HTTP/1.1", {}, True, True),
     ("HTTP/1.0", {}, True, False),
