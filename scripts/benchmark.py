@@ -224,11 +224,7 @@ def costed_level(driver: str, port: int, workers: list[int], body: bytes, body_p
 def connections_moved(port: int) -> float | None:
     """The server's ``classifier_fair_share_moves_total`` (connections it asked to move to
     another worker), summed over its workers; None when /metrics does not have it."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    found = re.search(r"^classifier_fair_share_moves_total (\S+)$", text, re.M)
+    found = re.search(r"^classifier_fair_share_moves_total (\S+)$", metrics_text(port), re.M)
     return float(found.group(1)) if found else None
 
 
@@ -325,16 +321,21 @@ def requests_json(port: int, method: str, path: str, body: bytes | None = None) 
     return json.loads(data)
 
 
-def grpc_calls(port: int, method: str = "/inference.GRPCInferenceService/ModelInfer"
-               ) -> tuple[int, int]:
-    """(calls answered OK, all calls) of the gRPC ``method`` so far, summed over the workers,
-    from the server's /metrics (gRPC answers HTTP 200 to every call, so h2load cannot tell)."""
+def metrics_text(port: int) -> str:
+    """The server's /metrics page (every worker's series, summed)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
+    return text
+
+
+def grpc_calls(port: int, method: str = "/inference.GRPCInferenceService/ModelInfer"
+               ) -> tuple[int, int]:
+    """(calls answered OK, all calls) of the gRPC ``method`` so far, summed over the workers,
+    from the server's /metrics (gRPC answers HTTP 200 to every call, so h2load cannot tell)."""
     ok = total = 0.0
-    for line in text.splitlines():
+    for line in metrics_text(port).splitlines():
         if line.startswith("classifier_requests_total{") and f'route="{method}"' in line:
             count = float(line.rsplit(" ", 1)[1])
             total += count
